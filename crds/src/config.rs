@@ -1,0 +1,37 @@
+//! `config.yaml`: the proxy's process settings, in upstream Shotover's format.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Process settings of the proxy.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct ProxyConfig {
+    /// Log filter in `tracing` EnvFilter syntax, for example `info` or
+    /// `info,shotover::connection=debug`. It can be changed at run time with `PUT /filter`.
+    #[serde(alias = "main_log_level")]
+    pub main_log_level: String,
+    /// `ip:port` of the HTTP listener for `/metrics`, `/filter`, `/ready` and `/live`.
+    /// Omit it to run without one.
+    #[serde(
+        alias = "observability_interface",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub observability_interface: Option<String>,
+}
+
+impl ProxyConfig {
+    /// Parses `config.yaml`.
+    pub fn from_yaml(yaml: &str) -> Result<ProxyConfig, String> {
+        let config: ProxyConfig = serde_yaml::from_str(yaml).map_err(|e| e.to_string())?;
+        if let Some(addr) = &config.observability_interface
+            && addr.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(format!(
+                "observability_interface: `{addr}` is not an address: expected ip:port, for example 0.0.0.0:9001"
+            ));
+        }
+        Ok(config)
+    }
+}

@@ -1,0 +1,318 @@
+//! Transform configs: one variant per transform, in upstream Shotover's spelling.
+//!
+//! Adding a transform: its config struct and one variant here, one arm in each `match` below,
+//! and its implementation in the proxy's `transforms/`.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::topology::{Protocol, TlsConnectorConfig};
+
+/// One step of a chain. Written `- Kind: {fields}`; a transform without fields may be
+/// written `- Kind` alone. Every transform takes an optional `name`, unique in the topology,
+/// which names it in logs and metrics (it defaults to the kind).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub enum TransformConfig {
+    /// Sends every request to one Redis server over one upstream connection per client
+    /// connection (upstream's `ValkeySinkSingle`).
+    #[serde(alias = "ValkeySinkSingle")]
+    RedisSinkSingle(RedisSinkSingleConfig),
+    /// Answers every request with an error reply without sending it anywhere.
+    NullSink(NamedConfig),
+    /// Logs every request and response at INFO.
+    DebugPrinter(NamedConfig),
+    /// Answers every request with a fixed reply, or fails the connection.
+    DebugReturner(DebugReturnerConfig),
+    /// Counts requests by command in `shotover_query_count`.
+    QueryCounter(QueryCounterConfig),
+    /// Lets through only requests of the allowed query types; the others get an error reply.
+    QueryTypeFilter(QueryTypeFilterConfig),
+    /// Holds requests back until enough are buffered or enough time has passed, then sends
+    /// them on together.
+    Coalesce(CoalesceConfig),
+    /// Sends every request down a second chain too (dual write), optionally comparing the
+    /// answers.
+    Tee(TeeConfig),
+}
+
+/// Config of a transform that has no settings besides its name.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NamedConfig {
+    /// Name of this transform in logs and metrics (default: the transform's kind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RedisSinkSingleConfig {
+    /// Name of this transform in logs and metrics (default: the transform's kind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The Redis server, `host:port`.
+    #[serde(alias = "remote_address")]
+    pub remote_address: String,
+    /// How long to wait for the TCP (and TLS) connection to the server, in milliseconds.
+    #[serde(alias = "connect_timeout_ms", default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// TLS towards the server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConnectorConfig>,
+}
+
+fn default_connect_timeout_ms() -> u64 {
+    3000
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DebugReturnerConfig {
+    /// Name of this transform in logs and metrics (default: the transform's kind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Answer every request with this bulk string (upstream's `Valkey:` is accepted too).
+    #[serde(
+        rename = "Redis",
+        alias = "Valkey",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub redis: Option<String>,
+    /// Fail every batch: the client gets an error reply for each pending request and its
+    /// connection is closed. Written `DebugReturner: Fail`.
+    #[serde(rename = "Fail", default, skip_serializing_if = "std::ops::Not::not")]
+    pub fail: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct QueryCounterConfig {
+    /// Name of this transform in logs and metrics (default: the transform's kind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The `name` label of `shotover_query_count`.
+    #[serde(alias = "counter_name")]
+    pub counter_name: String,
+}
+
+/// What a request does, for filtering and counting.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
+pub enum QueryType {
+    /// Reads data (GET, MGET, HGETALL, SCAN, ...).
+    Read,
+    /// Changes data or server state; every command not otherwise classified.
+    Write,
+    /// Reads and writes in one command (GETSET, GETDEL, GETEX).
+    ReadWrite,
+    /// Changes the schema (CQL DDL; no Redis command is classified so).
+    SchemaChange,
+    /// Subscribes or unsubscribes (SUBSCRIBE, PSUBSCRIBE, SSUBSCRIBE and their UN- forms).
+    PubSubMessage,
+}
+
+impl QueryType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QueryType::Read => "Read",
+            QueryType::Write => "Write",
+            QueryType::ReadWrite => "ReadWrite",
+            QueryType::SchemaChange => "SchemaChange",
+            QueryType::PubSubMessage => "PubSubMessage",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct QueryTypeFilterConfig {
+    /// Name of this transform in logs and metrics (default: the transform's kind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Only these query types pass. Set exactly one of `AllowList` and `DenyList`.
+    #[serde(rename = "AllowList", default, skip_serializing_if = "Option::is_none")]
+    pub allow_list: Option<Vec<QueryType>>,
+    /// These query types are refused. Set exactly one of `AllowList` and `DenyList`.
+    #[serde(rename = "DenyList", default, skip_serializing_if = "Option::is_none")]
+    pub deny_list: Option<Vec<QueryType>>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CoalesceConfig {
+    /// Name of this transform in logs and metrics (default: the transform's kind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Send the held requests on once this many are buffered.
+    #[serde(
+        alias = "flush_when_buffered_message_count",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub flush_when_buffered_message_count: Option<usize>,
+    /// Send the held requests on once this many milliseconds have passed since the last
+    /// flush (a timer fires even when no new request arrives).
+    #[serde(
+        alias = "flush_when_millis_since_last_flush",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub flush_when_millis_since_last_flush: Option<u64>,
+}
+
+/// Default for Tee's `bufferSize`, as upstream Shotover.
+pub const DEFAULT_TEE_BUFFER_SIZE: usize = 5;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct TeeConfig {
+    /// Name of this transform in logs and metrics (default: the transform's kind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// What to do with the tee chain's answers (default `Ignore`).
+    #[serde(default)]
+    pub behavior: TeeBehavior,
+    /// How long to wait for the tee chain's answers when comparing them, in microseconds
+    /// (default: no limit). When it expires the batch counts as a mismatch.
+    #[serde(
+        alias = "timeout_micros",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub timeout_micros: Option<u64>,
+    /// With `behavior: Ignore`: how many batches may wait for the tee chain; when it is
+    /// full, new batches are not sent to it and are counted in
+    /// `shotover_tee_dropped_messages_count` (default 5).
+    #[serde(
+        alias = "buffer_size",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub buffer_size: Option<usize>,
+    /// Port of an HTTP API (`GET`/`PUT /transform/tee/result-source`, values `regular-chain`
+    /// or `tee-chain`) that switches which chain's answers go back to the client.
+    #[serde(
+        alias = "switch_port",
+        alias = "http_api_port",
+        alias = "httpApiPort",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub switch_port: Option<u16>,
+    /// The tee chain: every request is sent down it too. It ends in a sink.
+    pub chain: Vec<TransformConfig>,
+}
+
+/// What Tee does with the answers of its chain.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub enum TeeBehavior {
+    /// Send to the tee chain in the background and drop its answers.
+    #[default]
+    Ignore,
+    /// Compare; on a mismatch every request of the batch gets an error reply.
+    FailOnMismatch,
+    /// Compare; on a mismatch log a WARN (the client gets the regular answers).
+    LogWarningOnMismatch,
+    /// Compare; on a mismatch also send the batch down this chain.
+    SubchainOnMismatch(SubchainConfig),
+}
+
+/// A named sub-chain (upstream 0.7 wrote the list alone; both forms load).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SubchainConfig {
+    /// Name of the sub-chain in logs and metrics.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The transforms, ending in a sink.
+    pub chain: Vec<TransformConfig>,
+}
+
+impl TransformConfig {
+    /// Every accepted kind name (canonical and upstream aliases).
+    pub const KINDS: &'static [&'static str] = &[
+        "RedisSinkSingle",
+        "ValkeySinkSingle",
+        "NullSink",
+        "DebugPrinter",
+        "DebugReturner",
+        "QueryCounter",
+        "QueryTypeFilter",
+        "Coalesce",
+        "Tee",
+    ];
+
+    /// The canonical kind name.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TransformConfig::RedisSinkSingle(_) => "RedisSinkSingle",
+            TransformConfig::NullSink(_) => "NullSink",
+            TransformConfig::DebugPrinter(_) => "DebugPrinter",
+            TransformConfig::DebugReturner(_) => "DebugReturner",
+            TransformConfig::QueryCounter(_) => "QueryCounter",
+            TransformConfig::QueryTypeFilter(_) => "QueryTypeFilter",
+            TransformConfig::Coalesce(_) => "Coalesce",
+            TransformConfig::Tee(_) => "Tee",
+        }
+    }
+
+    /// The user-given name, if any.
+    pub fn explicit_name(&self) -> Option<&str> {
+        match self {
+            TransformConfig::RedisSinkSingle(c) => c.name.as_deref(),
+            TransformConfig::NullSink(c) | TransformConfig::DebugPrinter(c) => c.name.as_deref(),
+            TransformConfig::DebugReturner(c) => c.name.as_deref(),
+            TransformConfig::QueryCounter(c) => c.name.as_deref(),
+            TransformConfig::QueryTypeFilter(c) => c.name.as_deref(),
+            TransformConfig::Coalesce(c) => c.name.as_deref(),
+            TransformConfig::Tee(c) => c.name.as_deref(),
+        }
+    }
+
+    /// The name used in logs and metrics: the given name, else the kind.
+    pub fn name(&self) -> &str {
+        self.explicit_name().unwrap_or(self.kind())
+    }
+
+    /// Whether this transform ends a chain (answers requests itself).
+    pub fn is_sink(&self) -> bool {
+        matches!(
+            self,
+            TransformConfig::RedisSinkSingle(_)
+                | TransformConfig::NullSink(_)
+                | TransformConfig::DebugReturner(_)
+        )
+    }
+
+    /// The protocols this transform works on; `None` means any.
+    pub fn protocols(&self) -> Option<&'static [Protocol]> {
+        match self {
+            TransformConfig::RedisSinkSingle(_)
+            | TransformConfig::DebugReturner(_)
+            | TransformConfig::QueryCounter(_)
+            | TransformConfig::QueryTypeFilter(_) => Some(&[Protocol::Redis]),
+            TransformConfig::NullSink(_)
+            | TransformConfig::DebugPrinter(_)
+            | TransformConfig::Coalesce(_)
+            | TransformConfig::Tee(_) => None,
+        }
+    }
+
+    /// The sub-chains this transform runs, with the field path that holds each.
+    pub fn sub_chains(&self) -> Vec<(&'static str, Option<&str>, &[TransformConfig])> {
+        match self {
+            TransformConfig::Tee(c) => {
+                let mut out = vec![("chain", None, c.chain.as_slice())];
+                if let TeeBehavior::SubchainOnMismatch(sub) = &c.behavior {
+                    out.push((
+                        "behavior.SubchainOnMismatch.chain",
+                        sub.name.as_deref(),
+                        sub.chain.as_slice(),
+                    ));
+                }
+                out
+            }
+            _ => Vec::new(),
+        }
+    }
+}

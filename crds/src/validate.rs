@@ -1,0 +1,391 @@
+//! Semantic validation of a topology, shared by the proxy, the operator and the webhook.
+//!
+//! Every problem is collected with its path (`sources[0].chain[2]`) and reported at once.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+
+use crate::topology::{Protocol, SourceConfig, TlsConnectorConfig, Topology};
+use crate::transform::{TeeBehavior, TransformConfig};
+
+/// One problem in a topology, at a path such as `sources[0].chain[2].remoteAddress`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> Self {
+        ConfigError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a topology.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct TopologyErrors {
+    pub errors: Vec<ConfigError>,
+}
+
+impl TopologyErrors {
+    pub fn new(errors: Vec<ConfigError>) -> Self {
+        TopologyErrors { errors }
+    }
+}
+
+impl fmt::Display for TopologyErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.errors.len();
+        write!(
+            f,
+            "invalid topology ({n} error{}):",
+            if n == 1 { "" } else { "s" }
+        )?;
+        for e in &self.errors {
+            write!(f, "\n  {e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A source as far as it parsed: the loader keeps going past broken items so that the
+/// semantic checks still run on the rest.
+#[derive(Debug, Clone)]
+pub(crate) struct PartialSource {
+    /// The source's own fields (`None` if they did not parse); its chain is in `chain`.
+    pub config: Option<SourceConfig>,
+    /// The chain items; `None` for an item that did not parse.
+    pub chain: Vec<Option<TransformConfig>>,
+}
+
+impl PartialSource {
+    pub fn into_complete(self) -> Option<SourceConfig> {
+        let chain: Option<Vec<TransformConfig>> = self.chain.into_iter().collect();
+        let mut config = self.config?;
+        match &mut config {
+            SourceConfig::Redis(c) => c.chain = chain?,
+        }
+        Some(config)
+    }
+}
+
+/// Checks a parsed topology; `Ok` when it can run.
+pub fn validate(topology: &Topology) -> Result<(), TopologyErrors> {
+    let partial: Vec<PartialSource> = topology
+        .sources
+        .iter()
+        .map(|s| PartialSource {
+            config: Some(s.clone()),
+            chain: s.chain().iter().cloned().map(Some).collect(),
+        })
+        .collect();
+    let errors = validate_partial(&partial);
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(TopologyErrors::new(errors))
+    }
+}
+
+struct Checker {
+    errors: Vec<ConfigError>,
+    /// Every explicit name seen so far, with the path where it was first used.
+    names: HashMap<String, String>,
+    switch_ports: HashMap<u16, String>,
+    listen_addrs: HashMap<String, String>,
+}
+
+pub(crate) fn validate_partial(sources: &[PartialSource]) -> Vec<ConfigError> {
+    let mut c = Checker {
+        errors: Vec::new(),
+        names: HashMap::new(),
+        switch_ports: HashMap::new(),
+        listen_addrs: HashMap::new(),
+    };
+    if sources.is_empty() {
+        c.err("sources", "no sources: the proxy would listen on nothing");
+    }
+    for (i, source) in sources.iter().enumerate() {
+        let path = format!("sources[{i}]");
+        let protocol = source.config.as_ref().map(SourceConfig::protocol);
+        if let Some(config) = &source.config {
+            c.check_source(config, &path);
+        }
+        let items: Vec<Option<&TransformConfig>> =
+            source.chain.iter().map(Option::as_ref).collect();
+        c.check_chain(&items, &format!("{path}.chain"), protocol);
+    }
+    c.errors
+}
+
+impl Checker {
+    fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        self.errors.push(ConfigError::new(path, message));
+    }
+
+    fn claim_name(&mut self, name: &str, path: &str) {
+        if name.is_empty() {
+            self.err(format!("{path}.name"), "must not be empty");
+            return;
+        }
+        if let Some(first) = self.names.get(name) {
+            let msg = format!("duplicate name `{name}`, already used at {first}");
+            self.err(format!("{path}.name"), msg);
+        } else {
+            self.names.insert(name.to_string(), path.to_string());
+        }
+    }
+
+    fn check_source(&mut self, source: &SourceConfig, path: &str) {
+        self.claim_name(source.name(), path);
+        match source {
+            SourceConfig::Redis(r) => {
+                let addr_path = format!("{path}.listenAddr");
+                if let Err(msg) = check_listen_addr(&r.listen_addr) {
+                    self.err(&addr_path, msg);
+                } else if let Some(first) = self.listen_addrs.get(&r.listen_addr) {
+                    let msg = format!("`{}` is already the address of {first}", r.listen_addr);
+                    self.err(&addr_path, msg);
+                } else {
+                    self.listen_addrs
+                        .insert(r.listen_addr.clone(), path.to_string());
+                }
+                if r.connection_limit == Some(0) {
+                    self.err(format!("{path}.connectionLimit"), "must be at least 1");
+                }
+                if r.timeout == Some(0) {
+                    self.err(
+                        format!("{path}.timeout"),
+                        "must be at least 1 second (omit it to never time out)",
+                    );
+                }
+                if let Some(size) = r.max_frame_size_bytes
+                    && size < 1024
+                {
+                    self.err(format!("{path}.maxFrameSizeBytes"), "must be at least 1024");
+                }
+                if let Some(tls) = &r.tls {
+                    self.check_path(
+                        &tls.certificate_path,
+                        &format!("{path}.tls.certificatePath"),
+                    );
+                    self.check_path(&tls.private_key_path, &format!("{path}.tls.privateKeyPath"));
+                    if let Some(ca) = &tls.certificate_authority_path {
+                        self.check_path(ca, &format!("{path}.tls.certificateAuthorityPath"));
+                    }
+                }
+            }
+        }
+    }
+
+    fn check_path(&mut self, value: &str, path: &str) {
+        if value.trim().is_empty() {
+            self.err(path, "must not be empty");
+        }
+    }
+
+    fn check_chain(
+        &mut self,
+        items: &[Option<&TransformConfig>],
+        path: &str,
+        protocol: Option<Protocol>,
+    ) {
+        if items.is_empty() {
+            self.err(path, "chain is empty: it must end in a sink (RedisSinkSingle, NullSink or DebugReturner)");
+            return;
+        }
+        let last = items.len() - 1;
+        for (i, item) in items.iter().enumerate() {
+            let Some(t) = item else { continue };
+            let item_path = format!("{path}[{i}]");
+            if i == last && !t.is_sink() {
+                let msg = format!(
+                    "`{}` ({}) is not a sink, but it ends the chain: a chain must end in a sink (RedisSinkSingle, NullSink or DebugReturner)",
+                    t.name(),
+                    t.kind()
+                );
+                self.err(&item_path, msg);
+            }
+            if i < last && t.is_sink() {
+                let msg = format!(
+                    "`{}` ({}) is a sink in the middle of the chain: the {} transform(s) after it would never run",
+                    t.name(),
+                    t.kind(),
+                    last - i
+                );
+                self.err(&item_path, msg);
+            }
+            if let (Some(protocol), Some(accepted)) = (protocol, t.protocols())
+                && !accepted.contains(&protocol)
+            {
+                let accepted: Vec<String> = accepted.iter().map(ToString::to_string).collect();
+                let msg = format!(
+                    "`{}` ({}) works on {} but this chain carries {protocol}",
+                    t.name(),
+                    t.kind(),
+                    accepted.join(", ")
+                );
+                self.err(&item_path, msg);
+            }
+            self.check_transform(t, &item_path, protocol);
+        }
+    }
+
+    fn check_transform(&mut self, t: &TransformConfig, path: &str, protocol: Option<Protocol>) {
+        if let Some(name) = t.explicit_name() {
+            self.claim_name(name, path);
+        }
+        match t {
+            TransformConfig::RedisSinkSingle(c) => {
+                if let Err(msg) = check_remote_addr(&c.remote_address) {
+                    self.err(format!("{path}.remoteAddress"), msg);
+                }
+                if c.connect_timeout_ms == 0 {
+                    self.err(format!("{path}.connectTimeoutMs"), "must be at least 1");
+                }
+                if let Some(tls) = &c.tls {
+                    self.check_connector_tls(tls, &format!("{path}.tls"));
+                }
+            }
+            TransformConfig::NullSink(_) | TransformConfig::DebugPrinter(_) => {}
+            TransformConfig::DebugReturner(c) => match (&c.redis, c.fail) {
+                (Some(_), true) => {
+                    self.err(path, "set either `Redis` (a reply) or `Fail`, not both")
+                }
+                (None, false) => self.err(
+                    path,
+                    "set `Redis: \"<reply>\"` or write `DebugReturner: Fail`",
+                ),
+                _ => {}
+            },
+            TransformConfig::QueryCounter(c) => {
+                if c.counter_name.trim().is_empty() {
+                    self.err(format!("{path}.counterName"), "must not be empty");
+                }
+            }
+            TransformConfig::QueryTypeFilter(c) => match (&c.allow_list, &c.deny_list) {
+                (Some(_), Some(_)) => self.err(
+                    path,
+                    "set exactly one of `AllowList` and `DenyList`, not both",
+                ),
+                (None, None) => self.err(path, "set exactly one of `AllowList` and `DenyList`"),
+                _ => {}
+            },
+            TransformConfig::Coalesce(c) => {
+                match (c.flush_when_buffered_message_count, c.flush_when_millis_since_last_flush) {
+                    (None, None) => self.err(
+                        path,
+                        "set at least one of `flush_when_buffered_message_count` and `flush_when_millis_since_last_flush`",
+                    ),
+                    (Some(0), _) => self.err(format!("{path}.flushWhenBufferedMessageCount"), "must be at least 1"),
+                    (_, Some(0)) => self.err(format!("{path}.flushWhenMillisSinceLastFlush"), "must be at least 1"),
+                    _ => {}
+                }
+            }
+            TransformConfig::Tee(c) => {
+                if c.buffer_size == Some(0) {
+                    self.err(format!("{path}.bufferSize"), "must be at least 1");
+                }
+                if c.timeout_micros == Some(0) {
+                    self.err(
+                        format!("{path}.timeoutMicros"),
+                        "must be at least 1 (omit it for no limit)",
+                    );
+                }
+                if let Some(port) = c.switch_port {
+                    if port == 0 {
+                        self.err(
+                            format!("{path}.switchPort"),
+                            "must be a port number from 1 to 65535",
+                        );
+                    } else if let Some(first) = self.switch_ports.get(&port) {
+                        let msg = format!("port {port} is already the switchPort of {first}");
+                        self.err(format!("{path}.switchPort"), msg);
+                    } else {
+                        self.switch_ports.insert(port, path.to_string());
+                    }
+                }
+                if let TeeBehavior::SubchainOnMismatch(sub) = &c.behavior
+                    && let Some(name) = &sub.name
+                {
+                    self.claim_name(name, &format!("{path}.behavior.SubchainOnMismatch"));
+                }
+                for (field, _, chain) in t.sub_chains() {
+                    let items: Vec<Option<&TransformConfig>> = chain.iter().map(Some).collect();
+                    self.check_chain(&items, &format!("{path}.{field}"), protocol);
+                }
+            }
+        }
+    }
+
+    fn check_connector_tls(&mut self, tls: &TlsConnectorConfig, path: &str) {
+        self.check_path(
+            &tls.certificate_authority_path,
+            &format!("{path}.certificateAuthorityPath"),
+        );
+        match (&tls.certificate_path, &tls.private_key_path) {
+            (Some(cert), Some(key)) => {
+                self.check_path(cert, &format!("{path}.certificatePath"));
+                self.check_path(key, &format!("{path}.privateKeyPath"));
+            }
+            (Some(_), None) => self.err(
+                format!("{path}.privateKeyPath"),
+                "required when certificatePath is set",
+            ),
+            (None, Some(_)) => self.err(
+                format!("{path}.certificatePath"),
+                "required when privateKeyPath is set",
+            ),
+            (None, None) => {}
+        }
+    }
+}
+
+/// A listen address must be `ip:port`, or `localhost:port`.
+fn check_listen_addr(addr: &str) -> Result<(), String> {
+    if addr.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    match addr.rsplit_once(':') {
+        Some(("localhost", port)) if port.parse::<u16>().is_ok() => Ok(()),
+        _ => Err(format!(
+            "`{addr}` is not a listen address: expected ip:port, for example 127.0.0.1:6379 or 0.0.0.0:6379"
+        )),
+    }
+}
+
+/// A remote address is `host:port`; the host may be a name resolved at connect time.
+fn check_remote_addr(addr: &str) -> Result<(), String> {
+    if addr.parse::<SocketAddr>().is_ok() {
+        return Ok(());
+    }
+    let bad = || {
+        format!(
+            "`{addr}` is not an address: expected host:port, for example 127.0.0.1:6379 or redis.default.svc:6379"
+        )
+    };
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    let host_ok = !host.is_empty()
+        && host
+            .chars()
+            .all(|ch| ch.is_ascii_alphanumeric() || ch == '-' || ch == '.' || ch == '_');
+    if host_ok && port.parse::<u16>().is_ok_and(|p| p != 0) {
+        Ok(())
+    } else {
+        Err(bad())
+    }
+}

@@ -1,0 +1,232 @@
+//! One client connection: read every complete request in the buffer, run them through the
+//! chain as one batch, write the responses back in request order, repeat.
+//!
+//! The handler is one task per connection that owns the socket, so a batch goes from the
+//! client's socket to the upstream's and back without crossing a channel. It also runs the
+//! chain when a transform asks (`force_run`: pushes from upstream, a Coalesce timer), closes
+//! idle connections, answers malformed or oversized frames with a protocol error before
+//! closing, and on shutdown finishes what it has read, flushes the chain and closes.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::chain::{ChainError, TransformChain};
+use crate::codec::DecodeError;
+use crate::codec::redis::{Request, RequestDecoder};
+use crate::message::{Message, MessageId, Messages};
+use crate::metrics::Counter;
+use crate::outbox::Outbox;
+
+/// A read buffer grown past this for one large frame is given back once it is empty.
+const SHRINK_ABOVE: usize = 1024 * 1024;
+
+/// Settings and shared handles a connection needs.
+pub struct ConnectionSettings {
+    pub max_frame: usize,
+    pub idle_timeout: Option<Duration>,
+    pub shutdown: CancellationToken,
+    pub force_run: Arc<Notify>,
+    pub protocol_errors: Counter,
+}
+
+/// Why the connection ended, for the log.
+#[derive(Debug)]
+pub enum Ended {
+    ClientClosed,
+    IdleTimeout,
+    Shutdown,
+    ProtocolError(DecodeError),
+    ChainFailed(ChainError),
+    ClosedByTransform,
+    Io(std::io::Error),
+}
+
+struct Handler<S> {
+    stream: S,
+    chain: TransformChain,
+    decoder: RequestDecoder,
+    read_buf: BytesMut,
+    outbox: Outbox,
+    next_id: MessageId,
+    /// Requests sent into the chain and not answered yet, in order.
+    pending: VecDeque<MessageId>,
+    /// Responses that came back before an earlier request's (rare).
+    held: HashMap<MessageId, Message>,
+}
+
+/// Serves one client connection until it ends.
+pub async fn serve<S>(stream: S, chain: TransformChain, settings: &ConnectionSettings) -> Ended
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let mut handler = Handler {
+        stream,
+        chain,
+        decoder: RequestDecoder::new(settings.max_frame),
+        read_buf: BytesMut::new(),
+        outbox: Outbox::default(),
+        next_id: 1,
+        pending: VecDeque::new(),
+        held: HashMap::new(),
+    };
+    let ended = handler.run(settings).await;
+    if let Ended::ProtocolError(_) = &ended {
+        settings.protocol_errors.inc();
+    }
+    let _ = handler.stream.shutdown().await;
+    ended
+}
+
+impl<S> Handler<S>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    async fn run(&mut self, settings: &ConnectionSettings) -> Ended {
+        let idle = tokio::time::sleep(settings.idle_timeout.unwrap_or(Duration::from_secs(3600)));
+        tokio::pin!(idle);
+        loop {
+            // Everything complete in the buffer is one batch.
+            let (batch, decode_error) = self.decode_batch();
+            if !batch.is_empty() {
+                if let Some(ended) = self.run_batch(batch, false).await {
+                    return ended;
+                }
+                if let Some(timeout) = settings.idle_timeout {
+                    idle.as_mut().reset(tokio::time::Instant::now() + timeout);
+                }
+            }
+            if let Some(error) = decode_error {
+                let reply = match &error {
+                    DecodeError::FrameTooLarge { size, max } => format!(
+                        "ERR Protocol error: request of at least {size} bytes exceeds the proxy's max_frame_size_bytes of {max}"
+                    ),
+                    DecodeError::Malformed(msg) => format!("ERR {msg}"),
+                };
+                tracing::debug!(error = %error, "closing the connection after a protocol error");
+                let reply = Message::error_reply(0, &reply);
+                let _ = self.write_all_now(reply.into_bytes()).await;
+                return Ended::ProtocolError(error);
+            }
+            if self.read_buf.is_empty() && self.read_buf.capacity() > SHRINK_ABOVE {
+                self.read_buf = BytesMut::new();
+            }
+            if self.read_buf.capacity() - self.read_buf.len() < 1024 {
+                self.read_buf.reserve(8 * 1024);
+            }
+            tokio::select! {
+                biased;
+                _ = settings.shutdown.cancelled() => {
+                    // What was read is answered by the batch above; let held requests go.
+                    let _ = self.run_batch(Vec::new(), true).await;
+                    return Ended::Shutdown;
+                }
+                read = self.stream.read_buf(&mut self.read_buf) => match read {
+                    Ok(0) => {
+                        let (batch, _) = self.decode_batch();
+                        let _ = self.run_batch(batch, true).await;
+                        return Ended::ClientClosed;
+                    }
+                    Ok(_) => {}
+                    Err(e) => return Ended::Io(e),
+                },
+                _ = settings.force_run.notified() => {
+                    if let Some(ended) = self.run_batch(Vec::new(), false).await {
+                        return ended;
+                    }
+                }
+                _ = &mut idle, if settings.idle_timeout.is_some() => return Ended::IdleTimeout,
+            }
+        }
+    }
+
+    /// Splits every complete request off the read buffer; stops at the first bad frame.
+    fn decode_batch(&mut self) -> (Messages, Option<DecodeError>) {
+        let mut batch = Vec::new();
+        loop {
+            match self.decoder.decode(&mut self.read_buf) {
+                Ok(Some(Request::Frame(bytes))) => {
+                    let id = self.next_id;
+                    self.next_id += 1;
+                    batch.push(Message::request(id, bytes));
+                }
+                Ok(Some(Request::Ignored)) => {}
+                Ok(None) => return (batch, None),
+                Err(e) => return (batch, Some(e)),
+            }
+        }
+    }
+
+    /// Runs one batch and writes what comes back. `Some` when the connection must end.
+    async fn run_batch(&mut self, batch: Messages, flush: bool) -> Option<Ended> {
+        self.pending.extend(batch.iter().map(|m| m.id));
+        match self.chain.process(batch, flush).await {
+            Ok(processed) => {
+                self.emit(processed.responses);
+                if let Err(e) = self.flush_writes().await {
+                    return Some(Ended::Io(e));
+                }
+                processed.close_client.then_some(Ended::ClosedByTransform)
+            }
+            Err(error) => {
+                // Every request still waiting gets an error reply, then the connection closes.
+                let text = format!("ERR shotover: {error}");
+                let pending: Vec<MessageId> = self.pending.iter().copied().collect();
+                let replies = pending
+                    .into_iter()
+                    .map(|id| Message::error_reply(id, &text))
+                    .collect();
+                self.emit(replies);
+                let _ = self.flush_writes().await;
+                Some(Ended::ChainFailed(error))
+            }
+        }
+    }
+
+    /// Queues responses for writing, in request order.
+    fn emit(&mut self, responses: Messages) {
+        for response in responses {
+            match response.request_id {
+                None => self.queue(response),
+                Some(id) if self.pending.front() == Some(&id) => {
+                    self.pending.pop_front();
+                    self.queue(response);
+                    while let Some(next) = self.pending.front() {
+                        let Some(held) = self.held.remove(next) else {
+                            break;
+                        };
+                        self.pending.pop_front();
+                        self.queue(held);
+                    }
+                }
+                Some(id) if self.pending.contains(&id) => {
+                    self.held.insert(id, response);
+                }
+                Some(id) => {
+                    tracing::debug!(request_id = id, "dropping a response to no pending request")
+                }
+            }
+        }
+    }
+
+    fn queue(&mut self, response: Message) {
+        self.outbox.push(response.into_bytes());
+    }
+
+    async fn flush_writes(&mut self) -> std::io::Result<()> {
+        if self.outbox.is_empty() {
+            return Ok(());
+        }
+        self.outbox.write_to(&mut self.stream).await
+    }
+
+    async fn write_all_now(&mut self, bytes: bytes::Bytes) -> std::io::Result<()> {
+        self.outbox.push(bytes);
+        self.flush_writes().await
+    }
+}

@@ -1,0 +1,152 @@
+//! The shotover proxy: the data plane. It reads upstream Shotover's `topology.yaml` and
+//! `config.yaml`, listens on every source, runs each request through its source's chain of
+//! transforms and sends it on through a sink, and serves metrics and health over HTTP.
+//!
+//! Layout: [`codec`] finds and parses frames, [`message`] carries them, [`chain`] defines
+//! the transform contract, [`transforms`] holds every transform, [`server`] and
+//! [`connection`] run sources and client connections, [`observability`] and [`metrics`]
+//! report on all of it.
+
+pub mod chain;
+pub mod codec;
+pub mod connection;
+pub mod message;
+pub mod metrics;
+pub mod observability;
+pub mod outbox;
+pub mod server;
+pub mod telemetry;
+pub mod tls;
+pub mod transforms;
+pub mod upstream;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow};
+use clap::Parser;
+use shotover_crds::{ProxyConfig, SourceConfig};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::server::Source;
+use crate::telemetry::LogFormat;
+
+/// Command line of the `shotover` binary (upstream Shotover's flags).
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "shotover",
+    version,
+    about = "A Shotover-compatible L7 data-layer proxy"
+)]
+pub struct Opts {
+    /// The topology: sources and their chains.
+    #[arg(short = 't', long, default_value = "config/topology.yaml")]
+    pub topology_file: PathBuf,
+    /// Process settings: log level and observability address.
+    #[arg(short = 'c', long, default_value = "config/config.yaml")]
+    pub config_file: PathBuf,
+    /// Worker threads of the runtime (default: one per CPU core).
+    #[arg(long)]
+    pub core_threads: Option<usize>,
+    /// Stack size of each worker thread, in bytes.
+    #[arg(long, default_value_t = 2 * 1024 * 1024)]
+    pub stack_size: usize,
+    /// Log output format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human)]
+    pub log_format: LogFormat,
+    /// On SIGTERM/SIGINT, how long in-flight requests may take before the process exits.
+    #[arg(long, default_value_t = 25)]
+    pub shutdown_grace_seconds: u64,
+}
+
+/// Reads both files, validates everything, binds every listener, then serves until
+/// SIGTERM or SIGINT and drains. Errors here are fatal and name what failed.
+pub async fn run(opts: Opts) -> Result<()> {
+    let config_text = std::fs::read_to_string(&opts.config_file)
+        .with_context(|| format!("reading the config file {}", opts.config_file.display()))?;
+    let config = ProxyConfig::from_yaml(&config_text)
+        .map_err(|e| anyhow!("{}: {e}", opts.config_file.display()))?;
+    let topology_text = std::fs::read_to_string(&opts.topology_file)
+        .with_context(|| format!("reading the topology file {}", opts.topology_file.display()))?;
+    let topology = shotover_crds::load_topology(&topology_text)
+        .map_err(|e| anyhow!("{}: {e}", opts.topology_file.display()))?;
+    let filter = telemetry::init(&config.main_log_level, opts.log_format)?;
+
+    // Build every chain before binding any listener: a bad TLS file fails the start cleanly.
+    let mut chains = Vec::new();
+    for source in &topology.sources {
+        let chain = transforms::build_chain(source.name(), source.chain())
+            .with_context(|| format!("source `{}`", source.name()))?;
+        chains.push(chain);
+    }
+
+    let shutdown = CancellationToken::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let observability = match &config.observability_interface {
+        Some(addr) => Some(observability::bind(addr).await?),
+        None => None,
+    };
+    let mut sources = Vec::new();
+    for (source, chain) in topology.sources.iter().zip(chains) {
+        let SourceConfig::Redis(redis) = source;
+        let bound = Source::bind(redis, chain)
+            .await
+            .with_context(|| format!("source `{}`", source.name()))?;
+        tracing::info!(source = source.name(), addr = %bound.local_addr()?, "listening");
+        sources.push(bound);
+    }
+    let observability_task = observability.map(|listener| {
+        tokio::spawn(observability::serve(
+            listener,
+            filter,
+            ready.clone(),
+            shutdown.clone(),
+        ))
+    });
+
+    let tracker = TaskTracker::new();
+    let mut accept_loops = Vec::new();
+    for source in sources {
+        accept_loops.push(tokio::spawn(source.run(shutdown.clone(), tracker.clone())));
+    }
+    ready.store(true, Ordering::Relaxed);
+    tracing::info!("shotover is ready");
+
+    wait_for_signal().await?;
+    tracing::info!(
+        grace_seconds = opts.shutdown_grace_seconds,
+        "shutting down: no new connections, finishing in-flight requests"
+    );
+    ready.store(false, Ordering::Relaxed);
+    shutdown.cancel();
+    for accept_loop in accept_loops {
+        let _ = accept_loop.await;
+    }
+    tracker.close();
+    let grace = Duration::from_secs(opts.shutdown_grace_seconds);
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::warn!(
+            connections = tracker.len(),
+            "grace period expired with connections still busy; exiting anyway"
+        );
+    }
+    if let Some(task) = observability_task {
+        let _ = task.await;
+    }
+    tracing::info!("shotover stopped");
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}

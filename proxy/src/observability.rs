@@ -1,0 +1,83 @@
+//! The observability HTTP listener: `/metrics` (Prometheus text), `/filter` (change the log
+//! filter live), `/ready` (200 once every source listens) and `/live`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use anyhow::{Context, Result};
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::{get, put};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::telemetry::FilterHandle;
+
+pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+#[derive(Clone)]
+struct AppState {
+    filter: FilterHandle,
+    ready: Arc<AtomicBool>,
+}
+
+/// Binds the listener; serving starts with [`serve`].
+pub async fn bind(addr: &str) -> Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the observability interface {addr}"))
+}
+
+pub async fn serve(
+    listener: TcpListener,
+    filter: FilterHandle,
+    ready: Arc<AtomicBool>,
+    shutdown: CancellationToken,
+) {
+    let app = Router::new()
+        .route(
+            "/",
+            get(|| async { "shotover: try /metrics, /ready, /live or PUT /filter\n" }),
+        )
+        .route("/metrics", get(metrics))
+        .route("/filter", put(set_filter))
+        .route("/ready", get(ready_check))
+        .route("/live", get(|| async { "live\n" }))
+        .with_state(AppState { filter, ready });
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "the observability listener stopped");
+    }
+}
+
+async fn metrics() -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
+        crate::metrics::global().render(),
+    )
+}
+
+async fn set_filter(State(state): State<AppState>, body: String) -> (StatusCode, String) {
+    match state.filter.set(body.trim()) {
+        Ok(()) => {
+            tracing::info!(filter = body.trim(), "log filter changed");
+            (StatusCode::OK, "log filter changed\n".into())
+        }
+        Err(e) => (StatusCode::BAD_REQUEST, format!("{e:#}\n")),
+    }
+}
+
+async fn ready_check(State(state): State<AppState>) -> (StatusCode, &'static str) {
+    if state.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: sources are not listening yet, or shutting down\n",
+        )
+    }
+}

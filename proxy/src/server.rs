@@ -1,0 +1,248 @@
+//! A source: the listener of one `sources:` entry, its connection limit, TLS, and the task
+//! per client connection.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use shotover_crds::RedisSourceConfig;
+use shotover_crds::topology::{DEFAULT_CONNECTION_LIMIT, DEFAULT_MAX_FRAME_SIZE_BYTES};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::chain::{TransformChainBuilder, TransformContext};
+use crate::connection::{self, ConnectionSettings, Ended};
+use crate::metrics::{self, Counter, Gauge};
+
+/// How long a client has to finish the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A bound source, ready to accept.
+pub struct Source {
+    name: Arc<str>,
+    listener: TcpListener,
+    chain: Arc<TransformChainBuilder>,
+    tls: Option<TlsAcceptor>,
+    limit: Arc<Semaphore>,
+    hard_limit: bool,
+    idle_timeout: Option<Duration>,
+    max_frame: usize,
+    metrics: SourceMetrics,
+}
+
+#[derive(Clone)]
+struct SourceMetrics {
+    available: Gauge,
+    opened: Counter,
+    refused: Counter,
+    accept_failures: Counter,
+    protocol_errors: Counter,
+}
+
+impl SourceMetrics {
+    fn new(source: &str) -> Self {
+        let labels = [("source", source)];
+        SourceMetrics {
+            available: metrics::gauge(
+                "shotover_available_connections_count",
+                "Client connections each source can still take before its connection_limit.",
+                &labels,
+            ),
+            opened: metrics::counter(
+                "connections_opened",
+                "Client connections each source accepted.",
+                &labels,
+            ),
+            refused: metrics::counter(
+                "shotover_connections_refused_count",
+                "Client connections closed at once because of hard_connection_limit.",
+                &labels,
+            ),
+            accept_failures: metrics::counter(
+                "shotover_connections_accept_failures_count",
+                "Failed accept() calls (the source retries with backoff).",
+                &labels,
+            ),
+            protocol_errors: metrics::counter(
+                "shotover_client_protocol_errors_count",
+                "Client connections closed after a malformed or oversized frame.",
+                &labels,
+            ),
+        }
+    }
+}
+
+impl Source {
+    /// Builds the TLS acceptor and binds the listener.
+    pub async fn bind(config: &RedisSourceConfig, chain: TransformChainBuilder) -> Result<Source> {
+        let tls = match &config.tls {
+            Some(tls) => Some(crate::tls::acceptor(tls).context("building the TLS acceptor")?),
+            None => None,
+        };
+        let listener = TcpListener::bind(&config.listen_addr)
+            .await
+            .with_context(|| format!("binding {}", config.listen_addr))?;
+        let limit = config.connection_limit.unwrap_or(DEFAULT_CONNECTION_LIMIT);
+        let metrics = SourceMetrics::new(&config.name);
+        metrics.available.set(limit as i64);
+        Ok(Source {
+            name: config.name.as_str().into(),
+            listener,
+            chain: Arc::new(chain),
+            tls,
+            limit: Arc::new(Semaphore::new(limit)),
+            hard_limit: config.hard_connection_limit.unwrap_or(false),
+            idle_timeout: config.timeout.map(Duration::from_secs),
+            max_frame: config
+                .max_frame_size_bytes
+                .unwrap_or(DEFAULT_MAX_FRAME_SIZE_BYTES),
+            metrics,
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    /// Accepts until `shutdown`; each connection runs in a task tracked by `tracker`.
+    pub async fn run(self, shutdown: CancellationToken, tracker: TaskTracker) {
+        let mut backoff = Duration::from_secs(1);
+        loop {
+            // With a soft limit, wait for a free slot before accepting: new clients queue in
+            // the listen backlog.
+            let permit = if self.hard_limit {
+                None
+            } else {
+                tokio::select! {
+                    permit = self.limit.clone().acquire_owned() => permit.ok(),
+                    _ = shutdown.cancelled() => return,
+                }
+            };
+            let accepted = tokio::select! {
+                accepted = self.listener.accept() => accepted,
+                _ = shutdown.cancelled() => return,
+            };
+            let (stream, peer) = match accepted {
+                Ok(accepted) => {
+                    backoff = Duration::from_secs(1);
+                    accepted
+                }
+                Err(e) => {
+                    self.metrics.accept_failures.inc();
+                    tracing::warn!(source = %self.name, error = %e, retry_in = ?backoff, "accept failed");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(64));
+                    continue;
+                }
+            };
+            let permit = match permit {
+                Some(p) => p,
+                None => match self.limit.clone().try_acquire_owned() {
+                    Ok(p) => p,
+                    Err(_) => {
+                        self.metrics.refused.inc();
+                        tracing::debug!(source = %self.name, %peer, "connection refused: hard_connection_limit reached");
+                        drop(stream);
+                        continue;
+                    }
+                },
+            };
+            self.metrics.opened.inc();
+            let _ = stream.set_nodelay(true);
+            let span = tracing::debug_span!("connection", source = %self.name, client = %peer);
+            tracker.spawn(
+                self.clone_parts()
+                    .handle(stream, peer, permit, shutdown.clone())
+                    .instrument(span),
+            );
+        }
+    }
+
+    fn clone_parts(&self) -> ConnectionParts {
+        ConnectionParts {
+            chain: self.chain.clone(),
+            tls: self.tls.clone(),
+            idle_timeout: self.idle_timeout,
+            max_frame: self.max_frame,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// What one connection task takes from its source.
+struct ConnectionParts {
+    chain: Arc<TransformChainBuilder>,
+    tls: Option<TlsAcceptor>,
+    idle_timeout: Option<Duration>,
+    max_frame: usize,
+    metrics: SourceMetrics,
+}
+
+impl ConnectionParts {
+    async fn handle(
+        self,
+        stream: TcpStream,
+        peer: SocketAddr,
+        permit: OwnedSemaphorePermit,
+        shutdown: CancellationToken,
+    ) {
+        self.metrics.available.dec();
+        let ended = match self.tls.clone() {
+            None => self.serve(stream, peer, &shutdown).await,
+            Some(acceptor) => {
+                match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                    Ok(Ok(tls)) => self.serve(tls, peer, &shutdown).await,
+                    Ok(Err(e)) => {
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                        None
+                    }
+                    Err(_) => {
+                        tracing::debug!("TLS handshake timed out");
+                        None
+                    }
+                }
+            }
+        };
+        match ended {
+            Some(Ended::ChainFailed(e)) => {
+                tracing::warn!(error = %e, "closed the client connection: its chain failed (the client got an error reply for each pending request)")
+            }
+            Some(ended) => tracing::debug!(?ended, "connection ended"),
+            None => {}
+        }
+        self.metrics.available.inc();
+        drop(permit);
+    }
+
+    async fn serve<S>(
+        &self,
+        stream: S,
+        peer: SocketAddr,
+        shutdown: &CancellationToken,
+    ) -> Option<Ended>
+    where
+        S: AsyncRead + AsyncWrite + Unpin + Send,
+    {
+        let force_run = Arc::new(Notify::new());
+        let ctx = TransformContext {
+            chain_name: self.chain.name().into(),
+            client: peer.to_string().into(),
+            force_run: force_run.clone(),
+        };
+        let chain = self.chain.build(&ctx);
+        let settings = ConnectionSettings {
+            max_frame: self.max_frame,
+            idle_timeout: self.idle_timeout,
+            shutdown: shutdown.clone(),
+            force_run,
+            protocol_errors: self.metrics.protocol_errors.clone(),
+        };
+        Some(connection::serve(stream, chain, &settings).await)
+    }
+}

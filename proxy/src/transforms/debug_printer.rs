@@ -1,0 +1,58 @@
+//! `DebugPrinter`: logs every request and response at INFO, then passes them on unchanged.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use shotover_crds::transform::NamedConfig;
+
+use crate::chain::{ChainError, ChainState, Transform, TransformBuilder, TransformContext};
+use crate::message::{Message, Messages};
+
+pub struct DebugPrinterBuilder {
+    name: Arc<str>,
+}
+
+impl DebugPrinterBuilder {
+    pub fn new(config: &NamedConfig) -> Self {
+        DebugPrinterBuilder {
+            name: config.name.as_deref().unwrap_or("DebugPrinter").into(),
+        }
+    }
+}
+
+impl TransformBuilder for DebugPrinterBuilder {
+    fn build(&self, ctx: &TransformContext) -> Box<dyn Transform> {
+        Box::new(DebugPrinter {
+            name: self.name.clone(),
+            client: ctx.client.clone(),
+        })
+    }
+}
+
+struct DebugPrinter {
+    name: Arc<str>,
+    client: Arc<str>,
+}
+
+fn render(message: &mut Message) -> String {
+    match message.frame() {
+        Ok(frame) => frame.to_string(),
+        Err(e) => format!("<{e}>"),
+    }
+}
+
+#[async_trait]
+impl Transform for DebugPrinter {
+    async fn transform(&mut self, state: &mut ChainState<'_>) -> Result<Messages, ChainError> {
+        for request in &mut state.requests {
+            let text = render(request);
+            tracing::info!(transform = %self.name, client = %self.client, id = request.id, "request: {text}");
+        }
+        let mut responses = state.call_next().await?;
+        for response in &mut responses {
+            let text = render(response);
+            tracing::info!(transform = %self.name, client = %self.client, request_id = ?response.request_id, "response: {text}");
+        }
+        Ok(responses)
+    }
+}

@@ -1,0 +1,106 @@
+//! `QueryCounter`: counts requests by command in
+//! `shotover_query_count{name, query, type="redis"}`.
+//!
+//! Command names come from clients, so the label set is bounded: after
+//! [`MAX_COMMANDS`] distinct names per counter, further new names count as `other`.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use shotover_crds::transform::QueryCounterConfig;
+
+use crate::chain::{ChainError, ChainState, Transform, TransformBuilder, TransformContext};
+use crate::message::Messages;
+use crate::metrics::{self, Counter};
+
+/// Most distinct `query` label values per counter.
+pub const MAX_COMMANDS: usize = 512;
+/// Most names a connection remembers locally before asking the shared map each time.
+const LOCAL_CACHE: usize = 64;
+
+pub struct QueryCounterBuilder {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    counter_name: String,
+    by_command: Mutex<HashMap<String, Counter>>,
+}
+
+impl Shared {
+    fn counter(&self, command: &str) -> Counter {
+        let mut map = self.by_command.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = map.get(command) {
+            return c.clone();
+        }
+        let label = if map.len() >= MAX_COMMANDS {
+            "other"
+        } else {
+            command
+        };
+        let c = metrics::counter(
+            "shotover_query_count",
+            "Requests counted by QueryCounter transforms, by command.",
+            &[
+                ("name", &self.counter_name),
+                ("query", label),
+                ("type", "redis"),
+            ],
+        );
+        map.insert(label.to_string(), c.clone());
+        c
+    }
+}
+
+impl QueryCounterBuilder {
+    pub fn new(config: &QueryCounterConfig) -> Self {
+        QueryCounterBuilder {
+            shared: Arc::new(Shared {
+                counter_name: config.counter_name.clone(),
+                by_command: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+}
+
+impl TransformBuilder for QueryCounterBuilder {
+    fn build(&self, _: &TransformContext) -> Box<dyn Transform> {
+        Box::new(QueryCounter {
+            shared: self.shared.clone(),
+            local: HashMap::new(),
+        })
+    }
+}
+
+struct QueryCounter {
+    shared: Arc<Shared>,
+    /// Keyed by the name as sent, so the common case costs one hash lookup.
+    local: HashMap<Bytes, Counter>,
+}
+
+#[async_trait]
+impl Transform for QueryCounter {
+    async fn transform(&mut self, state: &mut ChainState<'_>) -> Result<Messages, ChainError> {
+        for request in &mut state.requests {
+            let command = request.command();
+            if let Some(counter) = self.local.get(&command.name) {
+                counter.inc();
+                continue;
+            }
+            let upper = command.upper_name();
+            let label = if upper.is_empty() {
+                "unknown".to_string()
+            } else {
+                upper
+            };
+            let counter = self.shared.counter(&label);
+            counter.inc();
+            if self.local.len() < LOCAL_CACHE {
+                self.local.insert(command.name.clone(), counter);
+            }
+        }
+        state.call_next().await
+    }
+}
