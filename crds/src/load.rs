@@ -15,7 +15,10 @@ use crate::validate::{ConfigError, PartialSource, TopologyErrors, validate_parti
 /// Parse and validate a topology: the entry point for the proxy, the operator and the webhook.
 pub fn load_topology(yaml: &str) -> Result<Topology, TopologyErrors> {
     let (sources, mut errors) = parse_partial(yaml);
-    errors.extend(validate_partial(&sources));
+    // No source at all after structural errors means none parsed, not that none were given.
+    if !sources.is_empty() || errors.is_empty() {
+        errors.extend(validate_partial(&sources));
+    }
     if !errors.is_empty() {
         return Err(TopologyErrors::new(errors));
     }
@@ -127,7 +130,9 @@ fn parse_source(item: Value, path: &str, errors: &mut Vec<ConfigError>) -> Optio
     };
     Some(PartialSource {
         config,
-        chain: chain.unwrap_or_default(),
+        // A missing or non-list chain was reported above; one unparsed item stands for it so
+        // that the checks do not also call it empty.
+        chain: chain.unwrap_or_else(|| vec![None]),
     })
 }
 
@@ -156,15 +161,7 @@ fn parse_transform(
     path: &str,
     errors: &mut Vec<ConfigError>,
 ) -> Option<TransformConfig> {
-    // `- NullSink` is shorthand for `- NullSink: {}`.
-    let item = match item {
-        Value::String(kind) => {
-            let mut m = Mapping::new();
-            m.insert(Value::String(kind), Value::Mapping(Mapping::new()));
-            Value::Mapping(m)
-        }
-        other => other,
-    };
+    let item = normalize_item(item);
     let Some((kind, body)) = single_key(item) else {
         errors.push(ConfigError::new(
             path,
@@ -182,20 +179,6 @@ fn parse_transform(
         ));
         return None;
     }
-    let body = match body {
-        Value::Null => Value::Mapping(Mapping::new()),
-        // `DebugReturner: Fail`
-        Value::String(s) if s == "Fail" => {
-            let mut m = Mapping::new();
-            m.insert(Value::from("Fail"), Value::Bool(true));
-            Value::Mapping(m)
-        }
-        Value::Mapping(mut m) => {
-            normalize_subchain_on_mismatch(&mut m);
-            Value::Mapping(m)
-        }
-        other => other,
-    };
 
     // Walk the sub-chains first so that every error inside them is reported with its path.
     let mut stripped = body.clone();
@@ -216,6 +199,59 @@ fn parse_transform(
     let mut m = Mapping::new();
     m.insert(Value::String(kind), body);
     deserialize_at::<TransformConfig>(Value::Mapping(m), path, errors)
+}
+
+/// Rewrites upstream's shorthands into the `- Kind: {fields}` form serde reads, in the item
+/// and in every sub-chain inside it: the final deserialize of a Tee reads its sub-chains
+/// again, so they must be in that form too.
+fn normalize_item(item: Value) -> Value {
+    match item {
+        // `- NullSink` is shorthand for `- NullSink: {}`.
+        Value::String(kind) => {
+            let mut m = Mapping::new();
+            m.insert(Value::String(kind), Value::Mapping(Mapping::new()));
+            Value::Mapping(m)
+        }
+        Value::Mapping(m) if m.len() == 1 => Value::Mapping(
+            m.into_iter()
+                .map(|(kind, body)| (kind, normalize_body(body)))
+                .collect(),
+        ),
+        other => other,
+    }
+}
+
+fn normalize_body(body: Value) -> Value {
+    match body {
+        Value::Null => Value::Mapping(Mapping::new()),
+        // `DebugReturner: Fail`
+        Value::String(s) if s == "Fail" => {
+            let mut m = Mapping::new();
+            m.insert(Value::from("Fail"), Value::Bool(true));
+            Value::Mapping(m)
+        }
+        Value::Mapping(mut m) => {
+            normalize_subchain_on_mismatch(&mut m);
+            normalize_sub_chains(&mut m);
+            Value::Mapping(m)
+        }
+        other => other,
+    }
+}
+
+/// Normalizes the items of every `chain:` list inside a transform's body.
+fn normalize_sub_chains(m: &mut Mapping) {
+    for (key, child) in m.iter_mut() {
+        match child {
+            Value::Sequence(items) if key.as_str() == Some("chain") => {
+                for item in items.iter_mut() {
+                    *item = normalize_item(std::mem::take(item));
+                }
+            }
+            Value::Mapping(inner) => normalize_sub_chains(inner),
+            _ => {}
+        }
+    }
 }
 
 /// Upstream 0.7 wrote `SubchainOnMismatch: [..]`; main writes `SubchainOnMismatch: {chain: [..]}`.

@@ -60,7 +60,7 @@ impl RequestDecoder {
             if buf[0] != b'*' {
                 return self.decode_inline(buf);
             }
-            let Some((count, next)) = read_line_int(buf, 1, "multibulk count")? else {
+            let Some((count, next)) = read_line_int(buf, 1, "multibulk length")? else {
                 return Ok(None);
             };
             if count <= 0 {
@@ -215,15 +215,13 @@ impl ResponseDecoder {
                         STREAMED
                     } else {
                         let n = parse_int(line, "aggregate length")?;
-                        if n <= 0 {
-                            0
-                        } else {
-                            match kind {
-                                b'%' => (n as u64).saturating_mul(2),
-                                // An attribute is followed by the value it annotates.
-                                b'|' => (n as u64).saturating_mul(2).saturating_add(1),
-                                _ => n as u64,
-                            }
+                        match kind {
+                            // An attribute is followed by the value it annotates, even
+                            // when it has no pairs.
+                            b'|' if n >= 0 => (n as u64).saturating_mul(2).saturating_add(1),
+                            _ if n <= 0 => 0,
+                            b'%' => (n as u64).saturating_mul(2),
+                            _ => n as u64,
                         }
                     };
                     if count > 0 {

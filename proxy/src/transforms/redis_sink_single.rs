@@ -298,6 +298,9 @@ impl RedisSinkSingle {
 
     /// Hands the read half to a task, so frames nobody asked for reach the client.
     fn start_streaming(&mut self) {
+        if !matches!(self.conn, Conn::Direct { .. }) {
+            return;
+        }
         let Conn::Direct {
             stream,
             read_buf,
@@ -327,7 +330,9 @@ impl RedisSinkSingle {
         let kind_byte = frame.first().copied();
         let aggregate_name = match kind_byte {
             Some(b'>') => aggregate_head(&frame).map(|(name, _, _)| name),
-            Some(b'*') if self.resp.subscribed() => aggregate_head(&frame).map(|(name, _, _)| name),
+            Some(b'*') if self.resp.subscribed() || head_subscribing => {
+                aggregate_head(&frame).map(|(name, _, _)| name)
+            }
             _ => None,
         };
         let confirmation = aggregate_name.as_deref().is_some_and(is_confirmation_name);

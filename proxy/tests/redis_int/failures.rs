@@ -1,0 +1,286 @@
+//! What goes wrong: dead upstreams, bad input, limits. Each gets a clear error and the
+//! proxy keeps serving everyone else.
+
+use std::io::Write;
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use crate::helpers::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unreachable_upstream_gives_err_promptly_and_other_sources_keep_serving() {
+    let dead_port = free_port();
+    let (good, bad) = (free_port(), free_port());
+    let topology = format!(
+        r#"
+sources:
+  - Redis:
+      name: "good"
+      listen_addr: "127.0.0.1:{good}"
+      chain:
+        - RedisSinkSingle: {{ name: "good-sink", remote_address: "{redis}", connect_timeout_ms: 3000 }}
+  - Redis:
+      name: "bad"
+      listen_addr: "127.0.0.1:{bad}"
+      chain:
+        - RedisSinkSingle: {{ name: "bad-sink", remote_address: "127.0.0.1:{dead_port}", connect_timeout_ms: 3000 }}
+"#,
+        redis = redis_addr()
+    );
+    let shotover = Shotover::start(&topology);
+    let mut con = connect(bad).await;
+    let start = Instant::now();
+    let err = redis::cmd("GET")
+        .arg("x")
+        .query_async::<Option<String>>(&mut con)
+        .await
+        .expect_err("no upstream");
+    assert!(
+        start.elapsed() < Duration::from_secs(2),
+        "the error took {:?}",
+        start.elapsed()
+    );
+    assert!(
+        err.to_string()
+            .contains(&format!("upstream 127.0.0.1:{dead_port} is unreachable")),
+        "{err}"
+    );
+    // The same client connection stays open and gets the error again, not a hang.
+    let err = redis::cmd("PING")
+        .query_async::<String>(&mut con)
+        .await
+        .expect_err("still no upstream");
+    assert!(err.to_string().contains("unreachable"), "{err}");
+    let mut ok = connect(good).await;
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut ok)
+        .await
+        .expect("the other source serves");
+    assert_eq!(pong, "PONG");
+    let failed = shotover
+        .metric("shotover_failed_requests_count{chain=\"bad\",transform=\"bad-sink\"}")
+        .expect("failed requests metric");
+    assert!(failed >= 2.0, "{failed}");
+    shotover.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn upstream_dying_mid_connection_fails_pending_requests_and_closes_only_that_client() {
+    let port = free_port();
+    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let addr = format!("127.0.0.1:{port}");
+    let mut victim = TcpStream::connect(&addr).expect("connect");
+    victim
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let name = prefix("victim").replace(':', "-");
+    victim
+        .write_all(format!("CLIENT SETNAME {name}\r\n").as_bytes())
+        .expect("write");
+    assert_eq!(
+        read_available(&mut victim, 5, Duration::from_secs(5)),
+        b"+OK\r\n"
+    );
+    // Kill the victim's upstream connection directly on Redis, then use the victim.
+    let id = client_id(&name).expect("the victim's upstream connection is listed");
+    assert_eq!(
+        redis_cli(&["-p", &redis_port(), "CLIENT", "KILL", "ID", &id]).trim(),
+        "1"
+    );
+    victim.write_all(b"PING\r\n").expect("write");
+    let reply = read_available(&mut victim, 1, Duration::from_secs(5));
+    let text = String::from_utf8_lossy(&reply);
+    assert!(
+        text.starts_with("-ERR shotover: upstream") || text.is_empty(),
+        "the victim should get an error reply, got {text:?}"
+    );
+    assert!(
+        is_closed(&mut victim, Duration::from_secs(5)),
+        "the victim's connection should be closed"
+    );
+    let mut fresh = connect(port).await;
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut fresh)
+        .await
+        .expect("new clients are served");
+    assert_eq!(pong, "PONG");
+    shotover.stop_expecting(&["its chain failed"]);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn malformed_frames_get_a_protocol_error_and_only_that_connection_closes() {
+    let port = free_port();
+    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let addr = format!("127.0.0.1:{port}");
+    let mut bystander = connect(port).await;
+    for (bad, expected) in [
+        (
+            &b"*2\r\n$3\r\nGET\r\n:1\r\n"[..],
+            "-ERR Protocol error: expected '$', got ':'\r\n",
+        ),
+        (
+            &b"*1\r\n$-5\r\n"[..],
+            "-ERR Protocol error: invalid bulk length\r\n",
+        ),
+        (
+            &b"*x\r\n"[..],
+            "-ERR Protocol error: invalid multibulk length\r\n",
+        ),
+        (
+            &b"SET a \"unterminated\r\n"[..],
+            "-ERR Protocol error: unbalanced quotes in request\r\n",
+        ),
+    ] {
+        let mut stream = TcpStream::connect(&addr).expect("connect");
+        stream
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .expect("timeout");
+        // A good request first: it is answered before the error.
+        stream.write_all(b"PING\r\n").expect("write");
+        stream.write_all(bad).expect("write");
+        let reply = read_available(&mut stream, 7 + expected.len(), Duration::from_secs(5));
+        assert_eq!(
+            String::from_utf8_lossy(&reply),
+            format!("+PONG\r\n{expected}")
+        );
+        assert!(is_closed(&mut stream, Duration::from_secs(5)));
+    }
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut bystander)
+        .await
+        .expect("others keep going");
+    assert_eq!(pong, "PONG");
+    let errors = shotover
+        .metric("shotover_client_protocol_errors_count{source=\"redis\"}")
+        .expect("protocol errors metric");
+    assert_eq!(errors, 4.0);
+    shotover.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oversized_frames_are_refused_before_they_are_buffered() {
+    let port = free_port();
+    let shotover = Shotover::start(&passthrough(
+        port,
+        &redis_addr(),
+        "      max_frame_size_bytes: 4096",
+    ));
+    let addr = format!("127.0.0.1:{port}");
+    let mut stream = TcpStream::connect(&addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    // Only the header of a 100 MB value is sent: the proxy refuses it without waiting.
+    stream
+        .write_all(b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$100000000\r\n")
+        .expect("write");
+    let reply = read_available(&mut stream, 200, Duration::from_secs(5));
+    let text = String::from_utf8_lossy(&reply);
+    assert!(
+        text.starts_with("-ERR Protocol error: request of at least 100000"),
+        "{text}"
+    );
+    assert!(text.contains("max_frame_size_bytes of 4096"), "{text}");
+    assert!(is_closed(&mut stream, Duration::from_secs(5)));
+    // Requests under the limit are fine.
+    let mut con = connect(port).await;
+    let key = format!("{}small", prefix("oversize"));
+    let () = redis::cmd("SET")
+        .arg(&key)
+        .arg("x".repeat(3000))
+        .query_async(&mut con)
+        .await
+        .expect("3000 bytes fit");
+    shotover.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hard_connection_limit_refuses_and_soft_limit_queues() {
+    let (hard, soft) = (free_port(), free_port());
+    let redis = redis_addr();
+    let topology = format!(
+        r#"
+sources:
+  - Redis:
+      name: "hard"
+      listen_addr: "127.0.0.1:{hard}"
+      connection_limit: 1
+      hard_connection_limit: true
+      chain:
+        - RedisSinkSingle: {{ name: "s1", remote_address: "{redis}", connect_timeout_ms: 3000 }}
+  - Redis:
+      name: "soft"
+      listen_addr: "127.0.0.1:{soft}"
+      connection_limit: 1
+      chain:
+        - RedisSinkSingle: {{ name: "s2", remote_address: "{redis}", connect_timeout_ms: 3000 }}
+"#
+    );
+    let shotover = Shotover::start(&topology);
+    // Hard: the second connection is closed at once.
+    let first = raw_ping_connection(hard);
+    let mut second = TcpStream::connect(format!("127.0.0.1:{hard}")).expect("TCP accepts");
+    let _ = second.write_all(b"PING\r\n");
+    assert!(
+        is_closed(&mut second, Duration::from_secs(5)),
+        "the second connection should be refused"
+    );
+    drop(first);
+    wait_until("the slot to free up", Duration::from_secs(5), || {
+        shotover.metric("shotover_available_connections_count{source=\"hard\"}") == Some(1.0)
+    });
+    drop(raw_ping_connection(hard));
+
+    // Soft: the second connection waits until the first one goes.
+    let first = raw_ping_connection(soft);
+    let mut queued = TcpStream::connect(format!("127.0.0.1:{soft}")).expect("TCP accepts");
+    queued
+        .set_read_timeout(Some(Duration::from_millis(100)))
+        .expect("timeout");
+    queued.write_all(b"PING\r\n").expect("write");
+    assert!(
+        read_available(&mut queued, 7, Duration::from_millis(500)).is_empty(),
+        "served too early"
+    );
+    drop(first);
+    assert_eq!(
+        read_available(&mut queued, 7, Duration::from_secs(5)),
+        b"+PONG\r\n"
+    );
+    let refused = shotover
+        .metric("shotover_connections_refused_count{source=\"hard\"}")
+        .expect("metric");
+    assert_eq!(refused, 1.0);
+    shotover.stop();
+}
+
+fn raw_ping_connection(port: u16) -> TcpStream {
+    let mut stream = TcpStream::connect(format!("127.0.0.1:{port}")).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    stream.write_all(b"PING\r\n").expect("write");
+    assert_eq!(
+        read_available(&mut stream, 7, Duration::from_secs(5)),
+        b"+PONG\r\n"
+    );
+    stream
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn idle_connections_are_closed_after_the_timeout() {
+    let port = free_port();
+    let shotover = Shotover::start(&passthrough(port, &redis_addr(), "      timeout: 1"));
+    let mut idle = raw_ping_connection(port);
+    let start = Instant::now();
+    assert!(
+        is_closed(&mut idle, Duration::from_secs(5)),
+        "idle connection should be closed"
+    );
+    assert!(
+        start.elapsed() >= Duration::from_millis(800),
+        "closed too early: {:?}",
+        start.elapsed()
+    );
+    shotover.stop();
+}

@@ -1,0 +1,8 @@
+//! Integration tests: the real `shotover` binary between real clients and a real Redis
+//! (started by `e2e/services up redis redis-tls`).
+
+mod failures;
+mod helpers;
+mod lifecycle;
+mod passthrough;
+mod transforms;

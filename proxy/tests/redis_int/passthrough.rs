@@ -1,0 +1,332 @@
+//! Redis traffic through a passthrough chain: what a client sends reaches Redis unchanged
+//! and the answers come back in order.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::AsyncCommands;
+
+use crate::helpers::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pipelined_requests_keep_their_order_under_50_concurrent_clients() {
+    let port = free_port();
+    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let p = prefix("order");
+    let mut tasks = Vec::new();
+    for client in 0..50 {
+        let p = p.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut con = connect(port).await;
+            for round in 0..4 {
+                let mut pipe = redis::pipe();
+                for i in 0..100 {
+                    pipe.cmd("SET")
+                        .arg(format!("{p}{client}:{i}"))
+                        .arg(format!("v{client}.{round}.{i}"));
+                    pipe.cmd("INCR").arg(format!("{p}{client}:counter"));
+                    pipe.cmd("GET").arg(format!("{p}{client}:{i}"));
+                }
+                let replies: Vec<redis::Value> =
+                    pipe.query_async(&mut con).await.expect("pipeline");
+                assert_eq!(replies.len(), 300);
+                for i in 0..100 {
+                    assert_eq!(replies[i * 3], redis::Value::Okay);
+                    let counter: i64 =
+                        redis::from_redis_value(replies[i * 3 + 1].clone()).expect("int");
+                    assert_eq!(
+                        counter,
+                        (round * 100 + i + 1) as i64,
+                        "INCR replies out of order"
+                    );
+                    let value: String =
+                        redis::from_redis_value(replies[i * 3 + 2].clone()).expect("string");
+                    assert_eq!(value, format!("v{client}.{round}.{i}"));
+                }
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.expect("client task");
+    }
+    let chains = shotover
+        .metric("shotover_chain_total_count{chain=\"redis\"}")
+        .expect("chain metric");
+    assert!(chains >= 200.0, "{chains}");
+    shotover.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn values_of_64_mib_go_through_both_ways() {
+    let port = free_port();
+    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let key = format!("{}big", prefix("big"));
+    let value: Vec<u8> = (0..64 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
+    let mut con = connect(port).await;
+    let () = con.set(&key, &value).await.expect("SET 64 MiB");
+    let len: usize = redis::cmd("STRLEN")
+        .arg(&key)
+        .query_async(&mut con)
+        .await
+        .expect("STRLEN");
+    assert_eq!(len, value.len());
+    let back: Vec<u8> = con.get(&key).await.expect("GET 64 MiB");
+    assert!(back == value, "the 64 MiB value came back different");
+    let () = con.del(&key).await.expect("DEL");
+    shotover.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn multi_exec_runs_as_a_transaction() {
+    let port = free_port();
+    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let key = format!("{}tx", prefix("tx"));
+    let mut con = connect(port).await;
+    let (a, b): (i64, i64) = redis::pipe()
+        .atomic()
+        .cmd("INCRBY")
+        .arg(&key)
+        .arg(5)
+        .cmd("INCRBY")
+        .arg(&key)
+        .arg(7)
+        .query_async(&mut con)
+        .await
+        .expect("MULTI/EXEC");
+    assert_eq!((a, b), (5, 12));
+    // A queued command that fails makes EXEC abort, as Redis decides.
+    let raw_reply = raw(
+        &format!("127.0.0.1:{port}"),
+        format!("MULTI\r\nSET {key} x\r\nNOSUCHCOMMAND\r\nEXEC\r\nGET {key}\r\n").as_bytes(),
+        80,
+    );
+    let text = String::from_utf8_lossy(&raw_reply);
+    assert!(
+        text.starts_with("+OK\r\n+QUEUED\r\n-ERR unknown command"),
+        "{text}"
+    );
+    assert!(text.contains("-EXECABORT"), "{text}");
+    assert!(text.ends_with("$2\r\n12\r\n"), "{text}");
+    shotover.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn blpop_blocks_until_another_client_pushes() {
+    let port = free_port();
+    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let key = format!("{}list", prefix("blpop"));
+    let name = prefix("blpop-waiter").replace(':', "-");
+    let waiter = {
+        let (key, name) = (key.clone(), name.clone());
+        tokio::spawn(async move {
+            let mut con = connect(port).await;
+            let () = redis::cmd("CLIENT")
+                .arg("SETNAME")
+                .arg(&name)
+                .query_async(&mut con)
+                .await
+                .expect("SETNAME");
+            let got: Option<(String, String)> = redis::cmd("BLPOP")
+                .arg(&key)
+                .arg(10)
+                .query_async(&mut con)
+                .await
+                .expect("BLPOP");
+            got
+        })
+    };
+    // Wait until Redis itself reports the client blocked in BLPOP, then push.
+    wait_until(
+        "the client to block in BLPOP",
+        Duration::from_secs(5),
+        || client_line(&name).is_some_and(|l| l.contains("cmd=blpop")),
+    );
+    let mut con = connect(port).await;
+    let () = con.rpush(&key, "hello").await.expect("RPUSH");
+    let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+        .await
+        .expect("BLPOP returned")
+        .expect("task");
+    assert_eq!(got, Some((key, "hello".to_string())));
+    shotover.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn pubsub_messages_flow_back_while_the_subscriber_sends_nothing() {
+    let port = free_port();
+    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let channel = format!("{}news", prefix("pubsub"));
+    let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).expect("client");
+    let mut pubsub = client.get_async_pubsub().await.expect("pubsub connection");
+    pubsub.subscribe(&channel).await.expect("SUBSCRIBE");
+    pubsub
+        .psubscribe(format!("{channel}*"))
+        .await
+        .expect("PSUBSCRIBE");
+    let mut publisher = connect(port).await;
+    for i in 0..20 {
+        let receivers: i64 = publisher
+            .publish(&channel, format!("m{i}"))
+            .await
+            .expect("PUBLISH");
+        assert_eq!(receivers, 2, "one subscription and one pattern");
+    }
+    let mut messages = pubsub.on_message();
+    let mut got = Vec::new();
+    while got.len() < 40 {
+        let msg = tokio::time::timeout(Duration::from_secs(5), messages.next())
+            .await
+            .expect("a pub/sub message within 5 s")
+            .expect("stream open");
+        got.push((
+            msg.get_pattern::<Option<String>>().ok().flatten().is_some(),
+            msg.get_payload::<String>().expect("payload"),
+        ));
+    }
+    let plain: Vec<String> = got
+        .iter()
+        .filter(|(p, _)| !p)
+        .map(|(_, m)| m.clone())
+        .collect();
+    let expected: Vec<String> = (0..20).map(|i| format!("m{i}")).collect();
+    assert_eq!(plain, expected);
+    drop(messages);
+    shotover.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn subscribed_connection_goes_back_to_normal_after_unsubscribing() {
+    let port = free_port();
+    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let p = prefix("unsub");
+    // RESP2: two channels, one pattern, then UNSUBSCRIBE alone (one reply per channel),
+    // PUNSUBSCRIBE, and a normal command.
+    let request = format!(
+        "SUBSCRIBE {p}a {p}b\r\nPSUBSCRIBE {p}*\r\nUNSUBSCRIBE\r\nPUNSUBSCRIBE\r\nPING\r\nECHO done\r\n"
+    );
+    let reply = raw(&format!("127.0.0.1:{port}"), request.as_bytes(), 10_000);
+    let text = String::from_utf8_lossy(&reply);
+    assert_eq!(text.matches("subscribe").count(), 6, "{text}");
+    assert!(text.ends_with("+PONG\r\n$4\r\ndone\r\n"), "{text}");
+    shotover.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn inline_commands_work_as_telnet_sends_them() {
+    let port = free_port();
+    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let key = format!("{}inline", prefix("inline"));
+    let request = format!("PING\r\n\r\nSET {key} \"two words\"\nGET {key}\r\n");
+    let reply = raw(&format!("127.0.0.1:{port}"), request.as_bytes(), 30);
+    assert_eq!(
+        String::from_utf8_lossy(&reply),
+        "+PONG\r\n+OK\r\n$9\r\ntwo words\r\n"
+    );
+    shotover.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn unknown_and_module_commands_pass_through_and_the_connection_stays() {
+    let port = free_port();
+    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let mut con = connect(port).await;
+    let err = redis::cmd("NOSUCHCOMMAND")
+        .arg("x")
+        .query_async::<()>(&mut con)
+        .await
+        .expect_err("Redis refuses it");
+    assert!(err.to_string().contains("unknown command"), "{err}");
+    let err = redis::cmd("JSON.GET")
+        .arg("k")
+        .query_async::<()>(&mut con)
+        .await
+        .expect_err("no module loaded");
+    assert!(err.to_string().contains("unknown command"), "{err}");
+    // Redis 7.2+ answers OK; older servers refuse the subcommand. Either way the answer is
+    // the server's, and the connection goes on.
+    match redis::cmd("CLIENT")
+        .arg("SETINFO")
+        .arg("LIB-NAME")
+        .arg("shotover-test")
+        .query_async::<String>(&mut con)
+        .await
+    {
+        Ok(ok) => assert_eq!(ok, "OK"),
+        Err(e) => assert!(e.to_string().contains("SETINFO"), "{e}"),
+    }
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut con)
+        .await
+        .expect("still serving");
+    assert_eq!(pong, "PONG");
+    shotover.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_py_with_resp3_works_through_the_proxy() {
+    let port = free_port();
+    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let out = python("resp3.py", &["127.0.0.1", &port.to_string(), &prefix("py")]);
+    assert!(out.contains("resp3 ok"), "{out}");
+    shotover.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn redis_cli_talks_through_the_proxy() {
+    let port = free_port();
+    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let key = format!("{}cli", prefix("cli"));
+    let p = port.to_string();
+    assert_eq!(redis_cli(&["-p", &p, "SET", &key, "v"]).trim(), "OK");
+    assert_eq!(redis_cli(&["-p", &p, "GET", &key]).trim(), "v");
+    let hello = redis_cli(&["-3", "-p", &p, "HELLO", "3"]);
+    assert!(
+        hello.contains("proto") && hello.contains("redis"),
+        "{hello}"
+    );
+    shotover.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resp3_invalidation_pushes_reach_a_tracking_client_that_sends_nothing() {
+    let port = free_port();
+    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let key = format!("{}tracked", prefix("tracking"));
+    let mut stream = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).expect("connect");
+    std::io::Write::write_all(
+        &mut stream,
+        format!("HELLO 3\r\nCLIENT TRACKING on\r\nGET {key}\r\n").as_bytes(),
+    )
+    .expect("write");
+    let mut got = Vec::new();
+    wait_until(
+        "HELLO, TRACKING and GET replies",
+        Duration::from_secs(5),
+        || {
+            got.extend(read_available(&mut stream, 1, Duration::from_millis(100)));
+            got.ends_with(b"+OK\r\n_\r\n")
+        },
+    );
+    let mut writer = connect(port).await;
+    let () = redis::cmd("SET")
+        .arg(&key)
+        .arg("changed")
+        .query_async(&mut writer)
+        .await
+        .expect("SET");
+    let push = format!(
+        ">2\r\n$10\r\ninvalidate\r\n*1\r\n${}\r\n{key}\r\n",
+        key.len()
+    );
+    let mut pushed = Vec::new();
+    wait_until("the invalidation push", Duration::from_secs(5), || {
+        pushed.extend(read_available(
+            &mut stream,
+            push.len(),
+            Duration::from_millis(100),
+        ));
+        pushed.len() >= push.len()
+    });
+    assert_eq!(String::from_utf8_lossy(&pushed), push);
+    shotover.stop();
+}
