@@ -196,7 +196,9 @@ where
                 Some(id) if self.pending.front() == Some(&id) => {
                     self.pending.pop_front();
                     self.queue(response);
-                    while let Some(next) = self.pending.front() {
+                    while !self.held.is_empty()
+                        && let Some(next) = self.pending.front()
+                    {
                         let Some(held) = self.held.remove(next) else {
                             break;
                         };

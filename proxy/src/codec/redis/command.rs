@@ -134,9 +134,24 @@ pub fn aggregate_head(frame: &Bytes) -> Option<(Bytes, usize, Option<Bytes>)> {
 }
 
 fn int_line(frame: &[u8], from: usize) -> Option<(i64, usize)> {
-    let nl = from + memchr::memchr(b'\r', frame.get(from..)?)?;
-    let n = std::str::from_utf8(&frame[from..nl]).ok()?.parse().ok()?;
-    Some((n, nl + 2))
+    let rest = frame.get(from..)?;
+    let cr = memchr::memchr(b'\r', rest)?;
+    let digits = &rest[..cr];
+    let (negative, digits) = match digits.split_first() {
+        Some((b'-', tail)) => (true, tail),
+        _ => (false, digits),
+    };
+    if digits.is_empty() || digits.len() > 18 {
+        return None;
+    }
+    let mut n: i64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        n = n * 10 + i64::from(d - b'0');
+    }
+    Some((if negative { -n } else { n }, from + cr + 2))
 }
 
 fn bulk_at(frame: &Bytes, pos: usize) -> Option<(Bytes, usize)> {
