@@ -86,6 +86,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--requests", type=int, default=500_000)
     ap.add_argument("--skip-build", action="store_true")
+    ap.add_argument("--soak-rounds", type=int, default=5,
+                    help="rounds of 2M random-key requests after the table, RSS sampled after each")
     ap.add_argument("--proxy-arg", action="append", default=[], help="extra argument for shotover (repeatable)")
     args = ap.parse_args()
 
@@ -137,6 +139,12 @@ def main():
                 d, p = direct[test], proxied[test]
                 results.append((f"-c {clients} -P {pipeline}", test, d, p, cpu / (2 * n) * 1e6))
         rss_after = rss_mib(proxy.pid)
+        # Sustained load, metrics on and never scraped: RSS must stay flat.
+        soak = []
+        for _ in range(args.soak_rounds):
+            sh(["redis-benchmark", "-h", "127.0.0.1", "-p", str(proxy_port), "-t", "set,get",
+                "-n", "1000000", "-c", "50", "-P", "16", "-r", "1000000", "-q"])
+            soak.append(rss_mib(proxy.pid))
     finally:
         proxy.terminate()
         proxy.wait(timeout=30)
@@ -155,6 +163,8 @@ def main():
     print()
     print(f"proxy RSS: idle {rss_idle:.1f} MiB, with 200 idle connections {rss_200:.1f} MiB, "
           f"after all the load above (metrics on, never scraped) {rss_after:.1f} MiB")
+    print(f"proxy RSS after each of {len(soak)} rounds of 2M more requests (random keys, -c 50 -P 16): "
+          + ", ".join(f"{r:.1f}" for r in soak) + " MiB")
     print("(CPU per request is the proxy's user+system time over both tests of a load, divided by their requests;"
           " 1 µs per request = 1 CPU second per million requests)")
 

@@ -214,17 +214,15 @@ impl Checker {
             let item_path = format!("{path}[{i}]");
             if i == last && !t.is_sink() {
                 let msg = format!(
-                    "`{}` ({}) is not a sink, but it ends the chain: a chain must end in a sink (RedisSinkSingle, NullSink or DebugReturner)",
-                    t.name(),
-                    t.kind()
+                    "{} is not a sink, but it ends the chain: a chain must end in a sink (RedisSinkSingle, NullSink or DebugReturner)",
+                    describe(t)
                 );
                 self.err(&item_path, msg);
             }
             if i < last && t.is_sink() {
                 let msg = format!(
-                    "`{}` ({}) is a sink in the middle of the chain: the {} transform(s) after it would never run",
-                    t.name(),
-                    t.kind(),
+                    "{} is a sink in the middle of the chain: the {} transform(s) after it would never run",
+                    describe(t),
                     last - i
                 );
                 self.err(&item_path, msg);
@@ -234,9 +232,8 @@ impl Checker {
             {
                 let accepted: Vec<String> = accepted.iter().map(ToString::to_string).collect();
                 let msg = format!(
-                    "`{}` ({}) works on {} but this chain carries {protocol}",
-                    t.name(),
-                    t.kind(),
+                    "{} works on {} but this chain carries {protocol}",
+                    describe(t),
                     accepted.join(", ")
                 );
                 self.err(&item_path, msg);
@@ -352,6 +349,14 @@ impl Checker {
             ),
             (None, None) => {}
         }
+    }
+}
+
+/// How a transform is named in messages: "`name` (Kind)", or "Kind" when it has no name.
+fn describe(t: &TransformConfig) -> String {
+    match t.explicit_name() {
+        Some(name) => format!("`{name}` ({})", t.kind()),
+        None => t.kind().to_string(),
     }
 }
 

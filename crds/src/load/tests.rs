@@ -493,7 +493,7 @@ fn parse_topology_skips_the_semantic_checks_that_validate_runs() {
         vec![TransformConfig::DebugPrinter(NamedConfig::default())]
     );
     let expected = format!(
-        "invalid topology (1 error):\n  sources[0].chain[0]: `DebugPrinter` (DebugPrinter) is not a sink, but it ends the chain: {SINKS}"
+        "invalid topology (1 error):\n  sources[0].chain[0]: DebugPrinter is not a sink, but it ends the chain: {SINKS}"
     );
     assert_eq!(
         validate(&parsed).map_err(|e| e.to_string()),
@@ -684,7 +684,7 @@ fn chain_without_sink_is_reported_with_its_path() {
             "[{QueryCounter: {counter_name: c}}, DebugPrinter]"
         )),
         format!(
-            "invalid topology (1 error):\n  sources[0].chain[1]: `DebugPrinter` (DebugPrinter) is not a sink, but it ends the chain: {SINKS}"
+            "invalid topology (1 error):\n  sources[0].chain[1]: DebugPrinter is not a sink, but it ends the chain: {SINKS}"
         )
     );
 }
@@ -865,8 +865,8 @@ fn tee_sub_chain_semantic_errors_are_reported_with_their_paths() {
         )),
         format!(
             "invalid topology (4 errors):\n  \
-             sources[0].chain[0].chain[0]: `DebugPrinter` (DebugPrinter) is not a sink, but it ends the chain: {SINKS}\n  \
-             sources[0].chain[0].behavior.SubchainOnMismatch.chain[0]: `NullSink` (NullSink) is a sink in the middle of the chain: the 1 transform(s) after it would never run\n  \
+             sources[0].chain[0].chain[0]: DebugPrinter is not a sink, but it ends the chain: {SINKS}\n  \
+             sources[0].chain[0].behavior.SubchainOnMismatch.chain[0]: NullSink is a sink in the middle of the chain: the 1 transform(s) after it would never run\n  \
              sources[0].chain[1].chain: chain is empty: it must end in a sink (RedisSinkSingle, NullSink or DebugReturner)\n  \
              sources[0].chain[1].behavior.SubchainOnMismatch.chain: chain is empty: it must end in a sink (RedisSinkSingle, NullSink or DebugReturner)"
         )
@@ -918,7 +918,7 @@ fn errors_in_two_different_sources_are_both_reported() {
         format!(
             "invalid topology (2 errors):\n  \
              sources[1].chain[0].bogus: unknown field `bogus`, expected `name`\n  \
-             sources[0].chain[0]: `DebugPrinter` (DebugPrinter) is not a sink, but it ends the chain: {SINKS}"
+             sources[0].chain[0]: DebugPrinter is not a sink, but it ends the chain: {SINKS}"
         )
     );
 }
@@ -947,8 +947,8 @@ fn source_with_unparsable_fields_still_has_its_chain_checked() {
         format!(
             "invalid topology (3 errors):\n  \
              sources[0].connection_limit: invalid type: string \"many\", expected usize\n  \
-             sources[0].chain[0]: `NullSink` (NullSink) is a sink in the middle of the chain: the 1 transform(s) after it would never run\n  \
-             sources[0].chain[1]: `DebugPrinter` (DebugPrinter) is not a sink, but it ends the chain: {SINKS}"
+             sources[0].chain[0]: NullSink is a sink in the middle of the chain: the 1 transform(s) after it would never run\n  \
+             sources[0].chain[1]: DebugPrinter is not a sink, but it ends the chain: {SINKS}"
         )
     );
 }
@@ -995,12 +995,12 @@ logging: debug
              sources[0].connectionLimit: must be at least 1\n  \
              sources[0].chain[0]: set exactly one of `AllowList` and `DenyList`, not both\n  \
              sources[0].chain[1].chain[0].name: duplicate name `main`, already used at sources[0]\n  \
-             sources[0].chain[1].behavior.SubchainOnMismatch.chain[0]: `DebugPrinter` (DebugPrinter) is not a sink, but it ends the chain: {SINKS}\n  \
+             sources[0].chain[1].behavior.SubchainOnMismatch.chain[0]: DebugPrinter is not a sink, but it ends the chain: {SINKS}\n  \
              sources[1].name: duplicate name `main`, already used at sources[0]\n  \
              sources[1].listenAddr: `0.0.0.0:6379` is already the address of sources[0]\n  \
-             sources[1].chain[0]: `NullSink` (NullSink) is a sink in the middle of the chain: the 3 transform(s) after it would never run\n  \
+             sources[1].chain[0]: NullSink is a sink in the middle of the chain: the 3 transform(s) after it would never run\n  \
              sources[1].chain[1]: set at least one of `flush_when_buffered_message_count` and `flush_when_millis_since_last_flush`\n  \
-             sources[1].chain[3]: `DebugPrinter` (DebugPrinter) is not a sink, but it ends the chain: {SINKS}"
+             sources[1].chain[3]: DebugPrinter is not a sink, but it ends the chain: {SINKS}"
         )
     );
 }

@@ -29,7 +29,7 @@ use tokio::sync::{Notify, mpsc};
 use crate::chain::{ChainError, ChainState, Transform, TransformBuilder, TransformContext};
 use crate::codec::DecodeError;
 use crate::codec::redis::ResponseDecoder;
-use crate::codec::redis::command::{CommandKind, aggregate_head};
+use crate::codec::redis::command::{CommandKind, ReplyMode, aggregate_head};
 use crate::codec::redis::frame::RedisFrame;
 use crate::message::{Message, MessageId, Messages};
 use crate::metrics::{self, Counter};
@@ -130,6 +130,43 @@ struct RespState {
     monitoring: bool,
     tracking: bool,
     quit: bool,
+    /// `CLIENT REPLY OFF`/`SKIP`: the server sends no reply to the next request(s).
+    replies: Replies,
+}
+
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum Replies {
+    #[default]
+    On,
+    Off,
+    SkipNext,
+}
+
+impl RespState {
+    /// Whether the server will reply to a request of `kind`, moving the reply mode on.
+    fn will_reply(&mut self, kind: CommandKind) -> bool {
+        match (kind, self.replies) {
+            (CommandKind::ClientReply(ReplyMode::On), _) => {
+                self.replies = Replies::On;
+                true
+            }
+            (CommandKind::ClientReply(ReplyMode::Off), _) => {
+                self.replies = Replies::Off;
+                false
+            }
+            (CommandKind::ClientReply(ReplyMode::Skip), Replies::On) => {
+                self.replies = Replies::SkipNext;
+                false
+            }
+            (CommandKind::ClientReply(ReplyMode::Skip), _) => false,
+            (_, Replies::On) => true,
+            (_, Replies::Off) => false,
+            (_, Replies::SkipNext) => {
+                self.replies = Replies::On;
+                false
+            }
+        }
+    }
 }
 
 impl RespState {
@@ -187,7 +224,14 @@ impl Transform for RedisSinkSingle {
         if matches!(self.conn, Conn::Closed) {
             return Err(self.closed());
         }
-        self.write(requests).await?;
+        let silent = self.write(requests).await?;
+        // Requests the server will not answer (CLIENT REPLY OFF/SKIP) get an empty
+        // response: nothing is written to the client for them.
+        responses.extend(
+            silent
+                .into_iter()
+                .map(|id| Message::response(Some(id), Bytes::new())),
+        );
         while !self.pending.is_empty() {
             let frame = self.next_frame().await?;
             self.classify(frame, &mut responses);
@@ -217,17 +261,24 @@ impl RedisSinkSingle {
         }
     }
 
-    /// Writes the batch in as few syscalls as it can.
-    async fn write(&mut self, requests: Messages) -> Result<(), ChainError> {
+    /// Writes the batch in as few syscalls as it can. Returns the requests the server will
+    /// not answer.
+    async fn write(&mut self, requests: Messages) -> Result<Vec<MessageId>, ChainError> {
+        let mut silent = Vec::new();
         for mut request in requests {
             let id = request.id;
             let command = request.command();
-            self.pending.push_back(Pending {
-                id: Some(id),
-                kind: command.kind,
-                argc: command.argc,
-                left: None,
-            });
+            let (kind, argc) = (command.kind, command.argc);
+            if self.resp.will_reply(kind) {
+                self.pending.push_back(Pending {
+                    id: Some(id),
+                    kind,
+                    argc,
+                    left: None,
+                });
+            } else {
+                silent.push(id);
+            }
             self.outbox.push(request.into_bytes());
         }
         let result = match &mut self.conn {
@@ -235,7 +286,8 @@ impl RedisSinkSingle {
             Conn::Streaming { writer, .. } => self.outbox.write_to(writer).await,
             Conn::NotConnected | Conn::Closed => Ok(()),
         };
-        result.map_err(|e| self.io_error(e))
+        result.map_err(|e| self.io_error(e))?;
+        Ok(silent)
     }
 
     async fn next_frame(&mut self) -> Result<Bytes, ChainError> {

@@ -331,6 +331,13 @@ async fn tls_sink_checks_the_upstream_certificate_and_its_name_unless_told_not_t
         )
     };
     let wrong_addr = format!("127.0.0.1:{wrong_name}");
+    // Upstream 3: a TLS source that requires client certificates (mutual TLS).
+    let mtls = free_port();
+    let (with_cert, without_cert) = (free_port(), free_port());
+    let mtls_addr = format!("127.0.0.1:{mtls}");
+    let client_cert = format!(
+        "              certificate_path: \"{d}/client.pem\"\n              private_key_path: \"{d}/client.key\"\n"
+    );
     let topology = format!(
         "{}{}{}{}{}",
         passthrough(
@@ -345,8 +352,17 @@ async fn tls_sink_checks_the_upstream_certificate_and_its_name_unless_told_not_t
         sink(unchecked_name, &wrong_addr, &format!("{d}/ca.pem"), false),
         sink(unknown_ca, &redis_tls_addr, &format!("{d}/ca.pem"), false),
     );
+    let topology = format!(
+        "{topology}{}{}{}",
+        passthrough(mtls, &redis_addr(), &format!("      tls:\n        certificate_path: \"{d}/server.pem\"\n        private_key_path: \"{d}/server.key\"\n        certificate_authority_path: \"{d}/ca.pem\""))
+            .replace("sources:\n", "")
+            .replace("name: \"redis\"", "name: \"mtls\"")
+            .replace("name: \"sink\"", "name: \"mtls-sink\""),
+        sink(with_cert, &mtls_addr, &format!("{d}/ca.pem"), false) + &client_cert,
+        sink(without_cert, &mtls_addr, &format!("{d}/ca.pem"), false),
+    );
     let shotover = Shotover::start(&topology);
-    for port in [ok, unchecked_name] {
+    for port in [ok, unchecked_name, with_cert] {
         let mut con = connect(port).await;
         let pong: String = redis::cmd("PING")
             .query_async(&mut con)
@@ -368,5 +384,13 @@ async fn tls_sink_checks_the_upstream_certificate_and_its_name_unless_told_not_t
             "{err}"
         );
     }
-    shotover.stop();
+    // Without a client certificate the mTLS upstream refuses the connection: the handshake
+    // or the first read fails, and the client gets an error either way.
+    let mut con = connect(without_cert).await;
+    let err = redis::cmd("PING")
+        .query_async::<String>(&mut con)
+        .await
+        .expect_err("refused");
+    assert!(err.to_string().contains("shotover: upstream"), "{err}");
+    shotover.stop_expecting(&["its chain failed"]);
 }

@@ -330,3 +330,19 @@ async fn resp3_invalidation_pushes_reach_a_tracking_client_that_sends_nothing() 
     assert_eq!(String::from_utf8_lossy(&pushed), push);
     shotover.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn client_reply_off_and_skip_silence_replies_without_hanging() {
+    let port = free_port();
+    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let key = format!("{}quiet", prefix("reply"));
+    let request = format!(
+        "CLIENT REPLY OFF\r\nSET {key} 1\r\nINCR {key}\r\nCLIENT REPLY ON\r\nGET {key}\r\nCLIENT REPLY SKIP\r\nINCR {key}\r\nGET {key}\r\n"
+    );
+    let reply = raw(&format!("127.0.0.1:{port}"), request.as_bytes(), 19);
+    assert_eq!(
+        String::from_utf8_lossy(&reply),
+        "+OK\r\n$1\r\n2\r\n$1\r\n3\r\n"
+    );
+    shotover.stop();
+}

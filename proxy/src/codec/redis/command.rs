@@ -20,7 +20,17 @@ pub enum CommandKind {
     Quit,
     /// `CLIENT TRACKING ...`: invalidation pushes may follow at any time.
     ClientTracking,
+    /// `CLIENT REPLY ON|OFF|SKIP`: the server stops (or resumes) replying.
+    ClientReply(ReplyMode),
     Other,
+}
+
+/// What `CLIENT REPLY` asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyMode {
+    On,
+    Off,
+    Skip,
 }
 
 /// A request's command, as far as the proxy needs it.
@@ -38,21 +48,19 @@ pub struct Command {
 impl Command {
     /// Reads the command of a complete request frame (multibulk or inline).
     pub fn of(frame: &Bytes) -> Command {
-        let (name, argc, arg1) = if frame.first() == Some(&b'*') {
-            aggregate_head(frame).unwrap_or_default()
+        let (name, argc, arg1, arg2) = if frame.first() == Some(&b'*') {
+            head(frame).unwrap_or_default()
         } else {
             match split_inline(frame) {
                 Ok(args) => {
+                    let argc = args.len().saturating_sub(1);
                     let mut it = args.into_iter();
-                    let name = it.next().unwrap_or_default();
-                    let arg1 = it.next();
-                    let argc = arg1.is_some() as usize + it.count();
-                    (name, argc, arg1)
+                    (it.next().unwrap_or_default(), argc, it.next(), it.next())
                 }
                 Err(_) => Default::default(),
             }
         };
-        let kind = kind_of(&name, arg1.as_deref());
+        let kind = kind_of(&name, arg1.as_deref(), arg2.as_deref());
         Command {
             name,
             kind,
@@ -83,7 +91,7 @@ impl Command {
     }
 }
 
-fn kind_of(name: &[u8], arg1: Option<&[u8]>) -> CommandKind {
+fn kind_of(name: &[u8], arg1: Option<&[u8]>, arg2: Option<&[u8]>) -> CommandKind {
     let is = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
     if name.len() > 12 {
         CommandKind::Other
@@ -109,6 +117,13 @@ fn kind_of(name: &[u8], arg1: Option<&[u8]>) -> CommandKind {
         CommandKind::Quit
     } else if is("CLIENT") && arg1.is_some_and(|a| a.eq_ignore_ascii_case(b"TRACKING")) {
         CommandKind::ClientTracking
+    } else if is("CLIENT") && arg1.is_some_and(|a| a.eq_ignore_ascii_case(b"REPLY")) {
+        match arg2 {
+            Some(m) if m.eq_ignore_ascii_case(b"OFF") => CommandKind::ClientReply(ReplyMode::Off),
+            Some(m) if m.eq_ignore_ascii_case(b"SKIP") => CommandKind::ClientReply(ReplyMode::Skip),
+            Some(m) if m.eq_ignore_ascii_case(b"ON") => CommandKind::ClientReply(ReplyMode::On),
+            _ => CommandKind::Other,
+        }
     } else {
         CommandKind::Other
     }
@@ -118,19 +133,26 @@ fn kind_of(name: &[u8], arg1: Option<&[u8]>) -> CommandKind {
 /// ...) whose first two elements are bulk strings: a command's name, argc and first
 /// argument, or a pub/sub message's kind.
 pub fn aggregate_head(frame: &Bytes) -> Option<(Bytes, usize, Option<Bytes>)> {
-    let mut pos = 1;
-    let (count, next) = int_line(frame, pos)?;
-    pos = next;
+    head(frame).map(|(name, argc, arg1, _)| (name, argc, arg1))
+}
+
+/// First three elements (when they are bulk strings) and the count after the first.
+fn head(frame: &Bytes) -> Option<(Bytes, usize, Option<Bytes>, Option<Bytes>)> {
+    let (count, next) = int_line(frame, 1)?;
     if count < 1 {
         return None;
     }
-    let (name, next) = bulk_at(frame, pos)?;
-    let arg1 = if count > 1 {
+    let (name, next) = bulk_at(frame, next)?;
+    let (arg1, next) = match count > 1 {
+        true => bulk_at(frame, next).map_or((None, next), |(b, n)| (Some(b), n)),
+        false => (None, next),
+    };
+    let arg2 = if count > 2 && arg1.is_some() {
         bulk_at(frame, next).map(|(b, _)| b)
     } else {
         None
     };
-    Some((name, count as usize - 1, arg1))
+    Some((name, count as usize - 1, arg1, arg2))
 }
 
 fn int_line(frame: &[u8], from: usize) -> Option<(i64, usize)> {
