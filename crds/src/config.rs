@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ProxyConfig {
     /// Log filter in `tracing` EnvFilter syntax, for example `info` or
-    /// `info,shotover::connection=debug`. It can be changed at run time with `PUT /filter`.
+    /// `info,shotover::connection_span=debug` (which adds the client address to every event of a connection). It can be changed at run time with `PUT /filter`.
     #[serde(alias = "main_log_level")]
     pub main_log_level: String,
     /// `ip:port` of the HTTP listener for `/metrics`, `/filter`, `/ready` and `/live`.
@@ -25,8 +25,13 @@ impl ProxyConfig {
     /// Parses `config.yaml`.
     pub fn from_yaml(yaml: &str) -> Result<ProxyConfig, String> {
         let config: ProxyConfig = serde_yaml::from_str(yaml).map_err(|e| e.to_string())?;
+        let localhost = |addr: &str| {
+            addr.rsplit_once(':')
+                .is_some_and(|(host, port)| host == "localhost" && port.parse::<u16>().is_ok())
+        };
         if let Some(addr) = &config.observability_interface
             && addr.parse::<std::net::SocketAddr>().is_err()
+            && !localhost(addr)
         {
             return Err(format!(
                 "observability_interface: `{addr}` is not an address: expected ip:port, for example 0.0.0.0:9001"

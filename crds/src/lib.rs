@@ -17,7 +17,8 @@ pub mod validate;
 pub use config::ProxyConfig;
 pub use load::{load_topology, parse_topology};
 pub use topology::{
-    Protocol, RedisSourceConfig, SourceConfig, TlsAcceptorConfig, TlsConnectorConfig, Topology,
+    ListenerConfig, Protocol, RedisSourceConfig, SourceConfig, TlsAcceptorConfig,
+    TlsConnectorConfig, Topology,
 };
 pub use transform::TransformConfig;
 pub use validate::{ConfigError, TopologyErrors, validate};

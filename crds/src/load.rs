@@ -8,7 +8,7 @@
 use serde::de::DeserializeOwned;
 use serde_yaml::{Mapping, Value};
 
-use crate::topology::{RedisSourceConfig, SourceConfig, Topology};
+use crate::topology::{ListenerConfig, SourceConfig, Topology};
 use crate::transform::TransformConfig;
 use crate::validate::{ConfigError, PartialSource, TopologyErrors, validate_partial};
 
@@ -121,12 +121,10 @@ fn parse_source(item: Value, path: &str, errors: &mut Vec<ConfigError>) -> Optio
         }
     };
     body.insert(Value::from("chain"), Value::Sequence(Vec::new()));
+    let listener = deserialize_at::<ListenerConfig>(Value::Mapping(body), path, errors);
     let config = match kind.as_str() {
-        "Redis" | "Valkey" => {
-            deserialize_at::<RedisSourceConfig>(Value::Mapping(body), path, errors)
-                .map(SourceConfig::Redis)
-        }
-        _ => None,
+        "Cassandra" => listener.map(SourceConfig::Cassandra),
+        _ => listener.map(SourceConfig::Redis),
     };
     Some(PartialSource {
         config,

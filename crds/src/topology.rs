@@ -19,12 +19,15 @@ pub struct Topology {
 pub enum Protocol {
     /// RESP2/RESP3, as spoken by Redis and Valkey.
     Redis,
+    /// CQL, as spoken by Apache Cassandra.
+    Cassandra,
 }
 
 impl std::fmt::Display for Protocol {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Protocol::Redis => f.write_str("Redis"),
+            Protocol::Cassandra => f.write_str("Cassandra"),
         }
     }
 }
@@ -35,37 +38,51 @@ impl std::fmt::Display for Protocol {
 pub enum SourceConfig {
     /// A Redis (RESP2/RESP3) listener.
     #[serde(alias = "Valkey")]
-    Redis(RedisSourceConfig),
+    Redis(ListenerConfig),
+    /// A Cassandra (CQL) listener. The model and its validation are here; the proxy does
+    /// not serve CQL yet and refuses to start with such a source.
+    Cassandra(ListenerConfig),
 }
 
 impl SourceConfig {
     /// Names accepted for source kinds, canonical first.
-    pub const KINDS: &'static [&'static str] = &["Redis", "Valkey"];
+    pub const KINDS: &'static [&'static str] = &["Redis", "Valkey", "Cassandra"];
+
+    /// The settings every source kind has.
+    pub fn listener(&self) -> &ListenerConfig {
+        match self {
+            SourceConfig::Redis(c) | SourceConfig::Cassandra(c) => c,
+        }
+    }
+
+    pub fn listener_mut(&mut self) -> &mut ListenerConfig {
+        match self {
+            SourceConfig::Redis(c) | SourceConfig::Cassandra(c) => c,
+        }
+    }
 
     pub fn name(&self) -> &str {
-        match self {
-            SourceConfig::Redis(c) => &c.name,
-        }
+        &self.listener().name
     }
 
     pub fn protocol(&self) -> Protocol {
         match self {
             SourceConfig::Redis(_) => Protocol::Redis,
+            SourceConfig::Cassandra(_) => Protocol::Cassandra,
         }
     }
 
     pub fn chain(&self) -> &[TransformConfig] {
-        match self {
-            SourceConfig::Redis(c) => &c.chain,
-        }
+        &self.listener().chain
     }
 
     pub fn listen_addr(&self) -> &str {
-        match self {
-            SourceConfig::Redis(c) => &c.listen_addr,
-        }
+        &self.listener().listen_addr
     }
 }
+
+/// The settings of a Redis source (the same as every source's).
+pub type RedisSourceConfig = ListenerConfig;
 
 /// Default for `connectionLimit`, as upstream Shotover.
 pub const DEFAULT_CONNECTION_LIMIT: usize = 512;
@@ -73,10 +90,10 @@ pub const DEFAULT_CONNECTION_LIMIT: usize = 512;
 /// the command around the value.
 pub const DEFAULT_MAX_FRAME_SIZE_BYTES: usize = 512 * 1024 * 1024 + 64 * 1024;
 
-/// A Redis listener.
+/// A listener: the settings every source has.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct RedisSourceConfig {
+pub struct ListenerConfig {
     /// Unique name of the source; it names the chain in logs and metrics (`chain` label).
     pub name: String,
     /// Address to listen on, `ip:port` (for example `0.0.0.0:6379`).
@@ -111,8 +128,18 @@ pub struct RedisSourceConfig {
     /// Serve TLS to clients.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsAcceptorConfig>,
+    /// Cassandra sources only: the transport, `Tcp` (upstream's only value; accepted for
+    /// compatibility).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transport: Option<Transport>,
     /// The transforms every request runs through, in order; the last one is a sink.
     pub chain: Vec<TransformConfig>,
+}
+
+/// How a Cassandra source carries CQL.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum Transport {
+    Tcp,
 }
 
 /// TLS for a listener (the proxy is the server).

@@ -91,9 +91,14 @@ pub struct QueryCounterConfig {
     /// Name of this transform in logs and metrics (default: the transform's kind).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// The `name` label of `shotover_query_count`.
-    #[serde(alias = "counter_name")]
-    pub counter_name: String,
+    /// The `name` label of `shotover_query_count`. Upstream Shotover 0.7 and earlier wrote
+    /// it as `name`; such a file still loads, and its `name` is then the counter's name.
+    #[serde(
+        alias = "counter_name",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub counter_name: Option<String>,
 }
 
 /// What a request does, for filtering and counting.
@@ -226,6 +231,13 @@ pub struct SubchainConfig {
     pub name: Option<String>,
     /// The transforms, ending in a sink.
     pub chain: Vec<TransformConfig>,
+}
+
+impl QueryCounterConfig {
+    /// The counter's name: `counterName`, else (upstream 0.7's spelling) `name`.
+    pub fn counter(&self) -> Option<&str> {
+        self.counter_name.as_deref().or(self.name.as_deref())
+    }
 }
 
 impl TransformConfig {

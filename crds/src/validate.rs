@@ -76,9 +76,7 @@ impl PartialSource {
     pub fn into_complete(self) -> Option<SourceConfig> {
         let chain: Option<Vec<TransformConfig>> = self.chain.into_iter().collect();
         let mut config = self.config?;
-        match &mut config {
-            SourceConfig::Redis(c) => c.chain = chain?,
-        }
+        config.listener_mut().chain = chain?;
         Some(config)
     }
 }
@@ -152,42 +150,45 @@ impl Checker {
 
     fn check_source(&mut self, source: &SourceConfig, path: &str) {
         self.claim_name(source.name(), path);
-        match source {
-            SourceConfig::Redis(r) => {
-                let addr_path = format!("{path}.listenAddr");
-                if let Err(msg) = check_listen_addr(&r.listen_addr) {
-                    self.err(&addr_path, msg);
-                } else if let Some(first) = self.listen_addrs.get(&r.listen_addr) {
-                    let msg = format!("`{}` is already the address of {first}", r.listen_addr);
-                    self.err(&addr_path, msg);
-                } else {
-                    self.listen_addrs
-                        .insert(r.listen_addr.clone(), path.to_string());
-                }
-                if r.connection_limit == Some(0) {
-                    self.err(format!("{path}.connectionLimit"), "must be at least 1");
-                }
-                if r.timeout == Some(0) {
-                    self.err(
-                        format!("{path}.timeout"),
-                        "must be at least 1 second (omit it to never time out)",
-                    );
-                }
-                if let Some(size) = r.max_frame_size_bytes
-                    && size < 1024
-                {
-                    self.err(format!("{path}.maxFrameSizeBytes"), "must be at least 1024");
-                }
-                if let Some(tls) = &r.tls {
-                    self.check_path(
-                        &tls.certificate_path,
-                        &format!("{path}.tls.certificatePath"),
-                    );
-                    self.check_path(&tls.private_key_path, &format!("{path}.tls.privateKeyPath"));
-                    if let Some(ca) = &tls.certificate_authority_path {
-                        self.check_path(ca, &format!("{path}.tls.certificateAuthorityPath"));
-                    }
-                }
+        let r = source.listener();
+        let addr_path = format!("{path}.listenAddr");
+        if let Err(msg) = check_listen_addr(&r.listen_addr) {
+            self.err(&addr_path, msg);
+        } else if let Some(first) = self.listen_addrs.get(&r.listen_addr) {
+            let msg = format!("`{}` is already the address of {first}", r.listen_addr);
+            self.err(&addr_path, msg);
+        } else {
+            self.listen_addrs
+                .insert(r.listen_addr.clone(), path.to_string());
+        }
+        if r.connection_limit == Some(0) {
+            self.err(format!("{path}.connectionLimit"), "must be at least 1");
+        }
+        if r.timeout == Some(0) {
+            self.err(
+                format!("{path}.timeout"),
+                "must be at least 1 second (omit it to never time out)",
+            );
+        }
+        if let Some(size) = r.max_frame_size_bytes
+            && size < 1024
+        {
+            self.err(format!("{path}.maxFrameSizeBytes"), "must be at least 1024");
+        }
+        if r.transport.is_some() && source.protocol() != Protocol::Cassandra {
+            self.err(
+                format!("{path}.transport"),
+                "only Cassandra sources have a transport",
+            );
+        }
+        if let Some(tls) = &r.tls {
+            self.check_path(
+                &tls.certificate_path,
+                &format!("{path}.tls.certificatePath"),
+            );
+            self.check_path(&tls.private_key_path, &format!("{path}.tls.privateKeyPath"));
+            if let Some(ca) = &tls.certificate_authority_path {
+                self.check_path(ca, &format!("{path}.tls.certificateAuthorityPath"));
             }
         }
     }
@@ -269,11 +270,16 @@ impl Checker {
                 ),
                 _ => {}
             },
-            TransformConfig::QueryCounter(c) => {
-                if c.counter_name.trim().is_empty() {
-                    self.err(format!("{path}.counterName"), "must not be empty");
+            TransformConfig::QueryCounter(c) => match c.counter() {
+                Some(name) if name.trim().is_empty() => {
+                    self.err(format!("{path}.counterName"), "must not be empty")
                 }
-            }
+                Some(_) => {}
+                None => self.err(
+                    format!("{path}.counterName"),
+                    "missing: the name of the counter (upstream 0.7 wrote it as `name`)",
+                ),
+            },
             TransformConfig::QueryTypeFilter(c) => match (&c.allow_list, &c.deny_list) {
                 (Some(_), Some(_)) => self.err(
                     path,

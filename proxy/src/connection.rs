@@ -139,6 +139,10 @@ where
                     if let Some(ended) = self.run_batch(Vec::new(), false).await {
                         return ended;
                     }
+                    // Pushes delivered to a subscriber count as activity.
+                    if let Some(timeout) = settings.idle_timeout {
+                        idle.as_mut().reset(tokio::time::Instant::now() + timeout);
+                    }
                 }
                 _ = &mut idle, if settings.idle_timeout.is_some() => return Ended::IdleTimeout,
             }

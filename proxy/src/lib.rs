@@ -25,7 +25,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
 use shotover_crds::{ProxyConfig, SourceConfig};
 use tokio_util::sync::CancellationToken;
@@ -75,12 +75,21 @@ pub async fn run(opts: Opts) -> Result<()> {
         .map_err(|e| anyhow!("{}: {e}", opts.topology_file.display()))?;
     let filter = telemetry::init(&config.main_log_level, opts.log_format)?;
 
-    // Build every chain before binding any listener: a bad TLS file fails the start cleanly.
-    let mut chains = Vec::new();
+    // Build every chain and TLS acceptor before binding any source, so that a bad TLS file
+    // fails the start cleanly. (A Tee's switch API port is bound while its chain is built.)
+    let mut prepared = Vec::new();
     for source in &topology.sources {
-        let chain = transforms::build_chain(source.name(), source.chain())
-            .with_context(|| format!("source `{}`", source.name()))?;
-        chains.push(chain);
+        let SourceConfig::Redis(listener) = source else {
+            bail!(
+                "source `{}`: {} sources are not served by this build yet (only Redis is)",
+                source.name(),
+                source.protocol()
+            );
+        };
+        let context = || format!("source `{}`", source.name());
+        let chain = transforms::build_chain(source.name(), source.chain()).with_context(context)?;
+        let tls = Source::tls_acceptor(listener).with_context(context)?;
+        prepared.push((listener, chain, tls));
     }
 
     let shutdown = CancellationToken::new();
@@ -90,20 +99,22 @@ pub async fn run(opts: Opts) -> Result<()> {
         None => None,
     };
     let mut sources = Vec::new();
-    for (source, chain) in topology.sources.iter().zip(chains) {
-        let SourceConfig::Redis(redis) = source;
-        let bound = Source::bind(redis, chain)
+    for (listener, chain, tls) in prepared {
+        let bound = Source::bind(listener, chain, tls)
             .await
-            .with_context(|| format!("source `{}`", source.name()))?;
-        tracing::info!(source = source.name(), addr = %bound.local_addr()?, "listening");
+            .with_context(|| format!("source `{}`", listener.name))?;
+        tracing::info!(source = %listener.name, addr = %bound.local_addr()?, "listening");
         sources.push(bound);
     }
+    // The observability listener outlives the drain, so probes and scrapes still answer
+    // (`/ready` with 503) while in-flight requests finish.
+    let observability_stop = CancellationToken::new();
     let observability_task = observability.map(|listener| {
         tokio::spawn(observability::serve(
             listener,
             filter,
             ready.clone(),
-            shutdown.clone(),
+            observability_stop.clone(),
         ))
     });
 
@@ -133,6 +144,7 @@ pub async fn run(opts: Opts) -> Result<()> {
             "grace period expired with connections still busy; exiting anyway"
         );
     }
+    observability_stop.cancel();
     if let Some(task) = observability_task {
         let _ = task.await;
     }

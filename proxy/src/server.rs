@@ -79,12 +79,21 @@ impl SourceMetrics {
 }
 
 impl Source {
-    /// Builds the TLS acceptor and binds the listener.
-    pub async fn bind(config: &RedisSourceConfig, chain: TransformChainBuilder) -> Result<Source> {
-        let tls = match &config.tls {
-            Some(tls) => Some(crate::tls::acceptor(tls).context("building the TLS acceptor")?),
-            None => None,
-        };
+    /// The TLS acceptor of a source, if it serves TLS: built before anything is bound.
+    pub fn tls_acceptor(config: &RedisSourceConfig) -> Result<Option<TlsAcceptor>> {
+        config
+            .tls
+            .as_ref()
+            .map(|tls| crate::tls::acceptor(tls).context("building the TLS acceptor"))
+            .transpose()
+    }
+
+    /// Binds the listener.
+    pub async fn bind(
+        config: &RedisSourceConfig,
+        chain: TransformChainBuilder,
+        tls: Option<TlsAcceptor>,
+    ) -> Result<Source> {
         let listener = TcpListener::bind(&config.listen_addr)
             .await
             .with_context(|| format!("binding {}", config.listen_addr))?;
@@ -136,7 +145,10 @@ impl Source {
                 Err(e) => {
                     self.metrics.accept_failures.inc();
                     tracing::warn!(source = %self.name, error = %e, retry_in = ?backoff, "accept failed");
-                    tokio::time::sleep(backoff).await;
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
                     backoff = (backoff * 2).min(Duration::from_secs(64));
                     continue;
                 }
@@ -155,7 +167,8 @@ impl Source {
             };
             self.metrics.opened.inc();
             let _ = stream.set_nodelay(true);
-            let span = tracing::debug_span!("connection", source = %self.name, client = %peer);
+            // Upstream Shotover's target, so `shotover::connection_span=debug` works here too.
+            let span = tracing::debug_span!(target: "shotover::connection_span", "connection", source = %self.name, client = %peer);
             tracker.spawn(
                 self.clone_parts()
                     .handle(stream, peer, permit, shutdown.clone())

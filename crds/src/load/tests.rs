@@ -2,7 +2,7 @@
 //! reported with its path, all at once.
 
 use super::*;
-use crate::topology::{TlsAcceptorConfig, TlsConnectorConfig};
+use crate::topology::{RedisSourceConfig, TlsAcceptorConfig, TlsConnectorConfig};
 use crate::transform::{
     CoalesceConfig, DebugReturnerConfig, NamedConfig, QueryCounterConfig, QueryType,
     QueryTypeFilterConfig, RedisSinkSingleConfig, SubchainConfig, TeeBehavior, TeeConfig,
@@ -33,6 +33,7 @@ fn with_chain(chain: &str) -> String {
 fn redis_source(topology: &Topology, i: usize) -> &RedisSourceConfig {
     match &topology.sources[i] {
         SourceConfig::Redis(r) => r,
+        other => panic!("expected a Redis source, got {other:?}"),
     }
 }
 
@@ -239,7 +240,7 @@ sources:
         vec![
             TransformConfig::QueryCounter(QueryCounterConfig {
                 name: Some("counter".into()),
-                counter_name: "valkey-chain".into(),
+                counter_name: Some("valkey-chain".into()),
             }),
             TransformConfig::Tee(TeeConfig {
                 name: Some("tee".into()),
@@ -391,7 +392,7 @@ sources:
         vec![
             TransformConfig::QueryCounter(QueryCounterConfig {
                 name: None,
-                counter_name: "redis-chain".into(),
+                counter_name: Some("redis-chain".into()),
             }),
             TransformConfig::Coalesce(CoalesceConfig {
                 name: None,
@@ -573,7 +574,7 @@ fn unknown_field_inside_a_source_is_reported_with_its_path() {
         errors_of(
             "sources:\n  - Redis: {name: a, listen_addr: \"127.0.0.1:1\", listen_port: 2, chain: [NullSink]}\n"
         ),
-        "invalid topology (1 error):\n  sources[0].listen_port: unknown field `listen_port`, expected one of `name`, `listenAddr`, `listen_addr`, `connectionLimit`, `connection_limit`, `hardConnectionLimit`, `hard_connection_limit`, `timeout`, `maxFrameSizeBytes`, `max_frame_size_bytes`, `tls`, `chain`"
+        "invalid topology (1 error):\n  sources[0].listen_port: unknown field `listen_port`, expected one of `name`, `listenAddr`, `listen_addr`, `connectionLimit`, `connection_limit`, `hardConnectionLimit`, `hard_connection_limit`, `timeout`, `maxFrameSizeBytes`, `max_frame_size_bytes`, `tls`, `transport`, `chain`"
     );
 }
 
@@ -601,7 +602,7 @@ fn missing_and_mistyped_transform_fields_are_reported_with_their_path() {
         errors_of(&with_chain(
             "[{QueryCounter: {}}, {RedisSinkSingle: {remote_address: \"h:1\", connect_timeout_ms: soon}}]"
         )),
-        "invalid topology (2 errors):\n  sources[0].chain[0]: missing field `counterName`\n  sources[0].chain[1].connect_timeout_ms: invalid type: string \"soon\", expected u64"
+        "invalid topology (2 errors):\n  sources[0].chain[1].connect_timeout_ms: invalid type: string \"soon\", expected u64\n  sources[0].chain[0].counterName: missing: the name of the counter (upstream 0.7 wrote it as `name`)"
     );
 }
 
@@ -645,9 +646,9 @@ fn transform_item_with_two_kinds_is_reported() {
 fn unknown_source_kind_is_reported_without_claiming_there_are_no_sources() {
     assert_eq!(
         errors_of(
-            "sources:\n  - Cassandra: {name: a, listen_addr: \"127.0.0.1:9042\", chain: [NullSink]}\n"
+            "sources:\n  - Kafka: {name: a, listen_addr: \"127.0.0.1:9092\", chain: [NullSink]}\n"
         ),
-        "invalid topology (1 error):\n  sources[0]: unknown source kind `Cassandra`, expected one of: Redis, Valkey"
+        "invalid topology (1 error):\n  sources[0]: unknown source kind `Kafka`, expected one of: Redis, Valkey, Cassandra"
     );
 }
 
@@ -1016,5 +1017,43 @@ fn error_count_is_singular_for_one_error() {
     assert_eq!(
         e.to_string(),
         "invalid topology (2 errors):\n  a: b\n  c: d"
+    );
+}
+
+#[test]
+fn upstream_07_query_counter_name_is_the_counter_name() {
+    let t = load_topology(&with_chain(
+        "[{QueryCounter: {name: \"DR chain\"}}, NullSink]",
+    ))
+    .expect("upstream 0.7 spelling loads");
+    match &redis_source(&t, 0).chain[0] {
+        TransformConfig::QueryCounter(c) => assert_eq!(c.counter(), Some("DR chain")),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_transform_of_the_wrong_protocol_is_reported() {
+    let errors = load_topology(
+        "sources:\n  - Cassandra:\n      name: c\n      listen_addr: \"127.0.0.1:9042\"\n      chain:\n        - QueryCounter: {counter_name: q}\n        - RedisSinkSingle: {remote_address: \"127.0.0.1:6379\"}\n",
+    )
+    .expect_err("Redis transforms after a Cassandra source");
+    assert_eq!(
+        errors.to_string(),
+        "invalid topology (2 errors):\n  \
+         sources[0].chain[0]: QueryCounter works on Redis but this chain carries Cassandra\n  \
+         sources[0].chain[1]: RedisSinkSingle works on Redis but this chain carries Cassandra"
+    );
+}
+
+#[test]
+fn transport_is_only_for_cassandra_sources() {
+    let errors = load_topology(
+        "sources:\n  - Redis:\n      name: r\n      listen_addr: \"127.0.0.1:6379\"\n      transport: Tcp\n      chain: [NullSink]\n",
+    )
+    .expect_err("transport on Redis");
+    assert_eq!(
+        errors.to_string(),
+        "invalid topology (1 error):\n  sources[0].transport: only Cassandra sources have a transport"
     );
 }

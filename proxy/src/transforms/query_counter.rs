@@ -58,7 +58,7 @@ impl QueryCounterBuilder {
     pub fn new(config: &QueryCounterConfig) -> Self {
         QueryCounterBuilder {
             shared: Arc::new(Shared {
-                counter_name: config.counter_name.clone(),
+                counter_name: config.counter().unwrap_or("QueryCounter").to_string(),
                 by_command: Mutex::new(HashMap::new()),
             }),
         }

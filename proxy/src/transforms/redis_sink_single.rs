@@ -73,7 +73,7 @@ impl RedisSinkSingleBuilder {
                 },
                 failed_requests: metrics::counter(
                     "shotover_failed_requests_count",
-                    "Requests a sink answered with an error because its upstream failed.",
+                    "Requests a sink answered with an error because its upstream could not be reached.",
                     &[("chain", chain), ("transform", name)],
                 ),
             }),
@@ -119,6 +119,8 @@ struct Pending {
     argc: usize,
     /// Subscribe confirmations still expected (computed when the request reaches the front).
     left: Option<usize>,
+    /// For HELLO: the protocol version it asks for.
+    hello: Option<u8>,
 }
 
 /// The RESP state of the upstream connection, as far as framing replies depends on it.
@@ -132,6 +134,11 @@ struct RespState {
     quit: bool,
     /// `CLIENT REPLY OFF`/`SKIP`: the server sends no reply to the next request(s).
     replies: Replies,
+    /// The connection speaks RESP3 (a HELLO 3 succeeded): pub/sub messages are pushes.
+    resp3: bool,
+    /// Between MULTI and EXEC/DISCARD every command is answered once (`+QUEUED` or an
+    /// error), whatever it is. Followed as requests are written.
+    in_multi: bool,
 }
 
 #[derive(Default, Clone, Copy, PartialEq, Eq)]
@@ -146,6 +153,10 @@ impl RespState {
     /// Whether the server will reply to a request of `kind`, moving the reply mode on.
     fn will_reply(&mut self, kind: CommandKind) -> bool {
         match (kind, self.replies) {
+            (CommandKind::Reset, _) => {
+                self.replies = Replies::On;
+                true
+            }
             (CommandKind::ClientReply(ReplyMode::On), _) => {
                 self.replies = Replies::On;
                 true
@@ -233,10 +244,21 @@ impl Transform for RedisSinkSingle {
                 .map(|id| Message::response(Some(id), Bytes::new())),
         );
         while !self.pending.is_empty() {
-            let frame = self.next_frame().await?;
+            let frame = match self.next_frame().await {
+                Ok(frame) => frame,
+                // After QUIT the server closes the connection: requests pipelined behind it
+                // are not answered, as with Redis itself.
+                Err(ChainError::UpstreamClosed { .. }) if self.resp.quit => {
+                    self.pending.clear();
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
             self.classify(frame, &mut responses);
         }
-        self.drain_queued(&mut responses)?;
+        if !self.resp.quit {
+            self.drain_queued(&mut responses)?;
+        }
         if self.resp.quit {
             state.close_client = true;
             self.conn = Conn::Closed;
@@ -268,13 +290,21 @@ impl RedisSinkSingle {
         for mut request in requests {
             let id = request.id;
             let command = request.command();
-            let (kind, argc) = (command.kind, command.argc);
+            let (mut kind, argc, hello) = (command.kind, command.argc, command.hello_version());
+            // Inside a transaction a command is only queued: one reply, whatever it is.
+            match kind {
+                CommandKind::Multi => self.resp.in_multi = true,
+                CommandKind::EndMulti | CommandKind::Reset => self.resp.in_multi = false,
+                _ if self.resp.in_multi => kind = CommandKind::Other,
+                _ => {}
+            }
             if self.resp.will_reply(kind) {
                 self.pending.push_back(Pending {
                     id: Some(id),
                     kind,
                     argc,
                     left: None,
+                    hello,
                 });
             } else {
                 silent.push(id);
@@ -382,7 +412,8 @@ impl RedisSinkSingle {
         let kind_byte = frame.first().copied();
         let aggregate_name = match kind_byte {
             Some(b'>') => aggregate_head(&frame).map(|(name, _, _)| name),
-            Some(b'*') if self.resp.subscribed() || head_subscribing => {
+            // RESP2 has no pushes: while subscribed, messages are arrays.
+            Some(b'*') if !self.resp.resp3 && (self.resp.subscribed() || head_subscribing) => {
                 aggregate_head(&frame).map(|(name, _, _)| name)
             }
             _ => None,
@@ -421,6 +452,7 @@ impl RedisSinkSingle {
         };
         let id = head.id.take();
         let kind = head.kind;
+        let hello = head.hello;
         if done {
             self.pending.pop_front();
         }
@@ -431,6 +463,11 @@ impl RedisSinkSingle {
             match kind {
                 CommandKind::Monitor => self.resp.monitoring = true,
                 CommandKind::Reset => self.resp = RespState::default(),
+                CommandKind::Hello => {
+                    if let Some(version) = hello {
+                        self.resp.resp3 = version == 3;
+                    }
+                }
                 CommandKind::Quit => self.resp.quit = true,
                 CommandKind::ClientTracking => self.resp.tracking = true,
                 _ => {}

@@ -212,9 +212,20 @@ impl Transform for Tee {
         }
         let ids: Vec<u64> = state.requests.iter().map(|r| r.id).collect();
         let copy = state.requests.clone();
-        let tee_rx = self.tee_chain.send(state.requests.clone()).await;
+        // Queuing the batch counts against the timeout too: a stuck tee chain must not
+        // block the client once its queue is full.
+        let batch = state.requests.clone();
+        let queued = match self.timeout {
+            Some(t) => tokio::time::timeout(t, self.tee_chain.send(batch))
+                .await
+                .ok(),
+            None => Some(self.tee_chain.send(batch).await),
+        };
         let main = state.call_next().await?;
-        let tee = self.wait(tee_rx).await;
+        let tee = match queued {
+            Some(rx) => self.wait(rx).await,
+            None => None,
+        };
         if tee_answers {
             return Ok(match tee {
                 Some(responses) => responses,

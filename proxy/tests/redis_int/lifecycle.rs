@@ -394,3 +394,34 @@ async fn tls_sink_checks_the_upstream_certificate_and_its_name_unless_told_not_t
     shotover.wait_for_log("CertificateRequired");
     shotover.stop_expecting(&["its chain failed"]);
 }
+
+#[test]
+fn a_cassandra_source_is_refused_with_a_clear_message() {
+    let dir = temp_dir("cassandra");
+    let port = free_port();
+    std::fs::write(
+        dir.join("topology.yaml"),
+        format!("sources:\n  - Cassandra:\n      name: cql\n      listen_addr: \"127.0.0.1:{port}\"\n      chain: [NullSink]\n"),
+    )
+    .expect("write");
+    std::fs::write(dir.join("config.yaml"), "main_log_level: info\n").expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_shotover"))
+        .arg("-t")
+        .arg(dir.join("topology.yaml"))
+        .arg("-c")
+        .arg(dir.join("config.yaml"))
+        .output()
+        .expect("run");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains(
+            "source `cql`: Cassandra sources are not served by this build yet (only Redis is)"
+        ),
+        "{stderr}"
+    );
+    assert!(
+        TcpStream::connect(format!("127.0.0.1:{port}")).is_err(),
+        "nothing may be bound"
+    );
+}

@@ -346,3 +346,92 @@ async fn client_reply_off_and_skip_silence_replies_without_hanging() {
     );
     shotover.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn quit_pipelined_with_more_commands_answers_up_to_quit_and_closes() {
+    let port = free_port();
+    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let mut stream = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).expect("connect");
+    std::io::Write::write_all(&mut stream, b"PING\r\nQUIT\r\nPING\r\n").expect("write");
+    let reply = read_available(&mut stream, 100, Duration::from_secs(2));
+    assert_eq!(String::from_utf8_lossy(&reply), "+PONG\r\n+OK\r\n");
+    assert!(is_closed(&mut stream, Duration::from_secs(5)));
+    // A normal client action: no WARN or ERROR.
+    shotover.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn monitor_streams_other_clients_commands_until_reset() {
+    let port = free_port();
+    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let key = format!("{}monitored", prefix("monitor"));
+    let mut monitor = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).expect("connect");
+    std::io::Write::write_all(&mut monitor, b"MONITOR\r\n").expect("write");
+    assert_eq!(
+        read_available(&mut monitor, 5, Duration::from_secs(5)),
+        b"+OK\r\n"
+    );
+    let mut con = connect(port).await;
+    let () = redis::cmd("SET")
+        .arg(&key)
+        .arg("seen")
+        .query_async(&mut con)
+        .await
+        .expect("SET");
+    let mut seen = Vec::new();
+    wait_until(
+        "the SET in the MONITOR stream",
+        Duration::from_secs(5),
+        || {
+            seen.extend(read_available(&mut monitor, 1, Duration::from_millis(100)));
+            String::from_utf8_lossy(&seen).contains(&format!("\"SET\" \"{key}\" \"seen\""))
+        },
+    );
+    std::io::Write::write_all(&mut monitor, b"RESET\r\nPING\r\n").expect("write");
+    let mut after = Vec::new();
+    wait_until("RESET and PING replies", Duration::from_secs(5), || {
+        after.extend(read_available(&mut monitor, 1, Duration::from_millis(100)));
+        String::from_utf8_lossy(&after).ends_with("+RESET\r\n+PONG\r\n")
+    });
+    shotover.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resp3_subscriber_can_run_commands_whose_replies_look_like_messages() {
+    let port = free_port();
+    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let p = prefix("resp3-sub");
+    let mut con = connect(port).await;
+    let () = redis::cmd("RPUSH")
+        .arg(format!("{p}list"))
+        .arg("message")
+        .arg("x")
+        .query_async(&mut con)
+        .await
+        .map(|_: i64| ())
+        .expect("RPUSH");
+    let mut stream = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).expect("connect");
+    std::io::Write::write_all(
+        &mut stream,
+        format!("HELLO 3\r\nSUBSCRIBE {p}ch\r\n").as_bytes(),
+    )
+    .expect("write");
+    let mut got = Vec::new();
+    wait_until(
+        "HELLO and SUBSCRIBE replies",
+        Duration::from_secs(5),
+        || {
+            got.extend(read_available(&mut stream, 1, Duration::from_millis(100)));
+            String::from_utf8_lossy(&got).ends_with(":1\r\n")
+        },
+    );
+    std::io::Write::write_all(
+        &mut stream,
+        format!("LRANGE {p}list 0 -1\r\nPING\r\n").as_bytes(),
+    )
+    .expect("write");
+    let expected = "*2\r\n$7\r\nmessage\r\n$1\r\nx\r\n+PONG\r\n";
+    let reply = read_available(&mut stream, expected.len(), Duration::from_secs(5));
+    assert_eq!(String::from_utf8_lossy(&reply), expected);
+    shotover.stop();
+}

@@ -18,6 +18,9 @@ pub enum CommandKind {
     Monitor,
     Reset,
     Quit,
+    Multi,
+    /// `EXEC` or `DISCARD`: the end of a transaction.
+    EndMulti,
     /// `CLIENT TRACKING ...`: invalidation pushes may follow at any time.
     ClientTracking,
     /// `CLIENT REPLY ON|OFF|SKIP`: the server stops (or resumes) replying.
@@ -115,6 +118,10 @@ fn kind_of(name: &[u8], arg1: Option<&[u8]>, arg2: Option<&[u8]>) -> CommandKind
         CommandKind::Reset
     } else if is("QUIT") {
         CommandKind::Quit
+    } else if is("MULTI") {
+        CommandKind::Multi
+    } else if is("EXEC") || is("DISCARD") {
+        CommandKind::EndMulti
     } else if is("CLIENT") && arg1.is_some_and(|a| a.eq_ignore_ascii_case(b"TRACKING")) {
         CommandKind::ClientTracking
     } else if is("CLIENT") && arg1.is_some_and(|a| a.eq_ignore_ascii_case(b"REPLY")) {
