@@ -98,14 +98,6 @@ pub async fn run(opts: Opts) -> Result<()> {
         Some(addr) => Some(observability::bind(addr).await?),
         None => None,
     };
-    let mut sources = Vec::new();
-    for (listener, chain, tls) in prepared {
-        let bound = Source::bind(listener, chain, tls)
-            .await
-            .with_context(|| format!("source `{}`", listener.name))?;
-        tracing::info!(source = %listener.name, addr = %bound.local_addr()?, "listening");
-        sources.push(bound);
-    }
     // The observability listener outlives the drain, so probes and scrapes still answer
     // (`/ready` with 503) while in-flight requests finish.
     let observability_stop = CancellationToken::new();
@@ -118,6 +110,14 @@ pub async fn run(opts: Opts) -> Result<()> {
         ))
     });
 
+    let mut sources = Vec::new();
+    for (listener, chain, tls) in prepared {
+        let bound = Source::bind(listener, chain, tls)
+            .await
+            .with_context(|| format!("source `{}`", listener.name))?;
+        tracing::info!(source = %listener.name, addr = %bound.local_addr()?, "listening");
+        sources.push(bound);
+    }
     let tracker = TaskTracker::new();
     let mut accept_loops = Vec::new();
     for source in sources {

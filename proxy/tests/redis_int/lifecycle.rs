@@ -42,6 +42,19 @@ async fn sigterm_finishes_in_flight_requests_then_exits() {
     wait_until("the listener to close", Duration::from_secs(5), || {
         TcpStream::connect(format!("127.0.0.1:{port}")).is_err()
     });
+    // Probes still answer during the drain: not ready, but alive.
+    assert_eq!(
+        http(&shotover.observability, "GET", "/ready", "")
+            .expect("ready")
+            .0,
+        503
+    );
+    assert_eq!(
+        http(&shotover.observability, "GET", "/live", "")
+            .expect("live")
+            .0,
+        200
+    );
     // ...while the request in flight still gets its answer (nil after the 2 s timeout).
     let (got, took) = tokio::time::timeout(Duration::from_secs(10), in_flight)
         .await
