@@ -402,3 +402,39 @@ pub fn client_id(name: &str) -> Option<String> {
         .split(' ')
         .find_map(|f| f.strip_prefix("id=").map(str::to_string))
 }
+
+/// Starts `BLPOP key timeout_secs` through the proxy on a connection of its own and returns
+/// once Redis reports that client blocked. The task yields the reply and how long it took.
+pub async fn blpop_in_flight(
+    port: u16,
+    key: &str,
+    timeout_secs: u64,
+) -> tokio::task::JoinHandle<(Option<(String, String)>, Duration)> {
+    let name = prefix("blpop-client").replace(':', "-");
+    let task = {
+        let (key, name) = (key.to_string(), name.clone());
+        tokio::spawn(async move {
+            let mut con = connect(port).await;
+            let () = redis::cmd("CLIENT")
+                .arg("SETNAME")
+                .arg(&name)
+                .query_async(&mut con)
+                .await
+                .expect("SETNAME");
+            let started = Instant::now();
+            let got: Option<(String, String)> = redis::cmd("BLPOP")
+                .arg(&key)
+                .arg(timeout_secs)
+                .query_async(&mut con)
+                .await
+                .expect("BLPOP is answered");
+            (got, started.elapsed())
+        })
+    };
+    wait_until(
+        "the client to block in BLPOP",
+        Duration::from_secs(5),
+        || client_line(&name).is_some_and(|l| l.contains("cmd=blpop")),
+    );
+    task
+}

@@ -2,7 +2,7 @@
 
 use std::net::TcpStream;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::helpers::*;
 
@@ -11,32 +11,7 @@ async fn sigterm_finishes_in_flight_requests_then_exits() {
     let port = free_port();
     let mut shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
     let key = format!("{}drain", prefix("drain"));
-    let name = prefix("drain-client").replace(':', "-");
-    let in_flight = {
-        let (key, name) = (key.clone(), name.clone());
-        tokio::spawn(async move {
-            let mut con = connect(port).await;
-            let () = redis::cmd("CLIENT")
-                .arg("SETNAME")
-                .arg(&name)
-                .query_async(&mut con)
-                .await
-                .expect("SETNAME");
-            let started = Instant::now();
-            let got: Option<(String, String)> = redis::cmd("BLPOP")
-                .arg(&key)
-                .arg(2)
-                .query_async(&mut con)
-                .await
-                .expect("BLPOP is answered");
-            (got, started.elapsed())
-        })
-    };
-    wait_until(
-        "the request to be in flight",
-        Duration::from_secs(5),
-        || client_line(&name).is_some_and(|l| l.contains("cmd=blpop")),
-    );
+    let in_flight = blpop_in_flight(port, &key, 2).await;
     shotover.terminate();
     // New connections are refused once the listener is closed...
     wait_until("the listener to close", Duration::from_secs(5), || {
@@ -88,18 +63,7 @@ sources:
         - ValkeySinkSingle: {{ remote_address: "127.0.0.1:1", bogus: 1 }}
 "#
     );
-    let dir = temp_dir("invalid");
-    std::fs::write(dir.join("topology.yaml"), topology).expect("write");
-    std::fs::write(dir.join("config.yaml"), "main_log_level: info\n").expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_shotover"))
-        .arg("-t")
-        .arg(dir.join("topology.yaml"))
-        .arg("-c")
-        .arg(dir.join("config.yaml"))
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = start_failing(&topology, "main_log_level: info\n", "config.yaml");
     let expected = "topology.yaml: invalid topology (4 errors):
   sources[0].chain[1]: unknown transform `NoSuchTransform`, expected one of: RedisSinkSingle, ValkeySinkSingle, NullSink, DebugPrinter, DebugReturner, QueryCounter, QueryTypeFilter, Coalesce, Tee
   sources[1].chain[0].bogus: unknown field `bogus`, expected one of `name`, `remoteAddress`, `remote_address`, `connectTimeoutMs`, `connect_timeout_ms`, `tls`
@@ -117,34 +81,17 @@ sources:
 
 #[test]
 fn bad_config_file_and_missing_files_are_named() {
-    let dir = temp_dir("badconfig");
-    std::fs::write(
-        dir.join("topology.yaml"),
-        passthrough(free_port(), "127.0.0.1:1", ""),
-    )
-    .expect("write");
-    std::fs::write(
-        dir.join("config.yaml"),
+    let topology = passthrough(free_port(), "127.0.0.1:1", "");
+    let stderr = start_failing(
+        &topology,
         "main_log_level: info\nobservability: x\n",
-    )
-    .expect("write");
-    let run = |config: &str| {
-        let out = Command::new(env!("CARGO_BIN_EXE_shotover"))
-            .arg("-t")
-            .arg(dir.join("topology.yaml"))
-            .arg("-c")
-            .arg(dir.join(config))
-            .output()
-            .expect("run");
-        assert!(!out.status.success());
-        String::from_utf8_lossy(&out.stderr).to_string()
-    };
-    let stderr = run("config.yaml");
+        "config.yaml",
+    );
     assert!(
         stderr.contains("config.yaml: unknown field `observability`"),
         "{stderr}"
     );
-    let stderr = run("missing.yaml");
+    let stderr = start_failing(&topology, "main_log_level: info\n", "missing.yaml");
     assert!(
         stderr.contains("reading the config file") && stderr.contains("missing.yaml"),
         "{stderr}"
@@ -410,23 +357,11 @@ async fn tls_sink_checks_the_upstream_certificate_and_its_name_unless_told_not_t
 
 #[test]
 fn a_cassandra_source_is_refused_with_a_clear_message() {
-    let dir = temp_dir("cassandra");
     let port = free_port();
-    std::fs::write(
-        dir.join("topology.yaml"),
-        format!("sources:\n  - Cassandra:\n      name: cql\n      listen_addr: \"127.0.0.1:{port}\"\n      chain: [NullSink]\n"),
-    )
-    .expect("write");
-    std::fs::write(dir.join("config.yaml"), "main_log_level: info\n").expect("write");
-    let out = Command::new(env!("CARGO_BIN_EXE_shotover"))
-        .arg("-t")
-        .arg(dir.join("topology.yaml"))
-        .arg("-c")
-        .arg(dir.join("config.yaml"))
-        .output()
-        .expect("run");
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let topology = format!(
+        "sources:\n  - Cassandra:\n      name: cql\n      listen_addr: \"127.0.0.1:{port}\"\n      chain: [NullSink]\n"
+    );
+    let stderr = start_failing(&topology, "main_log_level: info\n", "config.yaml");
     assert!(
         stderr.contains(
             "source `cql`: Cassandra sources are not served by this build yet (only Redis is)"
@@ -437,4 +372,21 @@ fn a_cassandra_source_is_refused_with_a_clear_message() {
         TcpStream::connect(format!("127.0.0.1:{port}")).is_err(),
         "nothing may be bound"
     );
+}
+
+/// Runs the binary with `topology` and `config` written to a temp dir, passing `config_name`
+/// (in that dir) as the config file; it must exit non-zero. Returns its stderr.
+fn start_failing(topology: &str, config: &str, config_name: &str) -> String {
+    let dir = temp_dir("failing");
+    std::fs::write(dir.join("topology.yaml"), topology).expect("write");
+    std::fs::write(dir.join("config.yaml"), config).expect("write");
+    let out = Command::new(env!("CARGO_BIN_EXE_shotover"))
+        .arg("-t")
+        .arg(dir.join("topology.yaml"))
+        .arg("-c")
+        .arg(dir.join(config_name))
+        .output()
+        .expect("run");
+    assert!(!out.status.success(), "the start should fail");
+    String::from_utf8_lossy(&out.stderr).to_string()
 }

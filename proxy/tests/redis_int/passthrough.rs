@@ -115,35 +115,10 @@ async fn blpop_blocks_until_another_client_pushes() {
     let port = free_port();
     let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
     let key = format!("{}list", prefix("blpop"));
-    let name = prefix("blpop-waiter").replace(':', "-");
-    let waiter = {
-        let (key, name) = (key.clone(), name.clone());
-        tokio::spawn(async move {
-            let mut con = connect(port).await;
-            let () = redis::cmd("CLIENT")
-                .arg("SETNAME")
-                .arg(&name)
-                .query_async(&mut con)
-                .await
-                .expect("SETNAME");
-            let got: Option<(String, String)> = redis::cmd("BLPOP")
-                .arg(&key)
-                .arg(10)
-                .query_async(&mut con)
-                .await
-                .expect("BLPOP");
-            got
-        })
-    };
-    // Wait until Redis itself reports the client blocked in BLPOP, then push.
-    wait_until(
-        "the client to block in BLPOP",
-        Duration::from_secs(5),
-        || client_line(&name).is_some_and(|l| l.contains("cmd=blpop")),
-    );
+    let waiter = blpop_in_flight(port, &key, 10).await;
     let mut con = connect(port).await;
     let () = con.rpush(&key, "hello").await.expect("RPUSH");
-    let got = tokio::time::timeout(Duration::from_secs(5), waiter)
+    let (got, _) = tokio::time::timeout(Duration::from_secs(5), waiter)
         .await
         .expect("BLPOP returned")
         .expect("task");
