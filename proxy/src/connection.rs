@@ -23,6 +23,8 @@ use crate::message::{Message, MessageId, Messages};
 use crate::metrics::Counter;
 use crate::outbox::Outbox;
 
+/// Most bytes read ahead from a client while its previous batch is in the chain.
+const READ_AHEAD: usize = 64 * 1024;
 /// A read buffer grown past this for one large frame is given back once it is empty.
 const SHRINK_ABOVE: usize = 1024 * 1024;
 
@@ -39,6 +41,8 @@ pub struct ConnectionSettings {
 #[derive(Debug)]
 pub enum Ended {
     ClientClosed,
+    /// The client closed its connection while its requests were in flight.
+    ClientGone,
     IdleTimeout,
     Shutdown,
     ProtocolError(DecodeError),
@@ -100,6 +104,9 @@ where
                 if let Some(timeout) = settings.idle_timeout {
                     idle.as_mut().reset(tokio::time::Instant::now() + timeout);
                 }
+                // Requests may have been read ahead while the batch ran: decode again (the
+                // decoder repeats an error, so a bad frame after the batch is answered next).
+                continue;
             }
             if let Some(error) = decode_error {
                 let reply = match &error {
@@ -169,7 +176,35 @@ where
     /// Runs one batch and writes what comes back. `Some` when the connection must end.
     async fn run_batch(&mut self, batch: Messages, flush: bool) -> Option<Ended> {
         self.pending.extend(batch.iter().map(|m| m.id));
-        match self.chain.process(batch, flush).await {
+        // While the chain works, keep reading the client: requests read ahead make the next
+        // batch, and a client that goes away is noticed at once. Its in-flight requests are
+        // then abandoned with their upstream connection, as Redis frees a client that
+        // disconnects (a blocked BLPOP must not pop an element nobody will receive).
+        let Handler {
+            stream,
+            chain,
+            read_buf,
+            ..
+        } = self;
+        let result = {
+            let process = chain.process(batch, flush);
+            tokio::pin!(process);
+            loop {
+                if read_buf.capacity() - read_buf.len() < 1024 {
+                    read_buf.reserve(8 * 1024);
+                }
+                tokio::select! {
+                    biased;
+                    result = &mut process => break result,
+                    read = stream.read_buf(read_buf), if read_buf.len() < READ_AHEAD => match read {
+                        Ok(0) => return Some(Ended::ClientGone),
+                        Ok(_) => {}
+                        Err(e) => return Some(Ended::Io(e)),
+                    },
+                }
+            }
+        };
+        match result {
             Ok(processed) => {
                 self.emit(processed.responses);
                 if let Err(e) = self.flush_writes().await {

@@ -39,6 +39,8 @@ pub struct RequestDecoder {
     pos: usize,
     /// Bulk strings still to come in the current multibulk (0 = at a frame start).
     left: u64,
+    /// Once a frame is bad, the stream cannot be read further: the same error comes back.
+    failed: Option<DecodeError>,
 }
 
 impl RequestDecoder {
@@ -47,12 +49,24 @@ impl RequestDecoder {
             max_frame,
             pos: 0,
             left: 0,
+            failed: None,
         }
     }
 
     /// Takes the next complete request off the front of `buf`; `Ok(None)` means more bytes
-    /// are needed (the buffer is left untouched).
+    /// are needed (the buffer is left untouched). After an error, every call returns it.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Request>, DecodeError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let result = self.decode_next(buf);
+        if let Err(e) = &result {
+            self.failed = Some(e.clone());
+        }
+        result
+    }
+
+    fn decode_next(&mut self, buf: &mut BytesMut) -> Result<Option<Request>, DecodeError> {
         if buf.is_empty() {
             return Ok(None);
         }

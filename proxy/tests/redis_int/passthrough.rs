@@ -410,3 +410,45 @@ async fn resp3_subscriber_can_run_commands_whose_replies_look_like_messages() {
     assert_eq!(String::from_utf8_lossy(&reply), expected);
     shotover.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_leaving_during_blpop_does_not_take_an_element_with_it() {
+    let port = free_port();
+    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let key = format!("{}left", prefix("blpop-gone"));
+    let name = prefix("blpop-gone").replace(':', "-");
+    let mut stream = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).expect("connect");
+    std::io::Write::write_all(
+        &mut stream,
+        format!("CLIENT SETNAME {name}\r\nBLPOP {key} 30\r\n").as_bytes(),
+    )
+    .expect("write");
+    wait_until(
+        "the client to block in BLPOP",
+        Duration::from_secs(5),
+        || client_line(&name).is_some_and(|l| l.contains("cmd=blpop")),
+    );
+    drop(stream);
+    // Redis sees the upstream connection go too, so nobody is blocked any more...
+    wait_until(
+        "the blocked upstream connection to go",
+        Duration::from_secs(5),
+        || client_line(&name).is_none(),
+    );
+    // ...and an element pushed now stays in the list.
+    let mut con = connect(port).await;
+    let () = redis::cmd("RPUSH")
+        .arg(&key)
+        .arg("kept")
+        .query_async(&mut con)
+        .await
+        .map(|_: i64| ())
+        .expect("RPUSH");
+    let len: i64 = redis::cmd("LLEN")
+        .arg(&key)
+        .query_async(&mut con)
+        .await
+        .expect("LLEN");
+    assert_eq!(len, 1);
+    shotover.stop();
+}

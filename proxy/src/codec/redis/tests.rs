@@ -943,3 +943,12 @@ fn split_inline_follows_redis_quoting_rules() {
         Err("Protocol error: unbalanced quotes in request")
     );
 }
+
+#[test]
+fn a_bad_request_keeps_failing_the_stream() {
+    let mut decoder = RequestDecoder::new(1 << 20);
+    let mut buf = BytesMut::from(&b"SET a \"open\r\nPING\r\n"[..]);
+    let first = decoder.decode(&mut buf).expect_err("unbalanced quotes");
+    // The bad line was consumed, but the stream stays failed: nothing after it is read.
+    assert_eq!(decoder.decode(&mut buf).expect_err("still failed"), first);
+}

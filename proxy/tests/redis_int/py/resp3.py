@@ -36,6 +36,15 @@ try:
     raise AssertionError("a wrong password was accepted")
 except redis.AuthenticationError:
     pass
+# RESP2 clients authenticate with AUTH user password: it passes through too.
+a2 = redis.Redis(host=host, port=port, protocol=2, username=user, password="secret", decode_responses=True)
+assert a2.acl_whoami() == user
+raw = redis.Redis(host=host, port=port, protocol=2, decode_responses=True)
+try:
+    raw.execute_command("AUTH", user, "wrong")
+    raise AssertionError("AUTH with a wrong password was accepted")
+except redis.AuthenticationError:
+    pass
 r.execute_command("ACL", "DELUSER", user)
 
 # Pub/sub over RESP3: messages arrive as push frames.
