@@ -1,5 +1,6 @@
 //! Wire codecs: finding frame boundaries without copying, and parsing frames on demand.
 
+pub mod cassandra;
 pub mod redis;
 
 /// Why a frame could not be read. The connection that sent it gets a protocol-correct error

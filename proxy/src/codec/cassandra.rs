@@ -1,0 +1,340 @@
+//! CQL framing: the envelope of protocol v3 and v4 (and of v5 before the connection switches
+//! to checksummed segments), read from its 9-byte header without touching the body.
+//!
+//! ```text
+//! version(1) flags(1) stream(2, signed) opcode(1) length(4, signed) body(length)
+//! ```
+//!
+//! The high bit of `version` says the direction (0 request, 1 response). The decoder finds
+//! where an envelope ends and refuses an envelope larger than the limit as soon as its header
+//! is read, before buffering the body. Which versions a source serves, and the protocol error
+//! a client gets for the others, is the source's decision: the decoder reads any version
+//! whose header has this layout (1 to 5).
+//!
+//! Not wired into a source yet: the Cassandra source, sinks and v5 segments build on this.
+
+use bytes::{BufMut, Bytes, BytesMut};
+
+use super::DecodeError;
+
+pub const HEADER_LEN: usize = 9;
+
+/// Header flag bits.
+pub mod flags {
+    pub const COMPRESSION: u8 = 0x01;
+    pub const TRACING: u8 = 0x02;
+    pub const CUSTOM_PAYLOAD: u8 = 0x04;
+    pub const WARNING: u8 = 0x08;
+    pub const USE_BETA: u8 = 0x10;
+}
+
+/// Error codes of an ERROR message (protocol spec, section 9).
+pub mod error_code {
+    pub const SERVER_ERROR: i32 = 0x0000;
+    pub const PROTOCOL_ERROR: i32 = 0x000A;
+    pub const OVERLOADED: i32 = 0x1001;
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Request,
+    Response,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opcode {
+    Error,
+    Startup,
+    Ready,
+    Authenticate,
+    Options,
+    Supported,
+    Query,
+    Result,
+    Prepare,
+    Execute,
+    Register,
+    Event,
+    Batch,
+    AuthChallenge,
+    AuthResponse,
+    AuthSuccess,
+    Unknown(u8),
+}
+
+impl Opcode {
+    pub fn from_byte(b: u8) -> Opcode {
+        match b {
+            0x00 => Opcode::Error,
+            0x01 => Opcode::Startup,
+            0x02 => Opcode::Ready,
+            0x03 => Opcode::Authenticate,
+            0x05 => Opcode::Options,
+            0x06 => Opcode::Supported,
+            0x07 => Opcode::Query,
+            0x08 => Opcode::Result,
+            0x09 => Opcode::Prepare,
+            0x0A => Opcode::Execute,
+            0x0B => Opcode::Register,
+            0x0C => Opcode::Event,
+            0x0D => Opcode::Batch,
+            0x0E => Opcode::AuthChallenge,
+            0x0F => Opcode::AuthResponse,
+            0x10 => Opcode::AuthSuccess,
+            other => Opcode::Unknown(other),
+        }
+    }
+
+    pub fn to_byte(self) -> u8 {
+        match self {
+            Opcode::Error => 0x00,
+            Opcode::Startup => 0x01,
+            Opcode::Ready => 0x02,
+            Opcode::Authenticate => 0x03,
+            Opcode::Options => 0x05,
+            Opcode::Supported => 0x06,
+            Opcode::Query => 0x07,
+            Opcode::Result => 0x08,
+            Opcode::Prepare => 0x09,
+            Opcode::Execute => 0x0A,
+            Opcode::Register => 0x0B,
+            Opcode::Event => 0x0C,
+            Opcode::Batch => 0x0D,
+            Opcode::AuthChallenge => 0x0E,
+            Opcode::AuthResponse => 0x0F,
+            Opcode::AuthSuccess => 0x10,
+            Opcode::Unknown(b) => b,
+        }
+    }
+}
+
+/// The 9-byte header of an envelope.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Header {
+    /// Protocol version, without the direction bit.
+    pub version: u8,
+    pub direction: Direction,
+    pub flags: u8,
+    /// Stream id: a response carries its request's. Negative ids are server events.
+    pub stream: i16,
+    pub opcode: Opcode,
+    pub body_len: usize,
+}
+
+impl Header {
+    /// Reads the header at the start of `bytes` (at least [`HEADER_LEN`] long).
+    pub fn parse(bytes: &[u8]) -> Result<Header, DecodeError> {
+        let Some(h) = bytes.get(..HEADER_LEN) else {
+            return Err(DecodeError::Malformed(
+                "CQL header shorter than 9 bytes".into(),
+            ));
+        };
+        let version = h[0] & 0x7F;
+        if !(1..=5).contains(&version) {
+            return Err(DecodeError::Malformed(format!(
+                "Invalid or unsupported protocol version ({version})"
+            )));
+        }
+        let length = i32::from_be_bytes([h[5], h[6], h[7], h[8]]);
+        let body_len = usize::try_from(length)
+            .map_err(|_| DecodeError::Malformed(format!("negative CQL body length {length}")))?;
+        Ok(Header {
+            version,
+            direction: if h[0] & 0x80 == 0 {
+                Direction::Request
+            } else {
+                Direction::Response
+            },
+            flags: h[1],
+            stream: i16::from_be_bytes([h[2], h[3]]),
+            opcode: Opcode::from_byte(h[4]),
+            body_len,
+        })
+    }
+
+    pub fn encode(&self, out: &mut BytesMut) {
+        let direction = match self.direction {
+            Direction::Request => 0,
+            Direction::Response => 0x80,
+        };
+        out.put_u8(self.version | direction);
+        out.put_u8(self.flags);
+        out.put_i16(self.stream);
+        out.put_u8(self.opcode.to_byte());
+        out.put_i32(i32::try_from(self.body_len).unwrap_or(i32::MAX));
+    }
+}
+
+/// Splits whole envelopes off a read buffer.
+#[derive(Debug)]
+pub struct EnvelopeDecoder {
+    max_frame: usize,
+}
+
+impl EnvelopeDecoder {
+    pub fn new(max_frame: usize) -> Self {
+        EnvelopeDecoder { max_frame }
+    }
+
+    /// Takes the next whole envelope (header and body) off the front of `buf`; `Ok(None)`
+    /// means more bytes are needed. An envelope over the limit is refused from its header.
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, DecodeError> {
+        if buf.len() < HEADER_LEN {
+            return Ok(None);
+        }
+        let header = Header::parse(buf)?;
+        let total = HEADER_LEN.saturating_add(header.body_len);
+        if total > self.max_frame {
+            return Err(DecodeError::FrameTooLarge {
+                size: total,
+                max: self.max_frame,
+            });
+        }
+        if buf.len() < total {
+            buf.reserve(total - buf.len());
+            return Ok(None);
+        }
+        Ok(Some(buf.split_to(total).freeze()))
+    }
+}
+
+/// An ERROR response to `stream`, in protocol `version`: `[int code][string message]`.
+pub fn error_response(version: u8, stream: i16, code: i32, message: &str) -> Bytes {
+    let message = &message.as_bytes()[..message.len().min(u16::MAX as usize)];
+    let body_len = 4 + 2 + message.len();
+    let mut out = BytesMut::with_capacity(HEADER_LEN + body_len);
+    Header {
+        version,
+        direction: Direction::Response,
+        flags: 0,
+        stream,
+        opcode: Opcode::Error,
+        body_len,
+    }
+    .encode(&mut out);
+    out.put_i32(code);
+    out.put_u16(message.len() as u16);
+    out.put_slice(message);
+    out.freeze()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn envelope(version: u8, stream: i16, opcode: Opcode, body: &[u8]) -> Vec<u8> {
+        let mut out = BytesMut::new();
+        Header {
+            version,
+            direction: Direction::Request,
+            flags: 0,
+            stream,
+            opcode,
+            body_len: body.len(),
+        }
+        .encode(&mut out);
+        out.put_slice(body);
+        out.to_vec()
+    }
+
+    #[test]
+    fn an_envelope_split_at_every_byte_decodes_once_complete() {
+        let frame = envelope(4, 7, Opcode::Query, b"\x00\x00\x00\x08SELECT 1\x00\x01");
+        for split in 0..frame.len() {
+            let mut decoder = EnvelopeDecoder::new(1024);
+            let mut buf = BytesMut::from(&frame[..split]);
+            assert_eq!(decoder.decode(&mut buf), Ok(None), "split at {split}");
+            assert_eq!(buf.len(), split, "the buffer is left alone");
+            buf.extend_from_slice(&frame[split..]);
+            assert_eq!(
+                decoder.decode(&mut buf).expect("complete").as_deref(),
+                Some(&frame[..])
+            );
+            assert!(buf.is_empty());
+        }
+    }
+
+    #[test]
+    fn pipelined_envelopes_come_out_in_order_with_their_headers() {
+        let mut bytes = envelope(4, 1, Opcode::Options, b"");
+        bytes.extend(envelope(4, 2, Opcode::Prepare, b"\x00\x00\x00\x01x"));
+        bytes.extend(envelope(3, -1, Opcode::Register, b"ab"));
+        let mut buf = BytesMut::from(&bytes[..]);
+        let mut decoder = EnvelopeDecoder::new(1024);
+        let mut headers = Vec::new();
+        while let Some(frame) = decoder.decode(&mut buf).expect("valid") {
+            headers.push(Header::parse(&frame).expect("header"));
+        }
+        let seen: Vec<(u8, i16, Opcode, usize)> = headers
+            .iter()
+            .map(|h| (h.version, h.stream, h.opcode, h.body_len))
+            .collect();
+        assert_eq!(
+            seen,
+            vec![
+                (4, 1, Opcode::Options, 0),
+                (4, 2, Opcode::Prepare, 5),
+                (3, -1, Opcode::Register, 2)
+            ]
+        );
+        assert!(headers.iter().all(|h| h.direction == Direction::Request));
+    }
+
+    #[test]
+    fn an_oversized_envelope_is_refused_from_its_header() {
+        let mut header = BytesMut::new();
+        Header {
+            version: 4,
+            direction: Direction::Request,
+            flags: 0,
+            stream: 0,
+            opcode: Opcode::Query,
+            body_len: 10_000_000,
+        }
+        .encode(&mut header);
+        let mut decoder = EnvelopeDecoder::new(1024 * 1024);
+        assert_eq!(
+            decoder.decode(&mut header),
+            Err(DecodeError::FrameTooLarge {
+                size: 10_000_009,
+                max: 1024 * 1024
+            })
+        );
+    }
+
+    #[test]
+    fn malformed_headers_are_reported() {
+        let mut negative = BytesMut::from(&[0x04, 0, 0, 1, 0x07, 0xFF, 0xFF, 0xFF, 0xFF][..]);
+        assert!(matches!(
+            EnvelopeDecoder::new(1024).decode(&mut negative),
+            Err(DecodeError::Malformed(m)) if m.contains("negative")
+        ));
+        let mut version = BytesMut::from(&[0x06, 0, 0, 1, 0x05, 0, 0, 0, 0][..]);
+        assert!(matches!(
+            EnvelopeDecoder::new(1024).decode(&mut version),
+            Err(DecodeError::Malformed(m)) if m.contains("unsupported protocol version (6)")
+        ));
+    }
+
+    #[test]
+    fn error_responses_carry_code_message_and_stream() {
+        let bytes = error_response(4, 42, error_code::OVERLOADED, "too many requests");
+        let header = Header::parse(&bytes).expect("header");
+        assert_eq!(header.direction, Direction::Response);
+        assert_eq!(
+            (header.version, header.stream, header.opcode),
+            (4, 42, Opcode::Error)
+        );
+        assert_eq!(header.body_len, bytes.len() - HEADER_LEN);
+        let body = &bytes[HEADER_LEN..];
+        assert_eq!(
+            i32::from_be_bytes([body[0], body[1], body[2], body[3]]),
+            0x1001
+        );
+        assert_eq!(
+            u16::from_be_bytes([body[4], body[5]]) as usize,
+            "too many requests".len()
+        );
+        assert_eq!(&body[6..], b"too many requests");
+    }
+}
