@@ -33,6 +33,7 @@ use std::time::Instant;
 
 use async_trait::async_trait;
 use tokio::sync::Notify;
+use tokio_util::task::TaskTracker;
 
 use crate::message::Messages;
 use crate::metrics::{self, Counter, Histogram};
@@ -67,6 +68,9 @@ pub struct TransformContext {
     /// Notify this to have the handler run the chain with an empty batch, for example when
     /// responses arrive that no request is waiting for, or a flush timer fires.
     pub force_run: Arc<Notify>,
+    /// Spawn background work that must finish before the process exits (a Tee's queued
+    /// writes) here: shutdown waits for it, within the grace period.
+    pub tasks: TaskTracker,
 }
 
 #[async_trait]

@@ -170,15 +170,16 @@ impl Source {
             // Upstream Shotover's target, so `shotover::connection_span=debug` works here too.
             let span = tracing::debug_span!(target: "shotover::connection_span", "connection", source = %self.name, client = %peer);
             tracker.spawn(
-                self.clone_parts()
+                self.clone_parts(&tracker)
                     .handle(stream, peer, permit, shutdown.clone())
                     .instrument(span),
             );
         }
     }
 
-    fn clone_parts(&self) -> ConnectionParts {
+    fn clone_parts(&self, tracker: &TaskTracker) -> ConnectionParts {
         ConnectionParts {
+            tracker: tracker.clone(),
             chain: self.chain.clone(),
             tls: self.tls.clone(),
             idle_timeout: self.idle_timeout,
@@ -190,6 +191,7 @@ impl Source {
 
 /// What one connection task takes from its source.
 struct ConnectionParts {
+    tracker: TaskTracker,
     chain: Arc<TransformChainBuilder>,
     tls: Option<TlsAcceptor>,
     idle_timeout: Option<Duration>,
@@ -247,6 +249,7 @@ impl ConnectionParts {
             chain_name: self.chain.name().into(),
             client: peer.to_string().into(),
             force_run: force_run.clone(),
+            tasks: self.tracker.clone(),
         };
         let chain = self.chain.build(&ctx);
         let settings = ConnectionSettings {

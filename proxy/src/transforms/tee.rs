@@ -129,7 +129,8 @@ impl BufferedChain {
         };
         let mut chain = builder.build(&ctx);
         let (jobs, mut rx) = mpsc::channel::<Job>(buffer);
-        tokio::spawn(async move {
+        // Tracked, so that on shutdown the writes already queued for the tee chain are sent.
+        ctx.tasks.spawn(async move {
             let mut failed = false;
             loop {
                 let (requests, reply) = tokio::select! {
