@@ -305,7 +305,7 @@ fn deserialize_at<T: DeserializeOwned>(
         Err(e) => {
             let inner = track.path().to_string();
             let full = join_error_path(path, &inner);
-            errors.push(ConfigError::new(full, clean_serde_message(&e.to_string())));
+            errors.push(ConfigError::new(full, e.to_string()));
             None
         }
     }
@@ -325,10 +325,6 @@ fn join_error_path(path: &str, inner: &str) -> String {
     } else {
         format!("{path}.{inner}")
     }
-}
-
-fn clean_serde_message(message: &str) -> String {
-    message.to_string()
 }
 
 fn single_key(item: Value) -> Option<(String, Value)> {

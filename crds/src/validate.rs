@@ -99,6 +99,14 @@ pub fn validate(topology: &Topology) -> Result<(), TopologyErrors> {
     }
 }
 
+/// Upper bounds of numeric fields.
+// Upstream test topologies use 3,000,000; tokio's semaphore takes up to 2^61.
+const MAX_CONNECTIONS: u64 = 1_000_000_000;
+const MAX_IDLE_SECONDS: u64 = 365 * 24 * 3600;
+const MAX_FRAME_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+const MAX_TIMEOUT_MS: u64 = 3_600_000;
+const MAX_QUEUE: u64 = 1_000_000;
+
 struct Checker {
     errors: Vec<ConfigError>,
     /// Every explicit name seen so far, with the path where it was first used.
@@ -164,6 +172,17 @@ impl Checker {
         if r.connection_limit == Some(0) {
             self.err(format!("{path}.connectionLimit"), "must be at least 1");
         }
+        self.at_most(
+            r.connection_limit.map(|v| v as u64),
+            MAX_CONNECTIONS,
+            format!("{path}.connectionLimit"),
+        );
+        self.at_most(r.timeout, MAX_IDLE_SECONDS, format!("{path}.timeout"));
+        self.at_most(
+            r.max_frame_size_bytes.map(|v| v as u64),
+            MAX_FRAME_BYTES,
+            format!("{path}.maxFrameSizeBytes"),
+        );
         if r.timeout == Some(0) {
             self.err(
                 format!("{path}.timeout"),
@@ -190,6 +209,15 @@ impl Checker {
             if let Some(ca) = &tls.certificate_authority_path {
                 self.check_path(ca, &format!("{path}.tls.certificateAuthorityPath"));
             }
+        }
+    }
+
+    /// Values beyond these would overflow timers or allocate absurdly; nobody means them.
+    fn at_most(&mut self, value: Option<u64>, max: u64, path: String) {
+        if let Some(v) = value
+            && v > max
+        {
+            self.err(path, format!("must be at most {max}"));
         }
     }
 
@@ -255,6 +283,11 @@ impl Checker {
                 if c.connect_timeout_ms == 0 {
                     self.err(format!("{path}.connectTimeoutMs"), "must be at least 1");
                 }
+                self.at_most(
+                    Some(c.connect_timeout_ms),
+                    MAX_TIMEOUT_MS,
+                    format!("{path}.connectTimeoutMs"),
+                );
                 if let Some(tls) = &c.tls {
                     self.check_connector_tls(tls, &format!("{path}.tls"));
                 }
@@ -298,11 +331,31 @@ impl Checker {
                     (_, Some(0)) => self.err(format!("{path}.flushWhenMillisSinceLastFlush"), "must be at least 1"),
                     _ => {}
                 }
+                self.at_most(
+                    c.flush_when_buffered_message_count.map(|v| v as u64),
+                    MAX_QUEUE,
+                    format!("{path}.flushWhenBufferedMessageCount"),
+                );
+                self.at_most(
+                    c.flush_when_millis_since_last_flush,
+                    MAX_TIMEOUT_MS,
+                    format!("{path}.flushWhenMillisSinceLastFlush"),
+                );
             }
             TransformConfig::Tee(c) => {
                 if c.buffer_size == Some(0) {
                     self.err(format!("{path}.bufferSize"), "must be at least 1");
                 }
+                self.at_most(
+                    c.buffer_size.map(|v| v as u64),
+                    MAX_QUEUE,
+                    format!("{path}.bufferSize"),
+                );
+                self.at_most(
+                    c.timeout_micros,
+                    MAX_TIMEOUT_MS * 1000,
+                    format!("{path}.timeoutMicros"),
+                );
                 if c.timeout_micros == Some(0) {
                     self.err(
                         format!("{path}.timeoutMicros"),

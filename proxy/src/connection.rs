@@ -57,6 +57,9 @@ struct Handler<S> {
     decoder: RequestDecoder,
     read_buf: BytesMut,
     outbox: Outbox,
+    /// How long a write to the client may wait for it to read (the idle timeout): a client
+    /// that stops reading its replies must not hold its connection slot forever.
+    write_timeout: Option<Duration>,
     next_id: MessageId,
     /// Requests sent into the chain and not answered yet, in order.
     pending: VecDeque<MessageId>,
@@ -75,6 +78,7 @@ where
         decoder: RequestDecoder::new(settings.max_frame),
         read_buf: BytesMut::new(),
         outbox: Outbox::default(),
+        write_timeout: settings.idle_timeout,
         next_id: 1,
         pending: VecDeque::new(),
         held: HashMap::new(),
@@ -83,7 +87,7 @@ where
     if let Ended::ProtocolError(_) = &ended {
         settings.protocol_errors.inc();
     }
-    let _ = handler.stream.shutdown().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), handler.stream.shutdown()).await;
     ended
 }
 
@@ -135,8 +139,8 @@ where
                 }
                 read = self.stream.read_buf(&mut self.read_buf) => match read {
                     Ok(0) => {
-                        let (batch, _) = self.decode_batch();
-                        let _ = self.run_batch(batch, true).await;
+                        // Every complete request was answered above; let held ones go.
+                        let _ = self.run_batch(Vec::new(), true).await;
                         return Ended::ClientClosed;
                     }
                     Ok(_) => {}
@@ -245,7 +249,8 @@ where
                         self.queue(held);
                     }
                 }
-                Some(id) if self.pending.contains(&id) => {
+                // `pending` is in id order.
+                Some(id) if self.pending.binary_search(&id).is_ok() => {
                     self.held.insert(id, response);
                 }
                 Some(id) => {
@@ -263,7 +268,18 @@ where
         if self.outbox.is_empty() {
             return Ok(());
         }
-        self.outbox.write_to(&mut self.stream).await
+        let write = self.outbox.write_to(&mut self.stream);
+        match self.write_timeout {
+            None => write.await,
+            Some(limit) => tokio::time::timeout(limit, write)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the client did not read its replies within the idle timeout",
+                    ))
+                }),
+        }
     }
 
     async fn write_all_now(&mut self, bytes: bytes::Bytes) -> std::io::Result<()> {

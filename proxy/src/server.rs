@@ -142,6 +142,20 @@ impl Source {
                     backoff = Duration::from_secs(1);
                     accepted
                 }
+                // A client that reset while queued is its own problem: accept the next one.
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::ConnectionAborted
+                            | std::io::ErrorKind::ConnectionReset
+                            | std::io::ErrorKind::Interrupted
+                    ) =>
+                {
+                    self.metrics.accept_failures.inc();
+                    tracing::debug!(source = %self.name, error = %e, "accept failed for one client");
+                    continue;
+                }
+                // Out of file descriptors or memory: back off so as not to spin.
                 Err(e) => {
                     self.metrics.accept_failures.inc();
                     tracing::warn!(source = %self.name, error = %e, retry_in = ?backoff, "accept failed");

@@ -99,8 +99,19 @@ pub fn connector(
     };
     let host = address.rsplit_once(':').map(|(h, _)| h).unwrap_or(address);
     let host = host.trim_start_matches('[').trim_end_matches(']');
-    let name = ServerName::try_from(host.to_string())
-        .with_context(|| format!("`{host}` is not a valid TLS server name"))?;
+    let name = match ServerName::try_from(host.to_string()) {
+        Ok(name) => name,
+        // The name is only checked when verify_hostname is on; without it any valid name
+        // will do for the handshake (host names with `_` are not valid TLS names).
+        Err(_) if !config.verify_hostname => {
+            ServerName::try_from("upstream.invalid").context("the placeholder TLS server name")?
+        }
+        Err(e) => {
+            return Err(anyhow!(
+                "`{host}` is not a valid TLS server name ({e}); use its IP address, or set verify_hostname: false"
+            ));
+        }
+    };
     Ok((TlsConnector::from(Arc::new(client)), name))
 }
 

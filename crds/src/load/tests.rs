@@ -1057,3 +1057,18 @@ fn transport_is_only_for_cassandra_sources() {
         "invalid topology (1 error):\n  sources[0].transport: only Cassandra sources have a transport"
     );
 }
+
+#[test]
+fn numbers_too_large_to_mean_anything_are_refused() {
+    let errors = load_topology(
+        "sources:\n  - Redis:\n      name: r\n      listen_addr: \"127.0.0.1:6379\"\n      connection_limit: 99999999999\n      timeout: 99999999999\n      chain:\n        - Tee: {buffer_size: 99999999999, chain: [NullSink]}\n        - NullSink\n",
+    )
+    .expect_err("absurd values");
+    assert_eq!(
+        errors.to_string(),
+        "invalid topology (3 errors):\n  \
+         sources[0].connectionLimit: must be at most 1000000000\n  \
+         sources[0].timeout: must be at most 31536000\n  \
+         sources[0].chain[0].bufferSize: must be at most 1000000"
+    );
+}

@@ -130,7 +130,7 @@ impl Header {
             ));
         };
         let version = h[0] & 0x7F;
-        if !(1..=5).contains(&version) {
+        if !(3..=5).contains(&version) {
             return Err(DecodeError::Malformed(format!(
                 "Invalid or unsupported protocol version ({version})"
             )));

@@ -196,7 +196,7 @@ impl ResponseDecoder {
                 return Err(too_large(pos, self.max_frame));
             }
             let kind = buf[pos];
-            let Some(line_end) = find_crlf(buf, pos + 1)? else {
+            let Some(line_end) = find_crlf(buf, pos + 1, self.max_frame)? else {
                 return Ok(None);
             };
             let line = &buf[pos + 1..line_end];
@@ -328,9 +328,10 @@ fn too_large(size: usize, max: usize) -> DecodeError {
 }
 
 /// Finds the `\r\n` ending the line that starts at `from`; `Ok(None)` if it is not in `buf`
-/// yet. A line longer than [`MAX_INLINE`] is malformed.
-fn find_crlf(buf: &[u8], from: usize) -> Result<Option<usize>, DecodeError> {
-    let window = &buf[from.min(buf.len())..buf.len().min(from + MAX_INLINE)];
+/// yet. A line longer than `limit` is refused: requests use Redis's inline limit, responses
+/// the frame limit (MONITOR lines and Lua status replies can be long).
+fn find_crlf(buf: &[u8], from: usize, limit: usize) -> Result<Option<usize>, DecodeError> {
+    let window = &buf[from.min(buf.len())..buf.len().min(from.saturating_add(limit))];
     match memchr::memchr(b'\r', window) {
         Some(i) if from + i + 1 < buf.len() => {
             if buf[from + i + 1] == b'\n' {
@@ -342,7 +343,7 @@ fn find_crlf(buf: &[u8], from: usize) -> Result<Option<usize>, DecodeError> {
             }
         }
         Some(_) => Ok(None),
-        None if buf.len() >= from + MAX_INLINE => Err(DecodeError::Malformed(
+        None if buf.len() >= from.saturating_add(limit) => Err(DecodeError::Malformed(
             "Protocol error: line too long".into(),
         )),
         None => Ok(None),
@@ -351,7 +352,7 @@ fn find_crlf(buf: &[u8], from: usize) -> Result<Option<usize>, DecodeError> {
 
 /// Reads the integer line starting at `from`; returns it and the offset after its `\r\n`.
 fn read_line_int(buf: &[u8], from: usize, what: &str) -> Result<Option<(i64, usize)>, DecodeError> {
-    let Some(end) = find_crlf(buf, from)? else {
+    let Some(end) = find_crlf(buf, from, MAX_INLINE)? else {
         return Ok(None);
     };
     Ok(Some((parse_int(&buf[from..end], what)?, end + 2)))

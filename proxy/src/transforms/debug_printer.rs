@@ -44,6 +44,10 @@ fn render(message: &mut Message) -> String {
 #[async_trait]
 impl Transform for DebugPrinter {
     async fn transform(&mut self, state: &mut ChainState<'_>) -> Result<Messages, ChainError> {
+        // Parsing every frame costs: skip it all when INFO is filtered out here.
+        if !tracing::enabled!(tracing::Level::INFO) {
+            return state.call_next().await;
+        }
         for request in &mut state.requests {
             let text = render(request);
             tracing::info!(transform = %self.name, client = %self.client, id = request.id, "request: {text}");

@@ -98,7 +98,9 @@ impl Transform for QueryCounter {
             let counter = self.shared.counter(&label);
             counter.inc();
             if self.local.len() < LOCAL_CACHE {
-                self.local.insert(command.name.clone(), counter);
+                // Copied: a slice would keep the request's whole buffer alive.
+                self.local
+                    .insert(Bytes::copy_from_slice(&command.name), counter);
             }
         }
         state.call_next().await

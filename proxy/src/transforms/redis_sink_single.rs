@@ -10,10 +10,10 @@
 //! chain for each frame, so pushes reach the client while it sends nothing.
 //!
 //! An upstream that cannot be reached gives each request `-ERR` and the client connection
-//! stays open (the next request tries again: nothing was sent, so no state is lost). An
-//! upstream connection that breaks after use fails the chain, which answers every pending
-//! request with `-ERR` and closes the client connection: reconnecting silently would drop
-//! the client's AUTH, SELECT, subscriptions or transaction.
+//! stays open (the next request tries again: nothing was sent, so no state is lost). When an
+//! upstream connection breaks after use, the replies already received still go to the
+//! client, every request still waiting gets `-ERR`, and the client connection is closed:
+//! reconnecting silently would drop the client's AUTH, SELECT, subscriptions or transaction.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -123,6 +123,19 @@ struct Pending {
     hello: Option<u8>,
 }
 
+impl Pending {
+    /// A request answered by exactly one reply.
+    fn one(id: MessageId) -> Pending {
+        Pending {
+            id: Some(id),
+            kind: CommandKind::Other,
+            argc: 0,
+            left: None,
+            hello: None,
+        }
+    }
+}
+
 /// The RESP state of the upstream connection, as far as framing replies depends on it.
 #[derive(Default)]
 struct RespState {
@@ -206,7 +219,9 @@ impl Transform for RedisSinkSingle {
         let requests = std::mem::take(&mut state.requests);
         let mut responses = Vec::with_capacity(requests.len());
         if requests.is_empty() {
-            self.drain_queued(&mut responses)?;
+            if let Err(e) = self.drain_queued(&mut responses) {
+                return Ok(self.broke(e, responses, state));
+            }
             return Ok(responses);
         }
         if matches!(self.conn, Conn::NotConnected) {
@@ -233,16 +248,14 @@ impl Transform for RedisSinkSingle {
             }
         }
         if matches!(self.conn, Conn::Closed) {
-            return Err(self.closed());
+            for request in &requests {
+                self.pending.push_back(Pending::one(request.id));
+            }
+            return Ok(self.broke(self.closed(), responses, state));
         }
-        let silent = self.write(requests).await?;
-        // Requests the server will not answer (CLIENT REPLY OFF/SKIP) get an empty
-        // response: nothing is written to the client for them.
-        responses.extend(
-            silent
-                .into_iter()
-                .map(|id| Message::response(Some(id), Bytes::new())),
-        );
+        if let Err(e) = self.write(requests, &mut responses).await {
+            return Ok(self.broke(e, responses, state));
+        }
         while !self.pending.is_empty() {
             let frame = match self.next_frame().await {
                 Ok(frame) => frame,
@@ -252,12 +265,14 @@ impl Transform for RedisSinkSingle {
                     self.pending.clear();
                     break;
                 }
-                Err(e) => return Err(e),
+                Err(e) => return Ok(self.broke(e, responses, state)),
             };
             self.classify(frame, &mut responses);
         }
-        if !self.resp.quit {
-            self.drain_queued(&mut responses)?;
+        if !self.resp.quit
+            && let Err(e) = self.drain_queued(&mut responses)
+        {
+            return Ok(self.broke(e, responses, state));
         }
         if self.resp.quit {
             state.close_client = true;
@@ -283,10 +298,14 @@ impl RedisSinkSingle {
         }
     }
 
-    /// Writes the batch in as few syscalls as it can. Returns the requests the server will
-    /// not answer.
-    async fn write(&mut self, requests: Messages) -> Result<Vec<MessageId>, ChainError> {
-        let mut silent = Vec::new();
+    /// Writes the batch in as few syscalls as it can. Requests the server will not answer
+    /// (CLIENT REPLY OFF/SKIP) get an empty response in `responses` at once: nothing is
+    /// written to the client for them.
+    async fn write(
+        &mut self,
+        requests: Messages,
+        responses: &mut Messages,
+    ) -> Result<(), ChainError> {
         for mut request in requests {
             let id = request.id;
             let command = request.command();
@@ -307,7 +326,7 @@ impl RedisSinkSingle {
                     hello,
                 });
             } else {
-                silent.push(id);
+                responses.push(Message::response(Some(id), Bytes::new()));
             }
             self.outbox.push(request.into_bytes());
         }
@@ -316,8 +335,35 @@ impl RedisSinkSingle {
             Conn::Streaming { writer, .. } => self.outbox.write_to(writer).await,
             Conn::NotConnected | Conn::Closed => Ok(()),
         };
-        result.map_err(|e| self.io_error(e))?;
-        Ok(silent)
+        result.map_err(|e| self.io_error(e))
+    }
+
+    /// The upstream connection broke: the replies already received go to the client, every
+    /// request still waiting gets an error reply, and the client connection is closed (a new
+    /// upstream connection would not have the client's AUTH, SELECT, subscriptions or
+    /// transaction).
+    fn broke(
+        &mut self,
+        error: ChainError,
+        mut responses: Messages,
+        state: &mut ChainState<'_>,
+    ) -> Messages {
+        let text = format!("ERR shotover: {error}");
+        let failed = self.pending.len();
+        for pending in self.pending.drain(..) {
+            if let Some(id) = pending.id {
+                responses.push(Message::error_reply(id, &text));
+            }
+        }
+        tracing::warn!(
+            upstream = %self.shared.upstream.address,
+            error = %error,
+            failed,
+            "upstream connection broke: replies already received were passed on, pending requests got an error reply, and the client connection is closed"
+        );
+        state.close_client = true;
+        self.conn = Conn::Closed;
+        responses
     }
 
     async fn next_frame(&mut self) -> Result<Bytes, ChainError> {
@@ -462,7 +508,15 @@ impl RedisSinkSingle {
         if !is_error {
             match kind {
                 CommandKind::Monitor => self.resp.monitoring = true,
-                CommandKind::Reset => self.resp = RespState::default(),
+                // RESET clears the connection's state, except what requests written after
+                // it already set (their reply mode and transaction state).
+                CommandKind::Reset => {
+                    self.resp = RespState {
+                        replies: self.resp.replies,
+                        in_multi: self.resp.in_multi,
+                        ..RespState::default()
+                    }
+                }
                 CommandKind::Hello => {
                     if let Some(version) = hello {
                         self.resp.resp3 = version == 3;
@@ -490,7 +544,8 @@ impl RedisSinkSingle {
         else {
             return;
         };
-        let Some(channel) = channel.as_bytes().cloned() else {
+        // Copied: a slice would keep the whole read buffer it came from alive.
+        let Some(channel) = channel.as_bytes().map(|c| Bytes::copy_from_slice(c)) else {
             return;
         };
         let kind = kind.to_ascii_lowercase();

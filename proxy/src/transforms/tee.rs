@@ -146,7 +146,16 @@ impl BufferedChain {
                         addr: "(tee chain failed earlier)".into(),
                     })
                 } else {
-                    chain.process(requests, false).await.map(|p| p.responses)
+                    match chain.process(requests, false).await {
+                        // The tee chain's own client connection would be closed now: it
+                        // stops here, and the regular chain goes on.
+                        Ok(p) if p.close_client => {
+                            failed = true;
+                            tracing::warn!(chain = chain.name(), "tee chain closed; its requests are no longer sent");
+                            Ok(p.responses)
+                        }
+                        other => other.map(|p| p.responses),
+                    }
                 };
                 if let Err(e) = &result
                     && !failed
@@ -188,12 +197,15 @@ struct Tee {
 }
 
 impl Tee {
-    async fn wait(&self, rx: oneshot::Receiver<Result<Messages, ChainError>>) -> Option<Messages> {
-        let result = match self.timeout {
-            Some(t) => tokio::time::timeout(t, rx).await.ok()?,
-            None => rx.await,
-        };
-        result.ok()?.ok()
+    /// Runs `fut` until `deadline`, if there is one; `None` when the deadline passed first.
+    async fn within<F: std::future::Future>(
+        deadline: Option<tokio::time::Instant>,
+        fut: F,
+    ) -> Option<F::Output> {
+        match deadline {
+            Some(deadline) => tokio::time::timeout_at(deadline, fut).await.ok(),
+            None => Some(fut.await),
+        }
     }
 }
 
@@ -212,19 +224,19 @@ impl Transform for Tee {
             return state.call_next().await;
         }
         let ids: Vec<u64> = state.requests.iter().map(|r| r.id).collect();
-        let copy = state.requests.clone();
-        // Queuing the batch counts against the timeout too: a stuck tee chain must not
-        // block the client once its queue is full.
+        // Kept only for the mismatch chain.
+        let copy = (self.behavior == Behavior::SubchainOnMismatch).then(|| state.requests.clone());
+        // One deadline covers queuing the batch and waiting for the answers: a stuck tee
+        // chain must not block the client once its queue is full.
+        let deadline = self.timeout.map(|t| tokio::time::Instant::now() + t);
         let batch = state.requests.clone();
-        let queued = match self.timeout {
-            Some(t) => tokio::time::timeout(t, self.tee_chain.send(batch))
-                .await
-                .ok(),
-            None => Some(self.tee_chain.send(batch).await),
-        };
+        let queued = Tee::within(deadline, self.tee_chain.send(batch)).await;
         let main = state.call_next().await?;
         let tee = match queued {
-            Some(rx) => self.wait(rx).await,
+            Some(rx) => Tee::within(deadline, rx)
+                .await
+                .and_then(|r| r.ok())
+                .and_then(|r| r.ok()),
             None => None,
         };
         if tee_answers {
@@ -255,7 +267,7 @@ impl Transform for Tee {
                 Ok(main)
             }
             Behavior::SubchainOnMismatch => {
-                if let Some(chain) = &self.mismatch_chain
+                if let (Some(chain), Some(copy)) = (&self.mismatch_chain, copy)
                     && !chain.try_send(copy)
                 {
                     self.dropped.add(ids.len() as u64);

@@ -352,7 +352,7 @@ async fn tls_sink_checks_the_upstream_certificate_and_its_name_unless_told_not_t
         .await
         .expect_err("refused");
     shotover.wait_for_log("CertificateRequired");
-    shotover.stop_expecting(&["its chain failed"]);
+    shotover.stop_expecting(&["upstream connection broke"]);
 }
 
 #[test]

@@ -452,3 +452,45 @@ async fn a_client_leaving_during_blpop_does_not_take_an_element_with_it() {
     assert_eq!(len, 1);
     shotover.stop();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_lines_longer_than_64_kib_from_redis_pass_through() {
+    let port = free_port();
+    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let mut con = connect(port).await;
+    let reply: String = redis::cmd("EVAL")
+        .arg("return redis.status_reply(string.rep('x', 70000))")
+        .arg(0)
+        .query_async(&mut con)
+        .await
+        .expect("a 70000-byte status line");
+    assert_eq!(reply.len(), 70000);
+    shotover.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reset_then_client_reply_off_in_one_pipeline_keeps_counting_replies() {
+    let port = free_port();
+    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let key = format!("{}reset", prefix("reset-reply"));
+    let mut stream = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).expect("connect");
+    std::io::Write::write_all(
+        &mut stream,
+        format!("RESET\r\nCLIENT REPLY OFF\r\nSET {key} 1\r\n").as_bytes(),
+    )
+    .expect("write");
+    assert_eq!(
+        read_available(&mut stream, 8, Duration::from_secs(5)),
+        b"+RESET\r\n"
+    );
+    std::io::Write::write_all(
+        &mut stream,
+        format!("SET {key} 2\r\nCLIENT REPLY ON\r\nGET {key}\r\n").as_bytes(),
+    )
+    .expect("write");
+    assert_eq!(
+        String::from_utf8_lossy(&read_available(&mut stream, 12, Duration::from_secs(5))),
+        "+OK\r\n$1\r\n2\r\n"
+    );
+    shotover.stop();
+}
