@@ -15,7 +15,6 @@
 //! client, every request still waiting gets `-ERR`, and the client connection is closed:
 //! reconnecting silently would drop the client's AUTH, SELECT, subscriptions or transaction.
 
-use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -29,12 +28,14 @@ use tokio::sync::{Notify, mpsc};
 use crate::chain::{ChainError, ChainState, Transform, TransformBuilder, TransformContext};
 use crate::codec::DecodeError;
 use crate::codec::redis::ResponseDecoder;
-use crate::codec::redis::command::{CommandKind, ReplyMode, aggregate_head};
-use crate::codec::redis::frame::RedisFrame;
-use crate::message::{Message, MessageId, Messages};
+use crate::message::{Message, Messages};
 use crate::metrics::{self, Counter};
 use crate::outbox::Outbox;
 use crate::upstream::{Upstream, UpstreamStream, UpstreamTls};
+
+mod replies;
+
+use replies::ReplyTracker;
 
 /// Largest response accepted from Redis (1 GiB: above Redis's 512 MiB bulk limit).
 const MAX_RESPONSE: usize = 1024 * 1024 * 1024;
@@ -87,8 +88,7 @@ impl TransformBuilder for RedisSinkSingleBuilder {
             shared: self.shared.clone(),
             force_run: ctx.force_run.clone(),
             conn: Conn::NotConnected,
-            pending: VecDeque::new(),
-            resp: RespState::default(),
+            replies: ReplyTracker::default(),
             outbox: Outbox::default(),
         })
     }
@@ -111,105 +111,11 @@ enum Conn {
     Closed,
 }
 
-/// A request written upstream and not fully answered yet.
-struct Pending {
-    /// `Some` until the first reply is assigned to it.
-    id: Option<MessageId>,
-    kind: CommandKind,
-    argc: usize,
-    /// Subscribe confirmations still expected (computed when the request reaches the front).
-    left: Option<usize>,
-    /// For HELLO: the protocol version it asks for.
-    hello: Option<u8>,
-}
-
-impl Pending {
-    /// A request answered by exactly one reply.
-    fn one(id: MessageId) -> Pending {
-        Pending {
-            id: Some(id),
-            kind: CommandKind::Other,
-            argc: 0,
-            left: None,
-            hello: None,
-        }
-    }
-}
-
-/// The RESP state of the upstream connection, as far as framing replies depends on it.
-#[derive(Default)]
-struct RespState {
-    channels: HashSet<Bytes>,
-    patterns: HashSet<Bytes>,
-    shard_channels: HashSet<Bytes>,
-    monitoring: bool,
-    tracking: bool,
-    quit: bool,
-    /// `CLIENT REPLY OFF`/`SKIP`: the server sends no reply to the next request(s).
-    replies: Replies,
-    /// The connection speaks RESP3 (a HELLO 3 succeeded): pub/sub messages are pushes.
-    resp3: bool,
-    /// Between MULTI and EXEC/DISCARD every command is answered once (`+QUEUED` or an
-    /// error), whatever it is. Followed as requests are written.
-    in_multi: bool,
-}
-
-#[derive(Default, Clone, Copy, PartialEq, Eq)]
-enum Replies {
-    #[default]
-    On,
-    Off,
-    SkipNext,
-}
-
-impl RespState {
-    /// Whether the server will reply to a request of `kind`, moving the reply mode on.
-    fn will_reply(&mut self, kind: CommandKind) -> bool {
-        match (kind, self.replies) {
-            (CommandKind::Reset, _) => {
-                self.replies = Replies::On;
-                true
-            }
-            (CommandKind::ClientReply(ReplyMode::On), _) => {
-                self.replies = Replies::On;
-                true
-            }
-            (CommandKind::ClientReply(ReplyMode::Off), _) => {
-                self.replies = Replies::Off;
-                false
-            }
-            (CommandKind::ClientReply(ReplyMode::Skip), Replies::On) => {
-                self.replies = Replies::SkipNext;
-                false
-            }
-            (CommandKind::ClientReply(ReplyMode::Skip), _) => false,
-            (_, Replies::On) => true,
-            (_, Replies::Off) => false,
-            (_, Replies::SkipNext) => {
-                self.replies = Replies::On;
-                false
-            }
-        }
-    }
-}
-
-impl RespState {
-    fn subscribed(&self) -> bool {
-        !(self.channels.is_empty() && self.patterns.is_empty() && self.shard_channels.is_empty())
-    }
-
-    /// Whether frames may arrive that no request asked for.
-    fn unsolicited_possible(&self) -> bool {
-        self.subscribed() || self.monitoring || self.tracking
-    }
-}
-
 struct RedisSinkSingle {
     shared: Arc<Shared>,
     force_run: Arc<Notify>,
     conn: Conn,
-    pending: VecDeque<Pending>,
-    resp: RespState,
+    replies: ReplyTracker,
     outbox: Outbox,
 }
 
@@ -249,35 +155,35 @@ impl Transform for RedisSinkSingle {
         }
         if matches!(self.conn, Conn::Closed) {
             for request in &requests {
-                self.pending.push_back(Pending::one(request.id));
+                self.replies.expect_one(request.id);
             }
             return Ok(self.broke(self.closed(), responses, state));
         }
         if let Err(e) = self.write(requests, &mut responses).await {
             return Ok(self.broke(e, responses, state));
         }
-        while !self.pending.is_empty() {
+        while self.replies.waiting() {
             let frame = match self.next_frame().await {
                 Ok(frame) => frame,
                 // After QUIT the server closes the connection: requests pipelined behind it
                 // are not answered, as with Redis itself.
-                Err(ChainError::UpstreamClosed { .. }) if self.resp.quit => {
-                    self.pending.clear();
+                Err(ChainError::UpstreamClosed { .. }) if self.replies.quit() => {
+                    self.replies.forget_pending();
                     break;
                 }
                 Err(e) => return Ok(self.broke(e, responses, state)),
             };
-            self.classify(frame, &mut responses);
+            self.replies.classify(frame, &mut responses);
         }
-        if !self.resp.quit
+        if !self.replies.quit()
             && let Err(e) = self.drain_queued(&mut responses)
         {
             return Ok(self.broke(e, responses, state));
         }
-        if self.resp.quit {
+        if self.replies.quit() {
             state.close_client = true;
             self.conn = Conn::Closed;
-        } else if self.resp.unsolicited_possible() {
+        } else if self.replies.unsolicited_possible() {
             self.start_streaming();
         }
         Ok(responses)
@@ -307,26 +213,8 @@ impl RedisSinkSingle {
         responses: &mut Messages,
     ) -> Result<(), ChainError> {
         for mut request in requests {
-            let id = request.id;
-            let command = request.command();
-            let (mut kind, argc, hello) = (command.kind, command.argc, command.hello_version());
-            // Inside a transaction a command is only queued: one reply, whatever it is.
-            match kind {
-                CommandKind::Multi => self.resp.in_multi = true,
-                CommandKind::EndMulti | CommandKind::Reset => self.resp.in_multi = false,
-                _ if self.resp.in_multi => kind = CommandKind::Other,
-                _ => {}
-            }
-            if self.resp.will_reply(kind) {
-                self.pending.push_back(Pending {
-                    id: Some(id),
-                    kind,
-                    argc,
-                    left: None,
-                    hello,
-                });
-            } else {
-                responses.push(Message::response(Some(id), Bytes::new()));
+            if !self.replies.expect(&mut request) {
+                responses.push(Message::response(Some(request.id), Bytes::new()));
             }
             self.outbox.push(request.into_bytes());
         }
@@ -349,12 +237,7 @@ impl RedisSinkSingle {
         state: &mut ChainState<'_>,
     ) -> Messages {
         let text = format!("ERR shotover: {error}");
-        let failed = self.pending.len();
-        for pending in self.pending.drain(..) {
-            if let Some(id) = pending.id {
-                responses.push(Message::error_reply(id, &text));
-            }
-        }
+        let failed = self.replies.fail_pending(&text, &mut responses);
         tracing::warn!(
             upstream = %self.shared.upstream.address,
             error = %error,
@@ -420,7 +303,7 @@ impl RedisSinkSingle {
                 },
                 Conn::NotConnected | Conn::Closed => return Ok(()),
             };
-            self.classify(frame, responses);
+            self.replies.classify(frame, responses);
         }
     }
 
@@ -450,158 +333,6 @@ impl RedisSinkSingle {
         ));
         self.conn = Conn::Streaming { writer, frames: rx };
     }
-
-    /// Decides whom a frame answers, and keeps the RESP state.
-    fn classify(&mut self, frame: Bytes, out: &mut Messages) {
-        let head_kind = self.pending.front().map(|p| p.kind);
-        let head_subscribing = head_kind.is_some_and(is_subscribe_family);
-        let kind_byte = frame.first().copied();
-        let aggregate_name = match kind_byte {
-            Some(b'>') => aggregate_head(&frame).map(|(name, _, _)| name),
-            // RESP2 has no pushes: while subscribed, messages are arrays.
-            Some(b'*') if !self.resp.resp3 && (self.resp.subscribed() || head_subscribing) => {
-                aggregate_head(&frame).map(|(name, _, _)| name)
-            }
-            _ => None,
-        };
-        let confirmation = aggregate_name.as_deref().is_some_and(is_confirmation_name);
-        let unsolicited = match kind_byte {
-            Some(b'>') => !(confirmation && head_subscribing),
-            Some(b'*') if aggregate_name.is_some() => {
-                !confirmation && matches!(aggregate_name.as_deref(), Some(n) if is_message_name(n))
-            }
-            _ => self.pending.is_empty(),
-        };
-        if unsolicited || self.pending.is_empty() {
-            out.push(Message::response(None, frame));
-            return;
-        }
-        let is_error = matches!(kind_byte, Some(b'-' | b'!'));
-        let Some(head) = self.pending.front_mut() else {
-            return;
-        };
-        let done = if is_subscribe_family(head.kind) && !is_error {
-            // Counted when the request reaches the front, before this confirmation changes
-            // the channel sets: `UNSUBSCRIBE` alone gets one per channel (at least one).
-            let left = head.left.get_or_insert_with(|| match head.kind {
-                CommandKind::Unsubscribe if head.argc == 0 => self.resp.channels.len().max(1),
-                CommandKind::PUnsubscribe if head.argc == 0 => self.resp.patterns.len().max(1),
-                CommandKind::SUnsubscribe if head.argc == 0 => {
-                    self.resp.shard_channels.len().max(1)
-                }
-                _ => head.argc.max(1),
-            });
-            *left = left.saturating_sub(1);
-            *left == 0
-        } else {
-            true
-        };
-        let id = head.id.take();
-        let kind = head.kind;
-        let hello = head.hello;
-        if done {
-            self.pending.pop_front();
-        }
-        if confirmation && head_subscribing {
-            self.track_confirmation(&frame);
-        }
-        if !is_error {
-            match kind {
-                CommandKind::Monitor => self.resp.monitoring = true,
-                // RESET clears the connection's state, except what requests written after
-                // it already set (their reply mode and transaction state).
-                CommandKind::Reset => {
-                    self.resp = RespState {
-                        replies: self.resp.replies,
-                        in_multi: self.resp.in_multi,
-                        ..RespState::default()
-                    }
-                }
-                CommandKind::Hello => {
-                    if let Some(version) = hello {
-                        self.resp.resp3 = version == 3;
-                    }
-                }
-                CommandKind::Quit => self.resp.quit = true,
-                CommandKind::ClientTracking => self.resp.tracking = true,
-                _ => {}
-            }
-        }
-        out.push(Message::response(id, frame));
-    }
-
-    /// Follows the channel sets from `subscribe`/`unsubscribe` confirmations.
-    fn track_confirmation(&mut self, frame: &Bytes) {
-        let Ok(parsed) = RedisFrame::parse(frame) else {
-            return;
-        };
-        let items = match parsed {
-            RedisFrame::Array(items) | RedisFrame::Push(items) => items,
-            _ => return,
-        };
-        let (Some(kind), Some(channel)) =
-            (items.first().and_then(RedisFrame::as_bytes), items.get(1))
-        else {
-            return;
-        };
-        // Copied: a slice would keep the whole read buffer it came from alive.
-        let Some(channel) = channel.as_bytes().map(|c| Bytes::copy_from_slice(c)) else {
-            return;
-        };
-        let kind = kind.to_ascii_lowercase();
-        match kind.as_slice() {
-            b"subscribe" => {
-                self.resp.channels.insert(channel);
-            }
-            b"psubscribe" => {
-                self.resp.patterns.insert(channel);
-            }
-            b"ssubscribe" => {
-                self.resp.shard_channels.insert(channel);
-            }
-            b"unsubscribe" => {
-                self.resp.channels.remove(&channel);
-            }
-            b"punsubscribe" => {
-                self.resp.patterns.remove(&channel);
-            }
-            b"sunsubscribe" => {
-                self.resp.shard_channels.remove(&channel);
-            }
-            _ => {}
-        }
-    }
-}
-
-fn is_subscribe_family(kind: CommandKind) -> bool {
-    matches!(
-        kind,
-        CommandKind::Subscribe
-            | CommandKind::PSubscribe
-            | CommandKind::SSubscribe
-            | CommandKind::Unsubscribe
-            | CommandKind::PUnsubscribe
-            | CommandKind::SUnsubscribe
-    )
-}
-
-fn is_confirmation_name(name: &[u8]) -> bool {
-    [
-        "subscribe",
-        "psubscribe",
-        "ssubscribe",
-        "unsubscribe",
-        "punsubscribe",
-        "sunsubscribe",
-    ]
-    .iter()
-    .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
-}
-
-fn is_message_name(name: &[u8]) -> bool {
-    ["message", "pmessage", "smessage"]
-        .iter()
-        .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
 }
 
 fn protocol_error(addr: &str, e: DecodeError) -> ChainError {

@@ -1,0 +1,450 @@
+//! Which reply answers which request on one upstream Redis connection.
+//!
+//! Redis answers each request once, in order, except where the connection's state says
+//! otherwise: subscribe commands get one confirmation per channel, pub/sub messages and RESP3
+//! pushes answer nobody, MONITOR streams lines, `CLIENT REPLY OFF|SKIP` silences replies, and
+//! inside MULTI every command is only queued. [`ReplyTracker`] follows that state from the
+//! requests written and the replies read.
+
+use std::collections::{HashSet, VecDeque};
+
+use bytes::Bytes;
+
+use crate::codec::redis::command::{CommandKind, ReplyMode, aggregate_head};
+use crate::codec::redis::frame::RedisFrame;
+use crate::message::{Message, MessageId, Messages};
+
+/// The requests waiting for replies, and the RESP state that decides what answers them.
+#[derive(Default)]
+pub(super) struct ReplyTracker {
+    pending: VecDeque<Pending>,
+    resp: RespState,
+}
+
+impl ReplyTracker {
+    /// Registers a request about to be written. `false` when the server will not reply to it
+    /// (`CLIENT REPLY OFF`/`SKIP`).
+    pub fn expect(&mut self, request: &mut Message) -> bool {
+        let id = request.id;
+        let command = request.command();
+        let (mut kind, argc, hello) = (command.kind, command.argc, command.hello_version());
+        // Inside a transaction a command is only queued: one reply, whatever it is.
+        match kind {
+            CommandKind::Multi => self.resp.in_multi = true,
+            CommandKind::EndMulti | CommandKind::Reset => self.resp.in_multi = false,
+            _ if self.resp.in_multi => kind = CommandKind::Other,
+            _ => {}
+        }
+        if !self.resp.will_reply(kind) {
+            return false;
+        }
+        self.pending.push_back(Pending {
+            id: Some(id),
+            kind,
+            argc,
+            left: None,
+            hello,
+        });
+        true
+    }
+
+    /// Registers a request answered by exactly one reply.
+    pub fn expect_one(&mut self, id: MessageId) {
+        self.pending.push_back(Pending {
+            id: Some(id),
+            kind: CommandKind::Other,
+            argc: 0,
+            left: None,
+            hello: None,
+        });
+    }
+
+    /// Whether some request still waits for a reply.
+    pub fn waiting(&self) -> bool {
+        !self.pending.is_empty()
+    }
+
+    /// Answers every waiting request with the error `text`; returns how many there were.
+    pub fn fail_pending(&mut self, text: &str, out: &mut Messages) -> usize {
+        let failed = self.pending.len();
+        for pending in self.pending.drain(..) {
+            if let Some(id) = pending.id {
+                out.push(Message::error_reply(id, text));
+            }
+        }
+        failed
+    }
+
+    /// Drops the waiting requests without an answer (after QUIT, Redis answers nothing more).
+    pub fn forget_pending(&mut self) {
+        self.pending.clear();
+    }
+
+    /// Whether QUIT was answered: the server closes the connection next.
+    pub fn quit(&self) -> bool {
+        self.resp.quit
+    }
+
+    /// Whether frames may arrive that no request asked for.
+    pub fn unsolicited_possible(&self) -> bool {
+        self.resp.subscribed() || self.resp.monitoring || self.resp.tracking
+    }
+
+    /// Decides whom a frame answers, and keeps the RESP state.
+    pub fn classify(&mut self, frame: Bytes, out: &mut Messages) {
+        let head_kind = self.pending.front().map(|p| p.kind);
+        let head_subscribing = head_kind.is_some_and(is_subscribe_family);
+        let kind_byte = frame.first().copied();
+        let aggregate_name = match kind_byte {
+            Some(b'>') => aggregate_head(&frame).map(|(name, _, _)| name),
+            // RESP2 has no pushes: while subscribed, messages are arrays.
+            Some(b'*') if !self.resp.resp3 && (self.resp.subscribed() || head_subscribing) => {
+                aggregate_head(&frame).map(|(name, _, _)| name)
+            }
+            _ => None,
+        };
+        let confirmation = aggregate_name.as_deref().is_some_and(is_confirmation_name);
+        let unsolicited = match kind_byte {
+            Some(b'>') => !(confirmation && head_subscribing),
+            Some(b'*') if aggregate_name.is_some() => {
+                !confirmation && matches!(aggregate_name.as_deref(), Some(n) if is_message_name(n))
+            }
+            _ => self.pending.is_empty(),
+        };
+        if unsolicited || self.pending.is_empty() {
+            out.push(Message::response(None, frame));
+            return;
+        }
+        let is_error = matches!(kind_byte, Some(b'-' | b'!'));
+        let Some(head) = self.pending.front_mut() else {
+            return;
+        };
+        let done = if is_subscribe_family(head.kind) && !is_error {
+            // Counted when the request reaches the front, before this confirmation changes
+            // the channel sets: `UNSUBSCRIBE` alone gets one per channel (at least one).
+            let left = head.left.get_or_insert_with(|| match head.kind {
+                CommandKind::Unsubscribe if head.argc == 0 => self.resp.channels.len().max(1),
+                CommandKind::PUnsubscribe if head.argc == 0 => self.resp.patterns.len().max(1),
+                CommandKind::SUnsubscribe if head.argc == 0 => {
+                    self.resp.shard_channels.len().max(1)
+                }
+                _ => head.argc.max(1),
+            });
+            *left = left.saturating_sub(1);
+            *left == 0
+        } else {
+            true
+        };
+        let id = head.id.take();
+        let kind = head.kind;
+        let hello = head.hello;
+        if done {
+            self.pending.pop_front();
+        }
+        if confirmation && head_subscribing {
+            self.track_confirmation(&frame);
+        }
+        if !is_error {
+            match kind {
+                CommandKind::Monitor => self.resp.monitoring = true,
+                // RESET clears the connection's state, except what requests written after
+                // it already set (their reply mode and transaction state).
+                CommandKind::Reset => {
+                    self.resp = RespState {
+                        replies: self.resp.replies,
+                        in_multi: self.resp.in_multi,
+                        ..RespState::default()
+                    }
+                }
+                CommandKind::Hello => {
+                    if let Some(version) = hello {
+                        self.resp.resp3 = version == 3;
+                    }
+                }
+                CommandKind::Quit => self.resp.quit = true,
+                CommandKind::ClientTracking => self.resp.tracking = true,
+                _ => {}
+            }
+        }
+        out.push(Message::response(id, frame));
+    }
+
+    /// Follows the channel sets from `subscribe`/`unsubscribe` confirmations.
+    fn track_confirmation(&mut self, frame: &Bytes) {
+        let Ok(parsed) = RedisFrame::parse(frame) else {
+            return;
+        };
+        let items = match parsed {
+            RedisFrame::Array(items) | RedisFrame::Push(items) => items,
+            _ => return,
+        };
+        let (Some(kind), Some(channel)) =
+            (items.first().and_then(RedisFrame::as_bytes), items.get(1))
+        else {
+            return;
+        };
+        // Copied: a slice would keep the whole read buffer it came from alive.
+        let Some(channel) = channel.as_bytes().map(|c| Bytes::copy_from_slice(c)) else {
+            return;
+        };
+        let kind = kind.to_ascii_lowercase();
+        match kind.as_slice() {
+            b"subscribe" => {
+                self.resp.channels.insert(channel);
+            }
+            b"psubscribe" => {
+                self.resp.patterns.insert(channel);
+            }
+            b"ssubscribe" => {
+                self.resp.shard_channels.insert(channel);
+            }
+            b"unsubscribe" => {
+                self.resp.channels.remove(&channel);
+            }
+            b"punsubscribe" => {
+                self.resp.patterns.remove(&channel);
+            }
+            b"sunsubscribe" => {
+                self.resp.shard_channels.remove(&channel);
+            }
+            _ => {}
+        }
+    }
+}
+
+/// A request written upstream and not fully answered yet.
+struct Pending {
+    /// `Some` until the first reply is assigned to it.
+    id: Option<MessageId>,
+    kind: CommandKind,
+    argc: usize,
+    /// Subscribe confirmations still expected (computed when the request reaches the front).
+    left: Option<usize>,
+    /// For HELLO: the protocol version it asks for.
+    hello: Option<u8>,
+}
+
+/// The RESP state of the upstream connection, as far as framing replies depends on it.
+#[derive(Default)]
+struct RespState {
+    channels: HashSet<Bytes>,
+    patterns: HashSet<Bytes>,
+    shard_channels: HashSet<Bytes>,
+    monitoring: bool,
+    tracking: bool,
+    quit: bool,
+    /// `CLIENT REPLY OFF`/`SKIP`: the server sends no reply to the next request(s).
+    replies: Replies,
+    /// The connection speaks RESP3 (a HELLO 3 succeeded): pub/sub messages are pushes.
+    resp3: bool,
+    /// Between MULTI and EXEC/DISCARD every command is answered once (`+QUEUED` or an
+    /// error), whatever it is. Followed as requests are written.
+    in_multi: bool,
+}
+
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum Replies {
+    #[default]
+    On,
+    Off,
+    SkipNext,
+}
+
+impl RespState {
+    /// Whether the server will reply to a request of `kind`, moving the reply mode on.
+    fn will_reply(&mut self, kind: CommandKind) -> bool {
+        match (kind, self.replies) {
+            (CommandKind::Reset, _) => {
+                self.replies = Replies::On;
+                true
+            }
+            (CommandKind::ClientReply(ReplyMode::On), _) => {
+                self.replies = Replies::On;
+                true
+            }
+            (CommandKind::ClientReply(ReplyMode::Off), _) => {
+                self.replies = Replies::Off;
+                false
+            }
+            (CommandKind::ClientReply(ReplyMode::Skip), Replies::On) => {
+                self.replies = Replies::SkipNext;
+                false
+            }
+            (CommandKind::ClientReply(ReplyMode::Skip), _) => false,
+            (_, Replies::On) => true,
+            (_, Replies::Off) => false,
+            (_, Replies::SkipNext) => {
+                self.replies = Replies::On;
+                false
+            }
+        }
+    }
+}
+
+impl RespState {
+    fn subscribed(&self) -> bool {
+        !(self.channels.is_empty() && self.patterns.is_empty() && self.shard_channels.is_empty())
+    }
+}
+
+fn is_subscribe_family(kind: CommandKind) -> bool {
+    matches!(
+        kind,
+        CommandKind::Subscribe
+            | CommandKind::PSubscribe
+            | CommandKind::SSubscribe
+            | CommandKind::Unsubscribe
+            | CommandKind::PUnsubscribe
+            | CommandKind::SUnsubscribe
+    )
+}
+
+fn is_confirmation_name(name: &[u8]) -> bool {
+    [
+        "subscribe",
+        "psubscribe",
+        "ssubscribe",
+        "unsubscribe",
+        "punsubscribe",
+        "sunsubscribe",
+    ]
+    .iter()
+    .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+}
+
+fn is_message_name(name: &[u8]) -> bool {
+    ["message", "pmessage", "smessage"]
+        .iter()
+        .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(id: MessageId, line: &str) -> Message {
+        Message::request(id, Bytes::from(format!("{line}\r\n")))
+    }
+
+    /// Registers the requests, feeds the replies, and returns (request_id, reply) pairs.
+    fn run(requests: &[&str], replies: &[&str]) -> Vec<(Option<MessageId>, String)> {
+        let mut tracker = ReplyTracker::default();
+        let mut out = Vec::new();
+        for (i, line) in requests.iter().enumerate() {
+            if !tracker.expect(&mut request(i as MessageId + 1, line)) {
+                out.push(Message::response(Some(i as MessageId + 1), Bytes::new()));
+            }
+        }
+        for reply in replies {
+            tracker.classify(Bytes::from(reply.to_string()), &mut out);
+        }
+        assert!(!tracker.waiting(), "every request answered");
+        out.into_iter()
+            .map(|m| {
+                (
+                    m.request_id,
+                    String::from_utf8_lossy(&m.into_bytes()).into_owned(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn each_subscribe_confirmation_after_the_first_answers_nobody() {
+        let sub = |ch: &str, n: u8| format!("*3\r\n$9\r\nsubscribe\r\n$2\r\n{ch}\r\n:{n}\r\n");
+        let got = run(
+            &["SUBSCRIBE c1 c2", "PING"],
+            &[
+                &sub("c1", 1),
+                &sub("c2", 2),
+                "*2\r\n$4\r\npong\r\n$0\r\n\r\n",
+            ],
+        );
+        let ids: Vec<Option<MessageId>> = got.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, vec![Some(1), None, Some(2)]);
+    }
+
+    #[test]
+    fn resp2_messages_of_a_subscribed_connection_answer_nobody() {
+        let got = run(
+            &["SUBSCRIBE c", "PING"],
+            &[
+                "*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n",
+                "*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$2\r\nhi\r\n",
+                "*2\r\n$4\r\npong\r\n$0\r\n\r\n",
+            ],
+        );
+        let ids: Vec<Option<MessageId>> = got.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, vec![Some(1), None, Some(2)]);
+    }
+
+    #[test]
+    fn resp3_arrays_are_replies_even_when_they_start_with_message() {
+        let got = run(
+            &["HELLO 3", "SUBSCRIBE c", "LRANGE l 0 -1"],
+            &[
+                "%1\r\n+proto\r\n:3\r\n",
+                ">3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n",
+                "*1\r\n$7\r\nmessage\r\n",
+            ],
+        );
+        let ids: Vec<Option<MessageId>> = got.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, vec![Some(1), Some(2), Some(3)]);
+    }
+
+    #[test]
+    fn client_reply_off_and_skip_silence_the_right_requests() {
+        let got = run(
+            &[
+                "CLIENT REPLY OFF",
+                "SET a 1",
+                "CLIENT REPLY ON",
+                "CLIENT REPLY SKIP",
+                "GET a",
+                "GET a",
+            ],
+            &["+OK\r\n", "$1\r\n1\r\n"],
+        );
+        let answered: Vec<(Option<MessageId>, &str)> =
+            got.iter().map(|(id, r)| (*id, r.as_str())).collect();
+        assert_eq!(
+            answered,
+            vec![
+                (Some(1), ""),
+                (Some(2), ""),
+                (Some(4), ""),
+                (Some(5), ""),
+                (Some(3), "+OK\r\n"),
+                (Some(6), "$1\r\n1\r\n")
+            ]
+        );
+    }
+
+    #[test]
+    fn inside_multi_a_subscribe_is_only_queued() {
+        let got = run(
+            &["MULTI", "SUBSCRIBE a b", "EXEC"],
+            &[
+                "+OK\r\n",
+                "+QUEUED\r\n",
+                "*1\r\n*3\r\n$9\r\nsubscribe\r\n$1\r\na\r\n:1\r\n",
+            ],
+        );
+        let ids: Vec<Option<MessageId>> = got.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, vec![Some(1), Some(2), Some(3)]);
+    }
+
+    #[test]
+    fn fail_pending_answers_every_waiting_request_once() {
+        let mut tracker = ReplyTracker::default();
+        for id in 1..=3 {
+            assert!(tracker.expect(&mut request(id, "GET k")));
+        }
+        let mut out = Vec::new();
+        tracker.classify(Bytes::from_static(b"$1\r\nv\r\n"), &mut out);
+        assert_eq!(tracker.fail_pending("ERR gone", &mut out), 2);
+        let ids: Vec<Option<MessageId>> = out.iter().map(|m| m.request_id).collect();
+        assert_eq!(ids, vec![Some(1), Some(2), Some(3)]);
+        assert!(out[1].is_error() && out[2].is_error() && !out[0].is_error());
+    }
+}
