@@ -68,6 +68,8 @@ pub fn temp_dir(tag: &str) -> PathBuf {
 pub struct Shotover {
     child: Option<Child>,
     logs: Arc<Mutex<Vec<String>>>,
+    /// Reads the process's stderr; ends when the process does.
+    log_reader: Option<std::thread::JoinHandle<()>>,
     pub observability: String,
 }
 
@@ -102,7 +104,7 @@ impl Shotover {
         let logs = Arc::new(Mutex::new(Vec::new()));
         let stderr = child.stderr.take().expect("stderr is piped");
         let sink = logs.clone();
-        std::thread::spawn(move || {
+        let log_reader = std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 eprintln!("[shotover] {line}");
                 sink.lock().unwrap_or_else(|e| e.into_inner()).push(line);
@@ -111,6 +113,7 @@ impl Shotover {
         Shotover {
             child: Some(child),
             logs,
+            log_reader: Some(log_reader),
             observability,
         }
     }
@@ -187,8 +190,10 @@ impl Shotover {
         loop {
             if let Some(status) = child.try_wait().expect("waiting for shotover") {
                 self.child = None;
-                // Let the log thread catch up with the last lines.
-                std::thread::sleep(Duration::from_millis(50));
+                // Every line is in `logs` once the reader has seen the end of stderr.
+                if let Some(reader) = self.log_reader.take() {
+                    let _ = reader.join();
+                }
                 return status;
             }
             assert!(
