@@ -39,8 +39,7 @@ pub enum SourceConfig {
     /// A Redis (RESP2/RESP3) listener.
     #[serde(alias = "Valkey")]
     Redis(ListenerConfig),
-    /// A Cassandra (CQL) listener. The model and its validation are here; the proxy does
-    /// not serve CQL yet and refuses to start with such a source.
+    /// A Cassandra (CQL protocol v3 and v4) listener.
     Cassandra(ListenerConfig),
 }
 
@@ -90,6 +89,10 @@ pub const DEFAULT_CONNECTION_LIMIT: usize = 512;
 /// the command around the value.
 pub const DEFAULT_MAX_FRAME_SIZE_BYTES: usize = 512 * 1024 * 1024 + 64 * 1024;
 
+/// Default for `maxFrameSizeBytes` of a Cassandra source: 256 MiB, the most Cassandra's
+/// `native_transport_max_frame_size` has allowed.
+pub const DEFAULT_CQL_MAX_FRAME_SIZE_BYTES: usize = 256 * 1024 * 1024;
+
 /// A listener: the settings every source has.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -117,8 +120,9 @@ pub struct ListenerConfig {
     /// Close a client connection idle for this many seconds (default: never).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout: Option<u64>,
-    /// Largest request frame accepted, in bytes (default 512 MiB + 64 KiB). A larger frame
-    /// gets a protocol error and its connection is closed; other connections go on.
+    /// Largest request frame accepted, in bytes (default 512 MiB + 64 KiB for Redis, 256 MiB
+    /// for Cassandra). A larger frame gets a protocol error and its connection is closed;
+    /// other connections go on.
     #[serde(
         alias = "max_frame_size_bytes",
         default,

@@ -17,6 +17,12 @@ pub enum TransformConfig {
     /// connection (upstream's `ValkeySinkSingle`).
     #[serde(alias = "ValkeySinkSingle")]
     RedisSinkSingle(RedisSinkSingleConfig),
+    /// Sends every CQL request to one Cassandra node over one upstream connection per client
+    /// connection, with the client's own handshake, stream ids and compression.
+    CassandraSinkSingle(CassandraSinkSingleConfig),
+    /// Lets through at most `max_requests_per_second` requests per second across all
+    /// connections of the source; the rest are answered with an Overloaded error.
+    RequestThrottling(RequestThrottlingConfig),
     /// Answers every request with an error reply without sending it anywhere.
     NullSink(NamedConfig),
     /// Logs every request and response at INFO.
@@ -59,6 +65,44 @@ pub struct RedisSinkSingleConfig {
     /// TLS towards the server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConnectorConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CassandraSinkSingleConfig {
+    /// Name of this transform in logs and metrics (default: the transform's kind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The Cassandra node, `host:port`.
+    #[serde(alias = "remote_address")]
+    pub remote_address: String,
+    /// How long to wait for the TCP (and TLS) connection to the node, in milliseconds.
+    #[serde(alias = "connect_timeout_ms", default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// Fail the connection when a request has waited this many seconds for its answer with
+    /// nothing at all arriving from the node (default: wait as long as the node takes). The
+    /// client gets a Server error for every request in flight and its connection is closed.
+    #[serde(
+        alias = "read_timeout",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub read_timeout: Option<u64>,
+    /// TLS towards the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConnectorConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RequestThrottlingConfig {
+    /// Name of this transform in logs and metrics (default: the transform's kind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Requests per second let through, shared by every connection of the chain; bursts of
+    /// up to this many are allowed. A CQL BATCH counts as one request per statement in it.
+    #[serde(alias = "max_requests_per_second")]
+    pub max_requests_per_second: u32,
 }
 
 fn default_connect_timeout_ms() -> u64 {
@@ -245,6 +289,8 @@ impl TransformConfig {
     pub const KINDS: &'static [&'static str] = &[
         "RedisSinkSingle",
         "ValkeySinkSingle",
+        "CassandraSinkSingle",
+        "RequestThrottling",
         "NullSink",
         "DebugPrinter",
         "DebugReturner",
@@ -258,6 +304,8 @@ impl TransformConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             TransformConfig::RedisSinkSingle(_) => "RedisSinkSingle",
+            TransformConfig::CassandraSinkSingle(_) => "CassandraSinkSingle",
+            TransformConfig::RequestThrottling(_) => "RequestThrottling",
             TransformConfig::NullSink(_) => "NullSink",
             TransformConfig::DebugPrinter(_) => "DebugPrinter",
             TransformConfig::DebugReturner(_) => "DebugReturner",
@@ -272,6 +320,8 @@ impl TransformConfig {
     pub fn explicit_name(&self) -> Option<&str> {
         match self {
             TransformConfig::RedisSinkSingle(c) => c.name.as_deref(),
+            TransformConfig::CassandraSinkSingle(c) => c.name.as_deref(),
+            TransformConfig::RequestThrottling(c) => c.name.as_deref(),
             TransformConfig::NullSink(c) | TransformConfig::DebugPrinter(c) => c.name.as_deref(),
             TransformConfig::DebugReturner(c) => c.name.as_deref(),
             TransformConfig::QueryCounter(c) => c.name.as_deref(),
@@ -291,6 +341,7 @@ impl TransformConfig {
         matches!(
             self,
             TransformConfig::RedisSinkSingle(_)
+                | TransformConfig::CassandraSinkSingle(_)
                 | TransformConfig::NullSink(_)
                 | TransformConfig::DebugReturner(_)
         )
@@ -299,12 +350,22 @@ impl TransformConfig {
     /// The protocols this transform works on; `None` means any.
     pub fn protocols(&self) -> Option<&'static [Protocol]> {
         match self {
-            TransformConfig::RedisSinkSingle(_)
-            | TransformConfig::DebugReturner(_)
-            | TransformConfig::QueryCounter(_)
-            | TransformConfig::QueryTypeFilter(_) => Some(&[Protocol::Redis]),
+            TransformConfig::RedisSinkSingle(_) | TransformConfig::DebugReturner(_) => {
+                Some(&[Protocol::Redis])
+            }
+            TransformConfig::CassandraSinkSingle(_) => Some(&[Protocol::Cassandra]),
+            // Comparing answers and switching which chain answers need every answer of a
+            // batch at once, which only in-order protocols give.
+            TransformConfig::Tee(c)
+                if c.behavior != TeeBehavior::Ignore || c.switch_port.is_some() =>
+            {
+                Some(&[Protocol::Redis])
+            }
             TransformConfig::NullSink(_)
             | TransformConfig::DebugPrinter(_)
+            | TransformConfig::QueryCounter(_)
+            | TransformConfig::QueryTypeFilter(_)
+            | TransformConfig::RequestThrottling(_)
             | TransformConfig::Coalesce(_)
             | TransformConfig::Tee(_) => None,
         }

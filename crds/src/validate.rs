@@ -234,7 +234,7 @@ impl Checker {
         protocol: Option<Protocol>,
     ) {
         if items.is_empty() {
-            self.err(path, "chain is empty: it must end in a sink (RedisSinkSingle, NullSink or DebugReturner)");
+            self.err(path, "chain is empty: it must end in a sink (RedisSinkSingle, CassandraSinkSingle, NullSink or DebugReturner)");
             return;
         }
         let last = items.len() - 1;
@@ -243,7 +243,7 @@ impl Checker {
             let item_path = format!("{path}[{i}]");
             if i == last && !t.is_sink() {
                 let msg = format!(
-                    "{} is not a sink, but it ends the chain: a chain must end in a sink (RedisSinkSingle, NullSink or DebugReturner)",
+                    "{} is not a sink, but it ends the chain: a chain must end in a sink (RedisSinkSingle, CassandraSinkSingle, NullSink or DebugReturner)",
                     describe(t)
                 );
                 self.err(&item_path, msg);
@@ -276,20 +276,34 @@ impl Checker {
             self.claim_name(name, path);
         }
         match t {
-            TransformConfig::RedisSinkSingle(c) => {
-                if let Err(msg) = check_remote_addr(&c.remote_address) {
-                    self.err(format!("{path}.remoteAddress"), msg);
-                }
-                if c.connect_timeout_ms == 0 {
-                    self.err(format!("{path}.connectTimeoutMs"), "must be at least 1");
+            TransformConfig::RedisSinkSingle(c) => self.check_sink(
+                &c.remote_address,
+                c.connect_timeout_ms,
+                c.tls.as_ref(),
+                path,
+            ),
+            TransformConfig::CassandraSinkSingle(c) => {
+                self.check_sink(
+                    &c.remote_address,
+                    c.connect_timeout_ms,
+                    c.tls.as_ref(),
+                    path,
+                );
+                if c.read_timeout == Some(0) {
+                    self.err(
+                        format!("{path}.readTimeout"),
+                        "must be at least 1 second (omit it to wait as long as the node takes)",
+                    );
                 }
                 self.at_most(
-                    Some(c.connect_timeout_ms),
-                    MAX_TIMEOUT_MS,
-                    format!("{path}.connectTimeoutMs"),
+                    c.read_timeout,
+                    MAX_IDLE_SECONDS,
+                    format!("{path}.readTimeout"),
                 );
-                if let Some(tls) = &c.tls {
-                    self.check_connector_tls(tls, &format!("{path}.tls"));
+            }
+            TransformConfig::RequestThrottling(c) => {
+                if c.max_requests_per_second == 0 {
+                    self.err(format!("{path}.maxRequestsPerSecond"), "must be at least 1");
                 }
             }
             TransformConfig::NullSink(_) | TransformConfig::DebugPrinter(_) => {}
@@ -385,6 +399,30 @@ impl Checker {
                     self.check_chain(&items, &format!("{path}.{field}"), protocol);
                 }
             }
+        }
+    }
+
+    /// The fields every sink with an upstream has.
+    fn check_sink(
+        &mut self,
+        remote_address: &str,
+        connect_timeout_ms: u64,
+        tls: Option<&TlsConnectorConfig>,
+        path: &str,
+    ) {
+        if let Err(msg) = check_remote_addr(remote_address) {
+            self.err(format!("{path}.remoteAddress"), msg);
+        }
+        if connect_timeout_ms == 0 {
+            self.err(format!("{path}.connectTimeoutMs"), "must be at least 1");
+        }
+        self.at_most(
+            Some(connect_timeout_ms),
+            MAX_TIMEOUT_MS,
+            format!("{path}.connectTimeoutMs"),
+        );
+        if let Some(tls) = tls {
+            self.check_connector_tls(tls, &format!("{path}.tls"));
         }
     }
 

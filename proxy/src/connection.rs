@@ -1,5 +1,7 @@
 //! One client connection: read every complete request in the buffer, run them through the
-//! chain as one batch, write the responses back in request order, repeat.
+//! chain as one batch, write the responses back, repeat. Redis responses go back in request
+//! order; CQL responses go back as they come (the client matches them by stream id), so a
+//! slow query does not hold up the others on its connection.
 //!
 //! The handler is one task per connection that owns the socket, so a batch goes from the
 //! client's socket to the upstream's and back without crossing a channel. It also runs the
@@ -12,14 +14,15 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::BytesMut;
+use shotover_crds::Protocol;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::chain::{ChainError, TransformChain};
 use crate::codec::DecodeError;
-use crate::codec::redis::{Request, RequestDecoder};
-use crate::message::{Message, MessageId, Messages};
+use crate::codec::{cassandra, redis};
+use crate::message::{ErrorKind, Message, MessageId, Messages, ReplyTo};
 use crate::metrics::Counter;
 use crate::outbox::Outbox;
 
@@ -30,6 +33,7 @@ const SHRINK_ABOVE: usize = 1024 * 1024;
 
 /// Settings and shared handles a connection needs.
 pub struct ConnectionSettings {
+    pub protocol: Protocol,
     pub max_frame: usize,
     pub idle_timeout: Option<Duration>,
     pub shutdown: CancellationToken,
@@ -51,20 +55,35 @@ pub enum Ended {
     Io(std::io::Error),
 }
 
+/// The client side of a protocol: how requests are framed.
+enum Decoder {
+    Redis(redis::RequestDecoder),
+    Cql(cassandra::RequestDecoder),
+}
+
+/// Requests sent into the chain and not answered yet.
+enum Pending {
+    /// Redis: answers go back in request order. `held` has the responses that came back
+    /// before an earlier request's (rare).
+    InOrder {
+        queue: VecDeque<MessageId>,
+        held: HashMap<MessageId, Message>,
+    },
+    /// CQL: answers go back as they come.
+    ById(HashMap<MessageId, ReplyTo>),
+}
+
 struct Handler<S> {
     stream: S,
     chain: TransformChain,
-    decoder: RequestDecoder,
+    decoder: Decoder,
     read_buf: BytesMut,
     outbox: Outbox,
     /// How long a write to the client may wait for it to read (the idle timeout): a client
     /// that stops reading its replies must not hold its connection slot forever.
     write_timeout: Option<Duration>,
     next_id: MessageId,
-    /// Requests sent into the chain and not answered yet, in order.
-    pending: VecDeque<MessageId>,
-    /// Responses that came back before an earlier request's (rare).
-    held: HashMap<MessageId, Message>,
+    pending: Pending,
 }
 
 /// Serves one client connection until it ends.
@@ -72,16 +91,28 @@ pub async fn serve<S>(stream: S, chain: TransformChain, settings: &ConnectionSet
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
+    let (decoder, pending) = match settings.protocol {
+        Protocol::Redis => (
+            Decoder::Redis(redis::RequestDecoder::new(settings.max_frame)),
+            Pending::InOrder {
+                queue: VecDeque::new(),
+                held: HashMap::new(),
+            },
+        ),
+        Protocol::Cassandra => (
+            Decoder::Cql(cassandra::RequestDecoder::new(settings.max_frame)),
+            Pending::ById(HashMap::new()),
+        ),
+    };
     let mut handler = Handler {
         stream,
         chain,
-        decoder: RequestDecoder::new(settings.max_frame),
+        decoder,
         read_buf: BytesMut::new(),
         outbox: Outbox::default(),
         write_timeout: settings.idle_timeout,
         next_id: 1,
-        pending: VecDeque::new(),
-        held: HashMap::new(),
+        pending,
     };
     let ended = handler.run(settings).await;
     if let Ended::ProtocolError(_) = &ended {
@@ -113,15 +144,22 @@ where
                 continue;
             }
             if let Some(error) = decode_error {
-                let reply = match &error {
-                    DecodeError::FrameTooLarge { size, max } => format!(
-                        "ERR Protocol error: request of at least {size} bytes exceeds the proxy's max_frame_size_bytes of {max}"
-                    ),
-                    DecodeError::Malformed(msg) => format!("ERR {msg}"),
+                let reply = match &self.decoder {
+                    Decoder::Redis(_) => {
+                        let text = match &error {
+                            DecodeError::FrameTooLarge { size, max } => format!(
+                                "ERR Protocol error: request of at least {size} bytes exceeds the proxy's max_frame_size_bytes of {max}"
+                            ),
+                            DecodeError::Malformed(msg) => format!("ERR {msg}"),
+                        };
+                        Message::error_reply(0, &text).into_bytes()
+                    }
+                    Decoder::Cql(_) => {
+                        cassandra::RequestDecoder::error_reply(&self.read_buf, &error)
+                    }
                 };
                 tracing::debug!(error = %error, "closing the connection after a protocol error");
-                let reply = Message::error_reply(0, &reply);
-                let _ = self.write_all_now(reply.into_bytes()).await;
+                let _ = self.write_all_now(reply).await;
                 return Ended::ProtocolError(error);
             }
             if self.read_buf.is_empty() && self.read_buf.capacity() > SHRINK_ABOVE {
@@ -164,13 +202,23 @@ where
     fn decode_batch(&mut self) -> (Messages, Option<DecodeError>) {
         let mut batch = Vec::new();
         loop {
-            match self.decoder.decode(&mut self.read_buf) {
-                Ok(Some(Request::Frame(bytes))) => {
-                    let id = self.next_id;
+            let id = self.next_id;
+            let decoded = match &mut self.decoder {
+                Decoder::Redis(decoder) => match decoder.decode(&mut self.read_buf) {
+                    Ok(Some(redis::Request::Frame(bytes))) => Ok(Some(Message::request(id, bytes))),
+                    Ok(Some(redis::Request::Ignored)) => continue,
+                    Ok(None) => Ok(None),
+                    Err(e) => Err(e),
+                },
+                Decoder::Cql(decoder) => decoder
+                    .decode(&mut self.read_buf)
+                    .map(|r| r.map(|request| Message::cql_request(id, request))),
+            };
+            match decoded {
+                Ok(Some(message)) => {
                     self.next_id += 1;
-                    batch.push(Message::request(id, bytes));
+                    batch.push(message);
                 }
-                Ok(Some(Request::Ignored)) => {}
                 Ok(None) => return (batch, None),
                 Err(e) => return (batch, Some(e)),
             }
@@ -179,7 +227,10 @@ where
 
     /// Runs one batch and writes what comes back. `Some` when the connection must end.
     async fn run_batch(&mut self, batch: Messages, flush: bool) -> Option<Ended> {
-        self.pending.extend(batch.iter().map(|m| m.id));
+        match &mut self.pending {
+            Pending::InOrder { queue, .. } => queue.extend(batch.iter().map(|m| m.id)),
+            Pending::ById(map) => map.extend(batch.iter().map(|m| (m.id, m.reply_to()))),
+        }
         // While the chain works, keep reading the client: requests read ahead make the next
         // batch, and a client that goes away is noticed at once. Its in-flight requests are
         // then abandoned with their upstream connection, as Redis frees a client that
@@ -218,11 +269,17 @@ where
             }
             Err(error) => {
                 // Every request still waiting gets an error reply, then the connection closes.
-                let text = format!("ERR shotover: {error}");
-                let pending: Vec<MessageId> = self.pending.iter().copied().collect();
+                let text = format!("shotover: {error}");
+                let mut pending: Vec<(MessageId, ReplyTo)> = match &self.pending {
+                    Pending::InOrder { queue, .. } => {
+                        queue.iter().map(|id| (*id, ReplyTo::Redis)).collect()
+                    }
+                    Pending::ById(map) => map.iter().map(|(id, to)| (*id, *to)).collect(),
+                };
+                pending.sort_unstable_by_key(|(id, _)| *id);
                 let replies = pending
                     .into_iter()
-                    .map(|id| Message::error_reply(id, &text))
+                    .map(|(id, to)| Message::error(id, to, ErrorKind::Server, &text))
                     .collect();
                 self.emit(replies);
                 let _ = self.flush_writes().await;
@@ -231,37 +288,46 @@ where
         }
     }
 
-    /// Queues responses for writing, in request order.
+    /// Queues responses for writing: in request order for Redis, as they come for CQL.
     fn emit(&mut self, responses: Messages) {
+        let outbox = &mut self.outbox;
         for response in responses {
-            match response.request_id {
-                None => self.queue(response),
-                Some(id) if self.pending.front() == Some(&id) => {
-                    self.pending.pop_front();
-                    self.queue(response);
-                    while !self.held.is_empty()
-                        && let Some(next) = self.pending.front()
-                    {
-                        let Some(held) = self.held.remove(next) else {
-                            break;
-                        };
-                        self.pending.pop_front();
-                        self.queue(held);
+            match (&mut self.pending, response.request_id) {
+                (_, None) => outbox.push(response.into_bytes()),
+                (Pending::ById(map), Some(id)) => {
+                    if map.remove(&id).is_some() {
+                        outbox.push(response.into_bytes());
+                    } else {
+                        tracing::debug!(
+                            request_id = id,
+                            "dropping a response to no pending request"
+                        )
                     }
                 }
-                // `pending` is in id order.
-                Some(id) if self.pending.binary_search(&id).is_ok() => {
-                    self.held.insert(id, response);
+                (Pending::InOrder { queue, held }, Some(id)) if queue.front() == Some(&id) => {
+                    queue.pop_front();
+                    outbox.push(response.into_bytes());
+                    while !held.is_empty()
+                        && let Some(next) = queue.front()
+                    {
+                        let Some(next) = held.remove(next) else {
+                            break;
+                        };
+                        queue.pop_front();
+                        outbox.push(next.into_bytes());
+                    }
                 }
-                Some(id) => {
+                // `queue` is in id order.
+                (Pending::InOrder { queue, held }, Some(id))
+                    if queue.binary_search(&id).is_ok() =>
+                {
+                    held.insert(id, response);
+                }
+                (Pending::InOrder { .. }, Some(id)) => {
                     tracing::debug!(request_id = id, "dropping a response to no pending request")
                 }
             }
         }
-    }
-
-    fn queue(&mut self, response: Message) {
-        self.outbox.push(response.into_bytes());
     }
 
     async fn flush_writes(&mut self) -> std::io::Result<()> {

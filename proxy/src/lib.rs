@@ -25,9 +25,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use clap::Parser;
-use shotover_crds::{ProxyConfig, SourceConfig};
+use shotover_crds::ProxyConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -79,17 +79,10 @@ pub async fn run(opts: Opts) -> Result<()> {
     // fails the start cleanly. (A Tee's switch API port is bound while its chain is built.)
     let mut prepared = Vec::new();
     for source in &topology.sources {
-        let SourceConfig::Redis(listener) = source else {
-            bail!(
-                "source `{}`: {} sources are not served by this build yet (only Redis is)",
-                source.name(),
-                source.protocol()
-            );
-        };
         let context = || format!("source `{}`", source.name());
         let chain = transforms::build_chain(source.name(), source.chain()).with_context(context)?;
-        let tls = Source::tls_acceptor(listener).with_context(context)?;
-        prepared.push((listener, chain, tls));
+        let tls = Source::tls_acceptor(source.listener()).with_context(context)?;
+        prepared.push((source, chain, tls));
     }
 
     let shutdown = CancellationToken::new();
@@ -111,11 +104,11 @@ pub async fn run(opts: Opts) -> Result<()> {
     });
 
     let mut sources = Vec::new();
-    for (listener, chain, tls) in prepared {
-        let bound = Source::bind(listener, chain, tls)
+    for (source, chain, tls) in prepared {
+        let bound = Source::bind(source, chain, tls)
             .await
-            .with_context(|| format!("source `{}`", listener.name))?;
-        tracing::info!(source = %listener.name, addr = %bound.local_addr()?, "listening");
+            .with_context(|| format!("source `{}`", source.name()))?;
+        tracing::info!(source = %source.name(), protocol = %source.protocol(), addr = %bound.local_addr()?, "listening");
         sources.push(bound);
     }
     let tracker = TaskTracker::new();

@@ -3,13 +3,52 @@
 //! Forwarding never parses and never re-encodes: the bytes read are the bytes written. A
 //! transform that needs the value calls [`Message::frame`] (parsed once, cached); one that
 //! changes it calls [`Message::frame_mut`], and only then is the frame encoded again.
+//!
+//! A message knows its protocol ([`Wire`]). The RESP helpers (`frame`, `command`) are for
+//! Redis messages; a CQL message carries its 9-byte header, read when it was framed, and its
+//! body is read on demand through [`Message::cql_body`].
 
+use std::borrow::Cow;
 use std::cell::OnceCell;
 
 use bytes::Bytes;
 
+use crate::codec::cassandra::body::BodyError;
+use crate::codec::cassandra::{self as cql, Compression, Header, Opcode};
 use crate::codec::redis::command::Command;
 use crate::codec::redis::frame::{ParseError, RedisFrame};
+
+/// The protocol of a message, and for CQL what its header says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wire {
+    Redis,
+    Cql(CqlMeta),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CqlMeta {
+    pub header: Header,
+    /// The compression negotiated on the connection when the frame was read.
+    pub compression: Compression,
+}
+
+/// Where a reply to a request goes: what the connection handler keeps for requests in
+/// flight, so that it can answer them even when the chain fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyTo {
+    Redis,
+    Cql { version: u8, stream: i16 },
+}
+
+/// Which error a transform answers with; each protocol renders it its own way (Redis: an
+/// `-ERR` line; CQL: an ERROR with the matching code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The proxy or the upstream failed (CQL Server error).
+    Server,
+    /// Refused for load (CQL Overloaded: drivers try another node).
+    Overloaded,
+}
 
 /// Identifies a request within its client connection; a response carries the id of the
 /// request it answers.
@@ -29,6 +68,7 @@ pub struct Message {
     modified: bool,
     is_request: bool,
     command: OnceCell<Command>,
+    wire: Wire,
 }
 
 impl Message {
@@ -42,6 +82,34 @@ impl Message {
             modified: false,
             is_request: true,
             command: OnceCell::new(),
+            wire: Wire::Redis,
+        }
+    }
+
+    /// A CQL request read from a client.
+    pub fn cql_request(id: MessageId, request: cql::Request) -> Message {
+        Message {
+            wire: Wire::Cql(CqlMeta {
+                header: request.header,
+                compression: request.compression,
+            }),
+            ..Message::request(id, request.bytes)
+        }
+    }
+
+    /// A CQL response (or event) read from an upstream.
+    pub fn cql_response(
+        request_id: Option<MessageId>,
+        bytes: Bytes,
+        header: Header,
+        compression: Compression,
+    ) -> Message {
+        Message {
+            wire: Wire::Cql(CqlMeta {
+                header,
+                compression,
+            }),
+            ..Message::response(request_id, bytes)
         }
     }
 
@@ -55,6 +123,7 @@ impl Message {
             modified: false,
             is_request: false,
             command: OnceCell::new(),
+            wire: Wire::Redis,
         }
     }
 
@@ -71,6 +140,69 @@ impl Message {
             .map(|c| if c == '\r' || c == '\n' { ' ' } else { c })
             .collect();
         Message::response(Some(request_id), Bytes::from(format!("-{clean}\r\n")))
+    }
+
+    /// An error reply of `kind` to a request addressed by `to`. `text` is the message alone
+    /// (Redis gets `-ERR text`).
+    pub fn error(request_id: MessageId, to: ReplyTo, kind: ErrorKind, text: &str) -> Message {
+        match to {
+            ReplyTo::Redis => Message::error_reply(request_id, &format!("ERR {text}")),
+            ReplyTo::Cql { version, stream } => {
+                let code = match kind {
+                    ErrorKind::Server => cql::error_code::SERVER_ERROR,
+                    ErrorKind::Overloaded => cql::error_code::OVERLOADED,
+                };
+                let bytes = cql::error_response(version, stream, code, text);
+                let header = Header {
+                    version,
+                    direction: cql::Direction::Response,
+                    flags: 0,
+                    stream,
+                    opcode: Opcode::Error,
+                    body_len: bytes.len() - cql::HEADER_LEN,
+                };
+                Message::cql_response(Some(request_id), bytes, header, Compression::None)
+            }
+        }
+    }
+
+    /// An error reply of `kind` to this request, in its protocol.
+    pub fn error_to(&self, kind: ErrorKind, text: &str) -> Message {
+        Message::error(self.id, self.reply_to(), kind, text)
+    }
+
+    /// How a reply to this request is addressed.
+    pub fn reply_to(&self) -> ReplyTo {
+        match &self.wire {
+            Wire::Redis => ReplyTo::Redis,
+            Wire::Cql(meta) => ReplyTo::Cql {
+                version: meta.header.version,
+                stream: meta.header.stream,
+            },
+        }
+    }
+
+    pub fn wire(&self) -> &Wire {
+        &self.wire
+    }
+
+    /// The header and compression of a CQL message.
+    pub fn cql(&self) -> Option<&CqlMeta> {
+        match &self.wire {
+            Wire::Cql(meta) => Some(meta),
+            Wire::Redis => None,
+        }
+    }
+
+    /// The body of a CQL message, decompressed if needed, from where the message proper
+    /// starts (after any tracing id, warnings and custom payload). `None` for Redis.
+    pub fn cql_body(&self) -> Option<Result<Cow<'_, [u8]>, BodyError>> {
+        let meta = self.cql()?;
+        Some(cql::body::message(
+            &self.bytes,
+            &meta.header,
+            meta.compression,
+        ))
     }
 
     /// The frame as it will be written.
@@ -123,8 +255,11 @@ impl Message {
         self.command.get_or_init(|| Command::of(&self.bytes))
     }
 
-    /// Whether this response is an error reply (`-` or RESP3 `!`).
+    /// Whether this response is an error reply (`-` or RESP3 `!`; a CQL ERROR).
     pub fn is_error(&self) -> bool {
+        if let Wire::Cql(meta) = &self.wire {
+            return meta.header.opcode == Opcode::Error;
+        }
         match &self.frame {
             Some(f) if self.modified => f.is_error(),
             _ => matches!(self.bytes.first(), Some(b'-' | b'!')),

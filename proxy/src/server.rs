@@ -6,8 +6,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use shotover_crds::RedisSourceConfig;
-use shotover_crds::topology::{DEFAULT_CONNECTION_LIMIT, DEFAULT_MAX_FRAME_SIZE_BYTES};
+use shotover_crds::topology::{
+    DEFAULT_CONNECTION_LIMIT, DEFAULT_CQL_MAX_FRAME_SIZE_BYTES, DEFAULT_MAX_FRAME_SIZE_BYTES,
+};
+use shotover_crds::{ListenerConfig, Protocol, SourceConfig};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
@@ -26,6 +28,7 @@ const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// A bound source, ready to accept.
 pub struct Source {
     name: Arc<str>,
+    protocol: Protocol,
     listener: TcpListener,
     chain: Arc<TransformChainBuilder>,
     tls: Option<TlsAcceptor>,
@@ -80,7 +83,7 @@ impl SourceMetrics {
 
 impl Source {
     /// The TLS acceptor of a source, if it serves TLS: built before anything is bound.
-    pub fn tls_acceptor(config: &RedisSourceConfig) -> Result<Option<TlsAcceptor>> {
+    pub fn tls_acceptor(config: &ListenerConfig) -> Result<Option<TlsAcceptor>> {
         config
             .tls
             .as_ref()
@@ -90,10 +93,15 @@ impl Source {
 
     /// Binds the listener.
     pub async fn bind(
-        config: &RedisSourceConfig,
+        source: &SourceConfig,
         chain: TransformChainBuilder,
         tls: Option<TlsAcceptor>,
     ) -> Result<Source> {
+        let config = source.listener();
+        let default_max_frame = match source.protocol() {
+            Protocol::Redis => DEFAULT_MAX_FRAME_SIZE_BYTES,
+            Protocol::Cassandra => DEFAULT_CQL_MAX_FRAME_SIZE_BYTES,
+        };
         let listener = TcpListener::bind(&config.listen_addr)
             .await
             .with_context(|| format!("binding {}", config.listen_addr))?;
@@ -102,15 +110,14 @@ impl Source {
         metrics.available.set(limit as i64);
         Ok(Source {
             name: config.name.as_str().into(),
+            protocol: source.protocol(),
             listener,
             chain: Arc::new(chain),
             tls,
             limit: Arc::new(Semaphore::new(limit)),
             hard_limit: config.hard_connection_limit.unwrap_or(false),
             idle_timeout: config.timeout.map(Duration::from_secs),
-            max_frame: config
-                .max_frame_size_bytes
-                .unwrap_or(DEFAULT_MAX_FRAME_SIZE_BYTES),
+            max_frame: config.max_frame_size_bytes.unwrap_or(default_max_frame),
             metrics,
         })
     }
@@ -193,6 +200,7 @@ impl Source {
 
     fn clone_parts(&self, tracker: &TaskTracker) -> ConnectionParts {
         ConnectionParts {
+            protocol: self.protocol,
             tracker: tracker.clone(),
             chain: self.chain.clone(),
             tls: self.tls.clone(),
@@ -205,6 +213,7 @@ impl Source {
 
 /// What one connection task takes from its source.
 struct ConnectionParts {
+    protocol: Protocol,
     tracker: TaskTracker,
     chain: Arc<TransformChainBuilder>,
     tls: Option<TlsAcceptor>,
@@ -267,6 +276,7 @@ impl ConnectionParts {
         };
         let chain = self.chain.build(&ctx);
         let settings = ConnectionSettings {
+            protocol: self.protocol,
             max_frame: self.max_frame,
             idle_timeout: self.idle_timeout,
             shutdown: shutdown.clone(),

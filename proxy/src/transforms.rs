@@ -1,5 +1,6 @@
 //! Every transform, and the one place that turns a transform config into its builder.
 
+pub mod cassandra_sink_single;
 pub mod coalesce;
 pub mod debug_printer;
 pub mod debug_returner;
@@ -7,6 +8,7 @@ pub mod null_sink;
 pub mod query_counter;
 pub mod query_type_filter;
 pub mod redis_sink_single;
+pub mod request_throttling;
 pub mod tee;
 
 use anyhow::{Context, Result};
@@ -34,6 +36,12 @@ fn build_transform(chain: &str, config: &TransformConfig) -> Result<Box<dyn Tran
     Ok(match config {
         TransformConfig::RedisSinkSingle(c) => {
             Box::new(redis_sink_single::RedisSinkSingleBuilder::new(c, chain)?)
+        }
+        TransformConfig::CassandraSinkSingle(c) => Box::new(
+            cassandra_sink_single::CassandraSinkSingleBuilder::new(c, chain)?,
+        ),
+        TransformConfig::RequestThrottling(c) => {
+            Box::new(request_throttling::RequestThrottlingBuilder::new(c, chain))
         }
         TransformConfig::NullSink(_) => Box::new(null_sink::NullSinkBuilder),
         TransformConfig::DebugPrinter(c) => Box::new(debug_printer::DebugPrinterBuilder::new(c)),

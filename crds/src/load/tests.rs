@@ -9,9 +9,10 @@ use crate::transform::{
 };
 use crate::validate::validate;
 
-const KINDS: &str = "RedisSinkSingle, ValkeySinkSingle, NullSink, DebugPrinter, DebugReturner, \
-                     QueryCounter, QueryTypeFilter, Coalesce, Tee";
-const SINKS: &str = "a chain must end in a sink (RedisSinkSingle, NullSink or DebugReturner)";
+const KINDS: &str = "RedisSinkSingle, ValkeySinkSingle, CassandraSinkSingle, RequestThrottling, \
+                     NullSink, DebugPrinter, DebugReturner, QueryCounter, QueryTypeFilter, Coalesce, Tee";
+const SINKS: &str =
+    "a chain must end in a sink (RedisSinkSingle, CassandraSinkSingle, NullSink or DebugReturner)";
 
 /// The full error report of a topology that must not load.
 fn errors_of(yaml: &str) -> String {
@@ -704,7 +705,7 @@ fn sink_in_mid_chain_is_reported_with_what_it_hides() {
 fn empty_chain_is_reported() {
     assert_eq!(
         errors_of(&with_chain("[]")),
-        "invalid topology (1 error):\n  sources[0].chain: chain is empty: it must end in a sink (RedisSinkSingle, NullSink or DebugReturner)"
+        "invalid topology (1 error):\n  sources[0].chain: chain is empty: it must end in a sink (RedisSinkSingle, CassandraSinkSingle, NullSink or DebugReturner)"
     );
 }
 
@@ -868,8 +869,8 @@ fn tee_sub_chain_semantic_errors_are_reported_with_their_paths() {
             "invalid topology (4 errors):\n  \
              sources[0].chain[0].chain[0]: DebugPrinter is not a sink, but it ends the chain: {SINKS}\n  \
              sources[0].chain[0].behavior.SubchainOnMismatch.chain[0]: NullSink is a sink in the middle of the chain: the 1 transform(s) after it would never run\n  \
-             sources[0].chain[1].chain: chain is empty: it must end in a sink (RedisSinkSingle, NullSink or DebugReturner)\n  \
-             sources[0].chain[1].behavior.SubchainOnMismatch.chain: chain is empty: it must end in a sink (RedisSinkSingle, NullSink or DebugReturner)"
+             sources[0].chain[1].chain: chain is empty: it must end in a sink (RedisSinkSingle, CassandraSinkSingle, NullSink or DebugReturner)\n  \
+             sources[0].chain[1].behavior.SubchainOnMismatch.chain: chain is empty: it must end in a sink (RedisSinkSingle, CassandraSinkSingle, NullSink or DebugReturner)"
         )
     );
 }
@@ -1035,14 +1036,51 @@ fn upstream_07_query_counter_name_is_the_counter_name() {
 #[test]
 fn a_transform_of_the_wrong_protocol_is_reported() {
     let errors = load_topology(
-        "sources:\n  - Cassandra:\n      name: c\n      listen_addr: \"127.0.0.1:9042\"\n      chain:\n        - QueryCounter: {counter_name: q}\n        - RedisSinkSingle: {remote_address: \"127.0.0.1:6379\"}\n",
+        "sources:\n  - Cassandra:\n      name: c\n      listen_addr: \"127.0.0.1:9042\"\n      chain:\n        - Tee: {behavior: FailOnMismatch, chain: [NullSink]}\n        - RedisSinkSingle: {remote_address: \"127.0.0.1:6379\"}\n  - Redis:\n      name: r\n      listen_addr: \"127.0.0.1:6379\"\n      chain:\n        - CassandraSinkSingle: {remote_address: \"127.0.0.1:9042\"}\n",
     )
-    .expect_err("Redis transforms after a Cassandra source");
+    .expect_err("transforms of the other protocol");
     assert_eq!(
         errors.to_string(),
-        "invalid topology (2 errors):\n  \
-         sources[0].chain[0]: QueryCounter works on Redis but this chain carries Cassandra\n  \
-         sources[0].chain[1]: RedisSinkSingle works on Redis but this chain carries Cassandra"
+        "invalid topology (3 errors):\n  \
+         sources[0].chain[0]: Tee works on Redis but this chain carries Cassandra\n  \
+         sources[0].chain[1]: RedisSinkSingle works on Redis but this chain carries Cassandra\n  \
+         sources[1].chain[0]: CassandraSinkSingle works on Cassandra but this chain carries Redis"
+    );
+}
+
+#[test]
+fn a_cassandra_chain_loads_with_upstream_field_names() {
+    let topology = load_topology(
+        "sources:\n  - Cassandra:\n      name: cql\n      listen_addr: \"127.0.0.1:9042\"\n      chain:\n        - RequestThrottling: {max_requests_per_second: 100}\n        - QueryCounter: {name: q}\n        - Tee: {chain: [NullSink]}\n        - CassandraSinkSingle:\n            remote_address: \"127.0.0.1:19042\"\n            connect_timeout_ms: 500\n            read_timeout: 10\n",
+    )
+    .expect("valid");
+    let chain = topology.sources[0].chain();
+    match &chain[3] {
+        TransformConfig::CassandraSinkSingle(c) => {
+            assert_eq!(c.remote_address, "127.0.0.1:19042");
+            assert_eq!((c.connect_timeout_ms, c.read_timeout), (500, Some(10)));
+        }
+        other => panic!("{other:?}"),
+    }
+    match &chain[0] {
+        TransformConfig::RequestThrottling(c) => assert_eq!(c.max_requests_per_second, 100),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn cassandra_sink_and_throttling_fields_are_checked() {
+    let errors = load_topology(
+        "sources:\n  - Cassandra:\n      name: cql\n      listen_addr: \"127.0.0.1:9042\"\n      chain:\n        - RequestThrottling: {max_requests_per_second: 0}\n        - CassandraSinkSingle: {remote_address: \"nope\", connect_timeout_ms: 0, read_timeout: 0}\n",
+    )
+    .expect_err("bad fields");
+    assert_eq!(
+        errors.to_string(),
+        "invalid topology (4 errors):\n  \
+         sources[0].chain[0].maxRequestsPerSecond: must be at least 1\n  \
+         sources[0].chain[1].remoteAddress: `nope` is not an address: expected host:port, for example 127.0.0.1:6379 or redis.default.svc:6379\n  \
+         sources[0].chain[1].connectTimeoutMs: must be at least 1\n  \
+         sources[0].chain[1].readTimeout: must be at least 1 second (omit it to wait as long as the node takes)"
     );
 }
 

@@ -1,5 +1,6 @@
 //! CQL framing: the envelope of protocol v3 and v4 (and of v5 before the connection switches
-//! to checksummed segments), read from its 9-byte header without touching the body.
+//! to checksummed segments), read from its 9-byte header without touching the body, and the
+//! request decoder of a Cassandra source.
 //!
 //! ```text
 //! version(1) flags(1) stream(2, signed) opcode(1) length(4, signed) body(length)
@@ -9,9 +10,12 @@
 //! where an envelope ends and refuses an envelope larger than the limit as soon as its header
 //! is read, before buffering the body. Which versions a source serves, and the protocol error
 //! a client gets for the others, is the source's decision: the decoder reads any version
-//! whose header has this layout (1 to 5).
+//! whose header has this layout (3 to 5); [`RequestDecoder`] serves v3 and v4 and refuses
+//! the others with the protocol error that makes drivers retry with a lower version.
 //!
-//! Not wired into a source yet: the Cassandra source, sinks and v5 segments build on this.
+//! Bodies are read only on demand, by [`body`].
+
+pub mod body;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -33,6 +37,21 @@ pub mod error_code {
     pub const SERVER_ERROR: i32 = 0x0000;
     pub const PROTOCOL_ERROR: i32 = 0x000A;
     pub const OVERLOADED: i32 = 0x1001;
+    pub const SYNTAX_ERROR: i32 = 0x2000;
+    pub const UNAUTHORIZED: i32 = 0x2100;
+    pub const INVALID: i32 = 0x2200;
+}
+
+/// Protocol versions a Cassandra source serves.
+pub const SERVED_VERSIONS: std::ops::RangeInclusive<u8> = 3..=4;
+
+/// Body compression, negotiated per connection by the COMPRESSION option of STARTUP.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Compression {
+    #[default]
+    None,
+    Lz4,
+    Snappy,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -82,6 +101,29 @@ impl Opcode {
             0x0F => Opcode::AuthResponse,
             0x10 => Opcode::AuthSuccess,
             other => Opcode::Unknown(other),
+        }
+    }
+
+    /// The opcode's name in the protocol spec (`QUERY`, `AUTH_RESPONSE`...).
+    pub fn name(self) -> &'static str {
+        match self {
+            Opcode::Error => "ERROR",
+            Opcode::Startup => "STARTUP",
+            Opcode::Ready => "READY",
+            Opcode::Authenticate => "AUTHENTICATE",
+            Opcode::Options => "OPTIONS",
+            Opcode::Supported => "SUPPORTED",
+            Opcode::Query => "QUERY",
+            Opcode::Result => "RESULT",
+            Opcode::Prepare => "PREPARE",
+            Opcode::Execute => "EXECUTE",
+            Opcode::Register => "REGISTER",
+            Opcode::Event => "EVENT",
+            Opcode::Batch => "BATCH",
+            Opcode::AuthChallenge => "AUTH_CHALLENGE",
+            Opcode::AuthResponse => "AUTH_RESPONSE",
+            Opcode::AuthSuccess => "AUTH_SUCCESS",
+            Opcode::Unknown(_) => "UNKNOWN",
         }
     }
 
@@ -179,6 +221,11 @@ impl EnvelopeDecoder {
     /// Takes the next whole envelope (header and body) off the front of `buf`; `Ok(None)`
     /// means more bytes are needed. An envelope over the limit is refused from its header.
     pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Bytes>, DecodeError> {
+        Ok(self.next(buf)?.map(|(frame, _)| frame))
+    }
+
+    /// [`EnvelopeDecoder::decode`], with the envelope's header.
+    pub fn next(&mut self, buf: &mut BytesMut) -> Result<Option<(Bytes, Header)>, DecodeError> {
         if buf.len() < HEADER_LEN {
             return Ok(None);
         }
@@ -194,7 +241,101 @@ impl EnvelopeDecoder {
             buf.reserve(total - buf.len());
             return Ok(None);
         }
-        Ok(Some(buf.split_to(total).freeze()))
+        Ok(Some((buf.split_to(total).freeze(), header)))
+    }
+}
+
+/// One request read by a Cassandra source.
+#[derive(Debug)]
+pub struct Request {
+    pub bytes: Bytes,
+    pub header: Header,
+    /// The compression negotiated on the connection so far.
+    pub compression: Compression,
+}
+
+/// Splits requests off a client's read buffer: refuses versions other than v3 and v4 and
+/// responses, and follows the compression the client's STARTUP negotiates.
+#[derive(Debug)]
+pub struct RequestDecoder {
+    envelopes: EnvelopeDecoder,
+    compression: Compression,
+    /// Once a frame is bad, the stream cannot be read further: the same error comes back.
+    failed: Option<DecodeError>,
+}
+
+impl RequestDecoder {
+    pub fn new(max_frame: usize) -> Self {
+        RequestDecoder {
+            envelopes: EnvelopeDecoder::new(max_frame),
+            compression: Compression::None,
+            failed: None,
+        }
+    }
+
+    /// Takes the next request off the front of `buf`; `Ok(None)` means more bytes are needed.
+    /// After an error, every call returns it (the bad frame stays at the front of `buf`).
+    pub fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Request>, DecodeError> {
+        if let Some(e) = &self.failed {
+            return Err(e.clone());
+        }
+        let result = self.decode_next(buf);
+        if let Err(e) = &result {
+            self.failed = Some(e.clone());
+        }
+        result
+    }
+
+    fn decode_next(&mut self, buf: &mut BytesMut) -> Result<Option<Request>, DecodeError> {
+        let Some(&first) = buf.first() else {
+            return Ok(None);
+        };
+        let version = first & 0x7F;
+        if !SERVED_VERSIONS.contains(&version) {
+            return Err(DecodeError::Malformed(format!(
+                "Invalid or unsupported protocol version ({version}); supported versions are (3/v3, 4/v4)"
+            )));
+        }
+        if first & 0x80 != 0 {
+            return Err(DecodeError::Malformed(
+                "expected a request frame, got a response".into(),
+            ));
+        }
+        let Some((bytes, header)) = self.envelopes.next(buf)? else {
+            return Ok(None);
+        };
+        if header.opcode == Opcode::Startup {
+            // STARTUP itself is never compressed; what it asks for applies from the next frame.
+            self.compression = body::body(&bytes, &header, Compression::None)
+                .and_then(|b| body::startup_compression(&b))
+                .map_err(|e| DecodeError::Malformed(format!("STARTUP: {e}")))?;
+        }
+        Ok(Some(Request {
+            bytes,
+            header,
+            compression: self.compression,
+        }))
+    }
+
+    /// The ERROR a client gets for a frame that could not be read (it is at the front of
+    /// `buf`): on that frame's stream, in its version when we serve it, else in v4.
+    pub fn error_reply(buf: &[u8], error: &DecodeError) -> Bytes {
+        let version = buf
+            .first()
+            .map(|b| b & 0x7F)
+            .filter(|v| SERVED_VERSIONS.contains(v))
+            .unwrap_or(4);
+        let stream = match buf.get(2..4) {
+            Some(s) => i16::from_be_bytes([s[0], s[1]]),
+            None => 0,
+        };
+        let message = match error {
+            DecodeError::FrameTooLarge { size, max } => format!(
+                "Request is too big: length {size} exceeds maximum allowed length {max} (the proxy's max_frame_size_bytes)"
+            ),
+            DecodeError::Malformed(m) => m.clone(),
+        };
+        error_response(version, stream, error_code::PROTOCOL_ERROR, &message)
     }
 }
 
@@ -314,6 +455,90 @@ mod tests {
             EnvelopeDecoder::new(1024).decode(&mut version),
             Err(DecodeError::Malformed(m)) if m.contains("unsupported protocol version (6)")
         ));
+    }
+
+    fn startup(version: u8, stream: i16, compression: Option<&str>) -> Vec<u8> {
+        let mut body = Vec::new();
+        let mut pairs = vec![("CQL_VERSION", "3.0.0")];
+        if let Some(c) = compression {
+            pairs.push(("COMPRESSION", c));
+        }
+        body.extend((pairs.len() as u16).to_be_bytes());
+        for (k, v) in pairs {
+            for s in [k, v] {
+                body.extend((s.len() as u16).to_be_bytes());
+                body.extend(s.as_bytes());
+            }
+        }
+        envelope(version, stream, Opcode::Startup, &body)
+    }
+
+    #[test]
+    fn the_request_decoder_follows_the_compression_startup_negotiates() {
+        let mut bytes = envelope(4, 1, Opcode::Options, b"");
+        bytes.extend(startup(4, 2, Some("lz4")));
+        bytes.extend(envelope(4, 3, Opcode::Query, b"\x00\x00\x00\x00"));
+        let mut buf = BytesMut::from(&bytes[..]);
+        let mut decoder = RequestDecoder::new(1024);
+        let mut seen = Vec::new();
+        while let Some(r) = decoder.decode(&mut buf).expect("valid") {
+            seen.push((r.header.stream, r.header.opcode, r.compression));
+        }
+        assert_eq!(
+            seen,
+            vec![
+                (1, Opcode::Options, Compression::None),
+                (2, Opcode::Startup, Compression::Lz4),
+                (3, Opcode::Query, Compression::Lz4),
+            ]
+        );
+    }
+
+    #[test]
+    fn unserved_versions_get_the_error_that_makes_drivers_downgrade() {
+        let bytes = startup(5, 7, None);
+        let mut buf = BytesMut::from(&bytes[..]);
+        let error = RequestDecoder::new(1024)
+            .decode(&mut buf)
+            .expect_err("v5 is not served");
+        assert_eq!(
+            error,
+            DecodeError::Malformed(
+                "Invalid or unsupported protocol version (5); supported versions are (3/v3, 4/v4)"
+                    .into()
+            )
+        );
+        let reply = RequestDecoder::error_reply(&buf, &error);
+        let header = Header::parse(&reply).expect("header");
+        assert_eq!(
+            (header.version, header.stream, header.opcode),
+            (4, 7, Opcode::Error)
+        );
+        let body = &reply[HEADER_LEN..];
+        assert_eq!(&body[..4], &error_code::PROTOCOL_ERROR.to_be_bytes());
+
+        let mut response = BytesMut::from(&[0x84, 0, 0, 1, 0x02, 0, 0, 0, 0][..]);
+        assert!(matches!(
+            RequestDecoder::new(1024).decode(&mut response),
+            Err(DecodeError::Malformed(m)) if m.contains("got a response")
+        ));
+    }
+
+    #[test]
+    fn an_oversized_request_is_answered_on_its_stream() {
+        let bytes = envelope(3, 9, Opcode::Query, &[0; 2000]);
+        let mut buf = BytesMut::from(&bytes[..]);
+        let error = RequestDecoder::new(1024)
+            .decode(&mut buf)
+            .expect_err("too large");
+        let reply = RequestDecoder::error_reply(&buf, &error);
+        let header = Header::parse(&reply).expect("header");
+        assert_eq!((header.version, header.stream), (3, 9));
+        let text = String::from_utf8_lossy(&reply[HEADER_LEN + 6..]).to_string();
+        assert!(
+            text.contains("length 2009 exceeds maximum allowed length 1024"),
+            "{text}"
+        );
     }
 
     #[test]

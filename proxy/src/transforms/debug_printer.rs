@@ -35,6 +35,14 @@ struct DebugPrinter {
 }
 
 fn render(message: &mut Message) -> String {
+    if let Some(meta) = message.cql() {
+        let header = meta.header;
+        return match message.cql_body() {
+            Some(Ok(body)) => crate::codec::cassandra::body::describe(&header, Ok(&body)),
+            Some(Err(e)) => crate::codec::cassandra::body::describe(&header, Err(&e)),
+            None => String::new(),
+        };
+    }
     match message.frame() {
         Ok(frame) => frame.to_string(),
         Err(e) => format!("<{e}>"),

@@ -1,9 +1,10 @@
-//! `NullSink`: answers every request with an error reply and sends nothing anywhere.
+//! `NullSink`: answers every request with an error reply (CQL: a Server error) and sends
+//! nothing anywhere.
 
 use async_trait::async_trait;
 
 use crate::chain::{ChainError, ChainState, Transform, TransformBuilder, TransformContext};
-use crate::message::{Message, Messages};
+use crate::message::{ErrorKind, Messages};
 
 pub struct NullSinkBuilder;
 
@@ -21,7 +22,7 @@ impl Transform for NullSink {
         Ok(state
             .requests
             .drain(..)
-            .map(|r| Message::error_reply(r.id, "ERR Handled by shotover null transform"))
+            .map(|r| r.error_to(ErrorKind::Server, "Handled by shotover null transform"))
             .collect())
     }
 }

@@ -1,8 +1,12 @@
 //! `QueryCounter`: counts requests by command in
-//! `shotover_query_count{name, query, type="redis"}`.
+//! `shotover_query_count{name, query, type="redis"|"cassandra"}`.
 //!
-//! Command names come from clients, so the label set is bounded: after
-//! [`MAX_COMMANDS`] distinct names per counter, further new names count as `other`.
+//! A Redis request counts under its command name. A CQL QUERY counts under the first keyword
+//! of its statement (`SELECT`, `INSERT`, `CREATE`...); other CQL requests under their opcode
+//! (`EXECUTE`, `PREPARE`, `BATCH`, `STARTUP`...).
+//!
+//! Names come from clients, so the label set is bounded: after [`MAX_COMMANDS`] distinct
+//! names per counter, further new names count as `other`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,7 +16,8 @@ use bytes::Bytes;
 use shotover_crds::transform::QueryCounterConfig;
 
 use crate::chain::{ChainError, ChainState, Transform, TransformBuilder, TransformContext};
-use crate::message::Messages;
+use crate::codec::cassandra::{Opcode, body};
+use crate::message::{Message, Messages, Wire};
 use crate::metrics::{self, Counter};
 
 /// Most distinct `query` label values per counter.
@@ -26,13 +31,13 @@ pub struct QueryCounterBuilder {
 
 struct Shared {
     counter_name: String,
-    by_command: Mutex<HashMap<String, Counter>>,
+    by_command: Mutex<HashMap<(String, &'static str), Counter>>,
 }
 
 impl Shared {
-    fn counter(&self, command: &str) -> Counter {
+    fn counter(&self, command: &str, protocol: &'static str) -> Counter {
         let mut map = self.by_command.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = map.get(command) {
+        if let Some(c) = map.get(&(command.to_string(), protocol)) {
             return c.clone();
         }
         let label = if map.len() >= MAX_COMMANDS {
@@ -46,10 +51,10 @@ impl Shared {
             &[
                 ("name", &self.counter_name),
                 ("query", label),
-                ("type", "redis"),
+                ("type", protocol),
             ],
         );
-        map.insert(label.to_string(), c.clone());
+        map.insert((label.to_string(), protocol), c.clone());
         c
     }
 }
@@ -70,6 +75,7 @@ impl TransformBuilder for QueryCounterBuilder {
         Box::new(QueryCounter {
             shared: self.shared.clone(),
             local: HashMap::new(),
+            local_cql: HashMap::new(),
         })
     }
 }
@@ -78,12 +84,26 @@ struct QueryCounter {
     shared: Arc<Shared>,
     /// Keyed by the name as sent, so the common case costs one hash lookup.
     local: HashMap<Bytes, Counter>,
+    local_cql: HashMap<String, Counter>,
 }
 
 #[async_trait]
 impl Transform for QueryCounter {
     async fn transform(&mut self, state: &mut ChainState<'_>) -> Result<Messages, ChainError> {
         for request in &mut state.requests {
+            if let Wire::Cql(_) = request.wire() {
+                let label = cql_label(request);
+                if let Some(counter) = self.local_cql.get(&label) {
+                    counter.inc();
+                    continue;
+                }
+                let counter = self.shared.counter(&label, "cassandra");
+                counter.inc();
+                if self.local_cql.len() < LOCAL_CACHE {
+                    self.local_cql.insert(label, counter);
+                }
+                continue;
+            }
             let command = request.command();
             if let Some(counter) = self.local.get(&command.name) {
                 counter.inc();
@@ -95,7 +115,7 @@ impl Transform for QueryCounter {
             } else {
                 upper
             };
-            let counter = self.shared.counter(&label);
+            let counter = self.shared.counter(&label, "redis");
             counter.inc();
             if self.local.len() < LOCAL_CACHE {
                 // Copied: a slice would keep the request's whole buffer alive.
@@ -104,5 +124,26 @@ impl Transform for QueryCounter {
             }
         }
         state.call_next().await
+    }
+}
+
+/// The `query` label of a CQL request.
+fn cql_label(request: &Message) -> String {
+    let Some(meta) = request.cql() else {
+        return "unknown".into();
+    };
+    if meta.header.opcode != Opcode::Query {
+        return meta.header.opcode.name().to_string();
+    }
+    let keyword = match request.cql_body() {
+        Some(Ok(b)) => body::query_text(&b)
+            .map(body::statement_keyword)
+            .unwrap_or_default(),
+        _ => String::new(),
+    };
+    if keyword.is_empty() {
+        "unknown".into()
+    } else {
+        keyword
     }
 }

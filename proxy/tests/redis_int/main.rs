@@ -5,4 +5,6 @@ mod failures;
 mod helpers;
 mod lifecycle;
 mod passthrough;
+#[path = "../support/process.rs"]
+mod process;
 mod transforms;
