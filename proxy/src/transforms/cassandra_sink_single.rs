@@ -324,10 +324,18 @@ async fn read_frames(
         loop {
             match decoder.next(&mut buf) {
                 Ok(Some(frame)) => {
-                    if tx.send(Ok(frame)).await.is_err() {
-                        return;
-                    }
                     got = true;
+                    match tx.try_send(Ok(frame)) {
+                        Ok(()) => {}
+                        Err(mpsc::error::TrySendError::Full(frame)) => {
+                            // Wake the chain before waiting for room, or neither side moves.
+                            force_run.notify_one();
+                            if tx.send(frame).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(mpsc::error::TrySendError::Closed(_)) => return,
+                    }
                 }
                 Ok(None) => break,
                 Err(e) => {

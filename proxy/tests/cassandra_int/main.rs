@@ -1,0 +1,10 @@
+//! Integration tests: the real `shotover` binary between real CQL clients (the DataStax
+//! Python driver, raw frames) and a real Apache Cassandra (started by
+//! `e2e/services up cassandra cassandra-auth-tls`).
+
+mod drivers;
+mod helpers;
+#[path = "../support/process.rs"]
+mod process;
+mod protocol;
+mod transforms;

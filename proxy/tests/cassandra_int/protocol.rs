@@ -1,0 +1,176 @@
+//! What drivers hide: versions, limits, stream ids, events and failures, with raw frames.
+
+use std::io::Read;
+use std::net::TcpListener;
+use std::time::Duration;
+
+use crate::helpers::*;
+
+const PROTOCOL_ERROR: i32 = 0x000A;
+const SERVER_ERROR: i32 = 0x0000;
+
+#[test]
+fn v5_is_refused_with_the_error_that_makes_drivers_downgrade() {
+    let port = free_port();
+    let proxy = Shotover::start(&topology(port, &sink()));
+    let mut raw = Raw::connect(port);
+    raw.send(&frame(5, 3, OPCODE_OPTIONS, b""));
+    let refused = raw.read();
+    assert_eq!((refused.version, refused.stream), (4, 3));
+    let (code, message) = refused.error();
+    assert_eq!(code, PROTOCOL_ERROR);
+    assert_eq!(
+        message,
+        "Invalid or unsupported protocol version (5); supported versions are (3/v3, 4/v4)"
+    );
+    assert!(is_closed(&mut raw.stream, Duration::from_secs(5)));
+
+    let mut v4 = Raw::connect(port);
+    v4.send(&frame(4, 1, OPCODE_OPTIONS, b""));
+    assert_eq!(v4.read().opcode, OPCODE_SUPPORTED);
+    proxy.stop();
+}
+
+#[test]
+fn an_oversized_frame_gets_a_protocol_error_and_other_clients_go_on() {
+    let port = free_port();
+    let topology = format!(
+        "sources:\n  - Cassandra:\n      name: cql\n      listen_addr: \"127.0.0.1:{port}\"\n      max_frame_size_bytes: 4096\n      chain:\n{}",
+        sink()
+    );
+    let proxy = Shotover::start(&topology);
+    let mut other = Raw::ready(port);
+    let mut big = Raw::ready(port);
+    let text = format!("SELECT * FROM system.local WHERE key = '{}'", "x".repeat(5000));
+    big.send(&query(9, &text));
+    let refused = big.read();
+    assert_eq!(refused.stream, 9);
+    let (code, message) = refused.error();
+    assert_eq!(code, PROTOCOL_ERROR);
+    assert!(
+        message.contains("exceeds maximum allowed length 4096"),
+        "{message}"
+    );
+    assert!(is_closed(&mut big.stream, Duration::from_secs(5)));
+    let answer = other.query(1, "SELECT release_version FROM system.local");
+    assert_eq!(answer.opcode, OPCODE_RESULT, "{answer:?}");
+    assert_eq!(
+        proxy.metric(r#"shotover_client_protocol_errors_count{source="cql"}"#),
+        Some(1.0)
+    );
+    proxy.stop();
+}
+
+#[test]
+fn stream_ids_are_kept_and_pipelined_answers_find_their_requests() {
+    let port = free_port();
+    let proxy = Shotover::start(&topology(port, &sink()));
+    let mut raw = Raw::ready(port);
+    let streams = [7i16, 1000, 32000, 2];
+    let mut batch = Vec::new();
+    for s in streams {
+        batch.extend(query(
+            s,
+            &format!("SELECT release_version AS stream{s} FROM system.local"),
+        ));
+    }
+    raw.send(&batch);
+    let mut seen: Vec<i16> = (0..streams.len()).map(|_| raw.read()).map(|f| {
+        assert_eq!(f.opcode, OPCODE_RESULT, "{f:?}");
+        // Each answer carries its own query's column.
+        let marker = format!("stream{}", f.stream);
+        assert!(
+            String::from_utf8_lossy(&f.body).contains(&marker),
+            "stream {} got another query's answer",
+            f.stream
+        );
+        f.stream
+    }).collect();
+    seen.sort_unstable();
+    assert_eq!(seen, vec![2, 7, 1000, 32000]);
+    proxy.stop();
+}
+
+#[test]
+fn schema_events_flow_back_to_a_client_that_registered() {
+    let port = free_port();
+    let proxy = Shotover::start(&topology(port, &sink()));
+    let mut listener = Raw::ready(port);
+    listener.send(&register(1, &["SCHEMA_CHANGE"]));
+    assert_eq!(listener.read().opcode, OPCODE_READY);
+
+    let ks = keyspace("events");
+    let mut other = Raw::ready(port);
+    let created = other.query(
+        1,
+        &format!("CREATE KEYSPACE {ks} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': 1}}"),
+    );
+    assert_eq!(created.opcode, OPCODE_RESULT, "{created:?}");
+    // Other tests change the schema too: read events until ours (each read fails after 20 s).
+    loop {
+        let event = listener.read();
+        assert_eq!((event.stream, event.opcode), (-1, OPCODE_EVENT));
+        let body = String::from_utf8_lossy(&event.body).to_string();
+        assert!(body.contains("SCHEMA_CHANGE"), "{body}");
+        if body.contains(&ks) {
+            break;
+        }
+    }
+    other.query(2, &format!("DROP KEYSPACE {ks}"));
+    proxy.stop();
+}
+
+#[test]
+fn an_unreachable_node_gets_server_errors_and_the_client_stays_connected() {
+    let port = free_port();
+    let dead = format!("127.0.0.1:{}", free_port());
+    let chain = format!(
+        "        - CassandraSinkSingle:\n            remote_address: \"{dead}\"\n            connect_timeout_ms: 500\n"
+    );
+    let proxy = Shotover::start(&topology(port, &chain));
+    let mut raw = Raw::connect(port);
+    for stream in [1, 2] {
+        raw.send(&startup(stream));
+        let answer = raw.read();
+        assert_eq!(answer.stream, stream);
+        let (code, message) = answer.error();
+        assert_eq!(code, SERVER_ERROR);
+        assert!(
+            message.contains(&format!("upstream {dead} is unreachable")),
+            "{message}"
+        );
+    }
+    assert_eq!(
+        proxy.metric(r#"shotover_failed_requests_count{chain="cql",transform="CassandraSinkSingle"}"#),
+        Some(2.0)
+    );
+    proxy.stop();
+}
+
+#[test]
+fn a_node_that_drops_the_connection_fails_requests_in_flight_and_closes_the_client() {
+    // A node that takes the connection and the first request, then goes away: a failure a
+    // real node cannot be made to show on cue.
+    let node = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let node_addr = node.local_addr().expect("addr");
+    let dropper = std::thread::spawn(move || {
+        let (mut conn, _) = node.accept().expect("accept");
+        let mut buf = [0u8; 64];
+        let _ = conn.read(&mut buf);
+    });
+    let port = free_port();
+    let chain = format!(
+        "        - CassandraSinkSingle:\n            remote_address: \"{node_addr}\"\n"
+    );
+    let proxy = Shotover::start(&topology(port, &chain));
+    let mut raw = Raw::connect(port);
+    raw.send(&startup(5));
+    let answer = raw.read();
+    assert_eq!(answer.stream, 5);
+    let (code, message) = answer.error();
+    assert_eq!(code, SERVER_ERROR);
+    assert!(message.contains("closed the connection"), "{message}");
+    assert!(is_closed(&mut raw.stream, Duration::from_secs(5)));
+    dropper.join().expect("node thread");
+    proxy.stop_expecting(&["upstream connection broke"]);
+}

@@ -1,0 +1,151 @@
+//! Transforms on CQL traffic.
+
+use std::time::Duration;
+
+use crate::helpers::*;
+
+const SERVER_ERROR: i32 = 0x0000;
+const OVERLOADED: i32 = 0x1001;
+const OPCODE_PREPARE: u8 = 0x09;
+const OPCODE_EXECUTE: u8 = 0x0A;
+
+fn prepare(stream: i16, cql: &str) -> Vec<u8> {
+    let mut body = (cql.len() as i32).to_be_bytes().to_vec();
+    body.extend(cql.as_bytes());
+    frame(4, stream, OPCODE_PREPARE, &body)
+}
+
+fn execute(stream: i16, id: &[u8]) -> Vec<u8> {
+    let mut body = (id.len() as u16).to_be_bytes().to_vec();
+    body.extend(id);
+    body.extend([0, 1, 0]);
+    frame(4, stream, OPCODE_EXECUTE, &body)
+}
+
+/// The id in a RESULT of kind Prepared.
+fn prepared_id(result: &Frame) -> Vec<u8> {
+    assert_eq!(result.opcode, OPCODE_RESULT, "{result:?}");
+    assert_eq!(&result.body[0..4], &4i32.to_be_bytes(), "not Prepared");
+    let len = u16::from_be_bytes([result.body[4], result.body[5]]) as usize;
+    result.body[6..6 + len].to_vec()
+}
+
+fn prepare_on(raw: &mut Raw, stream: i16, cql: &str) -> Frame {
+    raw.send(&prepare(stream, cql));
+    raw.read()
+}
+
+#[test]
+fn query_type_filter_refuses_cql_writes_by_statement_and_by_prepared_id() {
+    let ks = keyspace("filter");
+    // The schema and a prepared INSERT are made on the node directly.
+    let node_port: u16 = cassandra_addr()
+        .rsplit_once(':')
+        .and_then(|(_, p)| p.parse().ok())
+        .expect("CASSANDRA_PLAIN_ADDR is host:port");
+    let mut direct = Raw::ready(node_port);
+    direct.query(1, &format!("CREATE KEYSPACE {ks} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': 1}}"));
+    direct.query(2, &format!("CREATE TABLE {ks}.kv (k int PRIMARY KEY, v int)"));
+    let insert_id = prepared_id(&prepare_on(
+        &mut direct,
+        3,
+        &format!("INSERT INTO {ks}.kv (k, v) VALUES (1, 1)"),
+    ));
+
+    let port = free_port();
+    let chain = format!("        - QueryTypeFilter:\n            DenyList: [Write]\n{}", sink());
+    let proxy = Shotover::start(&topology(port, &chain));
+    let mut raw = Raw::ready(port);
+    let read = raw.query(1, &format!("SELECT v FROM {ks}.kv"));
+    assert_eq!(read.opcode, OPCODE_RESULT, "{read:?}");
+    let filtered = |f: &Frame| {
+        let (code, message) = f.error();
+        assert_eq!(code, SERVER_ERROR);
+        assert_eq!(message, "Message was filtered out by shotover");
+    };
+    filtered(&raw.query(2, &format!("INSERT INTO {ks}.kv (k, v) VALUES (2, 2)")));
+    filtered(&prepare_on(&mut raw, 3, &format!("UPDATE {ks}.kv SET v = 3 WHERE k = 3")));
+    // A SELECT prepared through the proxy is remembered as a read and executes.
+    let select_id = prepared_id(&prepare_on(&mut raw, 4, &format!("SELECT v FROM {ks}.kv")));
+    raw.send(&execute(5, &select_id));
+    assert_eq!(raw.read().opcode, OPCODE_RESULT);
+    // An id the filter never saw prepared counts as a write.
+    raw.send(&execute(6, &insert_id));
+    filtered(&raw.read());
+    let rows = direct.query(4, &format!("SELECT count(*) FROM {ks}.kv"));
+    assert_eq!(&rows.body[rows.body.len() - 8..], &0i64.to_be_bytes(), "nothing was written");
+    direct.query(5, &format!("DROP KEYSPACE {ks}"));
+    proxy.stop();
+}
+
+#[test]
+fn request_throttling_answers_overloaded_beyond_its_rate() {
+    let port = free_port();
+    let chain = format!(
+        "        - RequestThrottling:\n            max_requests_per_second: 10\n{}",
+        sink()
+    );
+    let proxy = Shotover::start(&topology(port, &chain));
+    // STARTUP is connection control: never throttled.
+    let mut raw = Raw::ready(port);
+    let mut batch = Vec::new();
+    for stream in 1..=40 {
+        batch.extend(query(stream, "SELECT release_version FROM system.local"));
+    }
+    raw.send(&batch);
+    let (mut answered, mut overloaded) = (0, 0);
+    for _ in 0..40 {
+        let f = raw.read();
+        if f.opcode == OPCODE_RESULT {
+            answered += 1;
+        } else {
+            let (code, message) = f.error();
+            assert_eq!(code, OVERLOADED, "{message}");
+            assert!(message.contains("lets 10 requests per second through"), "{message}");
+            overloaded += 1;
+        }
+    }
+    assert!(answered >= 10, "the first 10 of a burst pass: {answered}");
+    assert!(overloaded >= 1, "{answered} answered, none refused");
+    assert_eq!(
+        proxy.metric(r#"shotover_throttled_requests_count{chain="cql",transform="RequestThrottling"}"#),
+        Some(overloaded as f64)
+    );
+    proxy.stop();
+}
+
+#[test]
+fn tee_sends_cql_down_its_chain_too_and_coalesce_and_debug_printer_pass_it_on() {
+    let port = free_port();
+    let chain = format!(
+        "        - DebugPrinter\n        - Coalesce:\n            flush_when_millis_since_last_flush: 10\n        - Tee:\n            chain:\n              - QueryCounter: {{counter_name: teed}}\n              - CassandraSinkSingle:\n                  remote_address: \"{}\"\n{}",
+        cassandra_addr(),
+        sink()
+    );
+    let proxy = Shotover::start(&topology(port, &chain));
+    let mut raw = Raw::ready(port);
+    let answer = raw.query(1, "SELECT release_version FROM system.local");
+    assert_eq!(answer.opcode, OPCODE_RESULT, "{answer:?}");
+    wait_until("the tee chain to see the SELECT", Duration::from_secs(10), || {
+        proxy.metric(r#"shotover_query_count{name="teed",query="SELECT",type="cassandra"}"#)
+            == Some(1.0)
+    });
+    proxy.wait_for_log(r#"QUERY "SELECT release_version FROM system.local""#);
+    proxy.wait_for_log("RESULT Rows");
+    proxy.stop();
+}
+
+#[test]
+fn null_sink_answers_cql_with_a_server_error() {
+    let port = free_port();
+    let proxy = Shotover::start(&topology(port, "        - NullSink\n"));
+    let mut raw = Raw::connect(port);
+    raw.send(&startup(3));
+    let answer = raw.read();
+    assert_eq!(answer.stream, 3);
+    assert_eq!(
+        answer.error(),
+        (SERVER_ERROR, "Handled by shotover null transform".to_string())
+    );
+    proxy.stop();
+}
