@@ -1,5 +1,13 @@
 //! Real drivers through the proxy to a real Cassandra.
 
+use scylla::client::Compression;
+use scylla::client::session::Session;
+use scylla::client::session_builder::SessionBuilder;
+use scylla::response::{PagingState, PagingStateResponse};
+use scylla::statement::Statement;
+use scylla::statement::batch::{Batch, BatchType};
+use scylla::value::{CqlValue, Row};
+
 use crate::helpers::*;
 
 #[test]
@@ -19,14 +27,21 @@ fn the_python_driver_negotiates_v4_and_runs_a_full_workout() {
 #[test]
 fn lz4_and_snappy_sessions_work_and_their_queries_are_read() {
     let port = free_port();
-    let chain = format!("        - QueryCounter: {{counter_name: compressed}}\n{}", sink());
+    let chain = format!(
+        "        - QueryCounter: {{counter_name: compressed}}\n{}",
+        sink()
+    );
     let proxy = Shotover::start(&topology(port, &chain));
     let addr = format!("127.0.0.1:{port}");
     workout(&addr, "lz4", &["--compression", "lz4", "--protocol", "4"]);
     let lz4_selects = proxy
         .metric(r#"shotover_query_count{name="compressed",query="SELECT",type="cassandra"}"#)
         .expect("SELECTs counted under LZ4");
-    workout(&addr, "snappy", &["--compression", "snappy", "--protocol", "3"]);
+    workout(
+        &addr,
+        "snappy",
+        &["--compression", "snappy", "--protocol", "3"],
+    );
     let all_selects = proxy
         .metric(r#"shotover_query_count{name="compressed",query="SELECT",type="cassandra"}"#)
         .expect("SELECTs counted");
@@ -73,8 +88,140 @@ fn password_auth_and_tls_between_client_proxy_and_node() {
         &[&addr, &node.user, "not-the-password", &node.ca],
     );
     assert!(
-        wrong.contains("auth failed") && wrong.contains("Provided username cassandra and/or password are incorrect"),
+        wrong.contains("auth failed")
+            && wrong.contains("Provided username cassandra and/or password are incorrect"),
         "{wrong}"
     );
+    proxy.stop();
+}
+
+/// `[applied]` and the row of an LWT result.
+fn lwt_row(result: scylla::response::query_result::QueryResult) -> Vec<Option<CqlValue>> {
+    result
+        .into_rows_result()
+        .expect("an LWT returns rows")
+        .first_row::<Row>()
+        .expect("one row")
+        .columns
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rust_scylla_driver_runs_a_full_workout_with_lz4() {
+    let port = free_port();
+    let proxy = Shotover::start(&topology(port, &sink()));
+    let session: Session = SessionBuilder::new()
+        .known_node(format!("127.0.0.1:{port}"))
+        .compression(Some(Compression::Lz4))
+        .build()
+        .await
+        .expect("the scylla driver connects through the proxy");
+    let ks = keyspace("scylla");
+    session
+        .query_unpaged(
+            format!("CREATE KEYSPACE {ks} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': 1}}"),
+            &[],
+        )
+        .await
+        .expect("create keyspace");
+    session
+        .query_unpaged(
+            format!("CREATE TABLE {ks}.rows (p int, c int, v text, PRIMARY KEY (p, c))"),
+            &[],
+        )
+        .await
+        .expect("create table");
+
+    // Prepared inserts, many in flight at once on the driver's connection.
+    let insert = session
+        .prepare(format!("INSERT INTO {ks}.rows (p, c, v) VALUES (?, ?, ?)"))
+        .await
+        .expect("prepare");
+    for chunk in (0..5000).collect::<Vec<i32>>().chunks(500) {
+        let writes = chunk
+            .iter()
+            .map(|c| session.execute_unpaged(&insert, (1, *c, format!("v{c}"))));
+        for result in futures_util::future::join_all(writes).await {
+            result.expect("insert");
+        }
+    }
+    let select = session
+        .prepare(format!("SELECT v FROM {ks}.rows WHERE p = ? AND c = ?"))
+        .await
+        .expect("prepare select");
+    let (v,): (String,) = session
+        .execute_unpaged(&select, (1, 4321))
+        .await
+        .expect("select")
+        .into_rows_result()
+        .expect("rows")
+        .single_row()
+        .expect("one row");
+    assert_eq!(v, "v4321");
+
+    // Paging: 5,000 rows, 100 a page, the paging state carried through the proxy.
+    let mut statement = Statement::new(format!("SELECT c FROM {ks}.rows WHERE p = 1"));
+    statement.set_page_size(100);
+    let mut paging = PagingState::start();
+    let mut seen = Vec::new();
+    let mut full_pages = 0;
+    loop {
+        let (result, next) = session
+            .query_single_page(statement.clone(), &[], paging)
+            .await
+            .expect("a page");
+        let rows = result.into_rows_result().expect("rows");
+        if rows.rows_num() > 0 {
+            assert_eq!(rows.rows_num(), 100);
+            full_pages += 1;
+        }
+        for row in rows.rows::<(i32,)>().expect("typed rows") {
+            seen.push(row.expect("row").0);
+        }
+        match next {
+            PagingStateResponse::HasMorePages { state } => paging = state,
+            PagingStateResponse::NoMorePages => break,
+        }
+    }
+    assert_eq!(full_pages, 50);
+    assert_eq!(seen, (0..5000).collect::<Vec<_>>());
+
+    // A logged batch.
+    let mut batch = Batch::new(BatchType::Logged);
+    for _ in 0..10 {
+        batch.append_statement(insert.clone());
+    }
+    let values: Vec<(i32, i32, &str)> = (0..10).map(|c| (2, c, "batched")).collect();
+    session.batch(&batch, values).await.expect("batch");
+    let (count,): (i64,) = session
+        .query_unpaged(format!("SELECT count(*) FROM {ks}.rows WHERE p = 2"), &[])
+        .await
+        .expect("count")
+        .into_rows_result()
+        .expect("rows")
+        .single_row()
+        .expect("one row");
+    assert_eq!(count, 10);
+
+    // A lightweight transaction, applied once.
+    let lwt = format!("INSERT INTO {ks}.rows (p, c, v) VALUES (3, 0, 'first') IF NOT EXISTS");
+    let first = lwt_row(session.query_unpaged(lwt.clone(), &[]).await.expect("lwt"));
+    assert_eq!(first[0].as_ref().and_then(CqlValue::as_boolean), Some(true));
+    let second = lwt_row(session.query_unpaged(lwt, &[]).await.expect("lwt"));
+    assert_eq!(
+        second[0].as_ref().and_then(CqlValue::as_boolean),
+        Some(false)
+    );
+
+    // A syntax error comes back as one, and the session goes on.
+    let error = session
+        .query_unpaged(format!("SELEC v FROM {ks}.rows"), &[])
+        .await
+        .expect_err("a syntax error");
+    assert!(error.to_string().contains("syntax error"), "{error}");
+    session
+        .query_unpaged(format!("DROP KEYSPACE {ks}"), &[])
+        .await
+        .expect("drop keyspace");
+    drop(session);
     proxy.stop();
 }

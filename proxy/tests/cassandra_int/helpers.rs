@@ -27,7 +27,9 @@ pub struct AuthTls {
 pub fn auth_tls() -> AuthTls {
     let var = |name: &str| {
         std::env::var(name).unwrap_or_else(|_| {
-            panic!("{name} is not set: start it with `eval \"$(e2e/services up cassandra-auth-tls)\"`")
+            panic!(
+                "{name} is not set: start it with `eval \"$(e2e/services up cassandra-auth-tls)\"`"
+            )
         })
     };
     AuthTls {

@@ -41,7 +41,10 @@ fn an_oversized_frame_gets_a_protocol_error_and_other_clients_go_on() {
     let proxy = Shotover::start(&topology);
     let mut other = Raw::ready(port);
     let mut big = Raw::ready(port);
-    let text = format!("SELECT * FROM system.local WHERE key = '{}'", "x".repeat(5000));
+    let text = format!(
+        "SELECT * FROM system.local WHERE key = '{}'",
+        "x".repeat(5000)
+    );
     big.send(&query(9, &text));
     let refused = big.read();
     assert_eq!(refused.stream, 9);
@@ -75,17 +78,20 @@ fn stream_ids_are_kept_and_pipelined_answers_find_their_requests() {
         ));
     }
     raw.send(&batch);
-    let mut seen: Vec<i16> = (0..streams.len()).map(|_| raw.read()).map(|f| {
-        assert_eq!(f.opcode, OPCODE_RESULT, "{f:?}");
-        // Each answer carries its own query's column.
-        let marker = format!("stream{}", f.stream);
-        assert!(
-            String::from_utf8_lossy(&f.body).contains(&marker),
-            "stream {} got another query's answer",
+    let mut seen: Vec<i16> = (0..streams.len())
+        .map(|_| raw.read())
+        .map(|f| {
+            assert_eq!(f.opcode, OPCODE_RESULT, "{f:?}");
+            // Each answer carries its own query's column.
+            let marker = format!("stream{}", f.stream);
+            assert!(
+                String::from_utf8_lossy(&f.body).contains(&marker),
+                "stream {} got another query's answer",
+                f.stream
+            );
             f.stream
-        );
-        f.stream
-    }).collect();
+        })
+        .collect();
     seen.sort_unstable();
     assert_eq!(seen, vec![2, 7, 1000, 32000]);
     proxy.stop();
@@ -141,7 +147,9 @@ fn an_unreachable_node_gets_server_errors_and_the_client_stays_connected() {
         );
     }
     assert_eq!(
-        proxy.metric(r#"shotover_failed_requests_count{chain="cql",transform="CassandraSinkSingle"}"#),
+        proxy.metric(
+            r#"shotover_failed_requests_count{chain="cql",transform="CassandraSinkSingle"}"#
+        ),
         Some(2.0)
     );
     proxy.stop();
@@ -159,9 +167,8 @@ fn a_node_that_drops_the_connection_fails_requests_in_flight_and_closes_the_clie
         let _ = conn.read(&mut buf);
     });
     let port = free_port();
-    let chain = format!(
-        "        - CassandraSinkSingle:\n            remote_address: \"{node_addr}\"\n"
-    );
+    let chain =
+        format!("        - CassandraSinkSingle:\n            remote_address: \"{node_addr}\"\n");
     let proxy = Shotover::start(&topology(port, &chain));
     let mut raw = Raw::connect(port);
     raw.send(&startup(5));

@@ -45,7 +45,10 @@ fn query_type_filter_refuses_cql_writes_by_statement_and_by_prepared_id() {
         .expect("CASSANDRA_PLAIN_ADDR is host:port");
     let mut direct = Raw::ready(node_port);
     direct.query(1, &format!("CREATE KEYSPACE {ks} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': 1}}"));
-    direct.query(2, &format!("CREATE TABLE {ks}.kv (k int PRIMARY KEY, v int)"));
+    direct.query(
+        2,
+        &format!("CREATE TABLE {ks}.kv (k int PRIMARY KEY, v int)"),
+    );
     let insert_id = prepared_id(&prepare_on(
         &mut direct,
         3,
@@ -53,7 +56,10 @@ fn query_type_filter_refuses_cql_writes_by_statement_and_by_prepared_id() {
     ));
 
     let port = free_port();
-    let chain = format!("        - QueryTypeFilter:\n            DenyList: [Write]\n{}", sink());
+    let chain = format!(
+        "        - QueryTypeFilter:\n            DenyList: [Write]\n{}",
+        sink()
+    );
     let proxy = Shotover::start(&topology(port, &chain));
     let mut raw = Raw::ready(port);
     let read = raw.query(1, &format!("SELECT v FROM {ks}.kv"));
@@ -64,7 +70,11 @@ fn query_type_filter_refuses_cql_writes_by_statement_and_by_prepared_id() {
         assert_eq!(message, "Message was filtered out by shotover");
     };
     filtered(&raw.query(2, &format!("INSERT INTO {ks}.kv (k, v) VALUES (2, 2)")));
-    filtered(&prepare_on(&mut raw, 3, &format!("UPDATE {ks}.kv SET v = 3 WHERE k = 3")));
+    filtered(&prepare_on(
+        &mut raw,
+        3,
+        &format!("UPDATE {ks}.kv SET v = 3 WHERE k = 3"),
+    ));
     // A SELECT prepared through the proxy is remembered as a read and executes.
     let select_id = prepared_id(&prepare_on(&mut raw, 4, &format!("SELECT v FROM {ks}.kv")));
     raw.send(&execute(5, &select_id));
@@ -73,7 +83,11 @@ fn query_type_filter_refuses_cql_writes_by_statement_and_by_prepared_id() {
     raw.send(&execute(6, &insert_id));
     filtered(&raw.read());
     let rows = direct.query(4, &format!("SELECT count(*) FROM {ks}.kv"));
-    assert_eq!(&rows.body[rows.body.len() - 8..], &0i64.to_be_bytes(), "nothing was written");
+    assert_eq!(
+        &rows.body[rows.body.len() - 8..],
+        &0i64.to_be_bytes(),
+        "nothing was written"
+    );
     direct.query(5, &format!("DROP KEYSPACE {ks}"));
     proxy.stop();
 }
@@ -101,14 +115,19 @@ fn request_throttling_answers_overloaded_beyond_its_rate() {
         } else {
             let (code, message) = f.error();
             assert_eq!(code, OVERLOADED, "{message}");
-            assert!(message.contains("lets 10 requests per second through"), "{message}");
+            assert!(
+                message.contains("lets 10 requests per second through"),
+                "{message}"
+            );
             overloaded += 1;
         }
     }
     assert!(answered >= 10, "the first 10 of a burst pass: {answered}");
     assert!(overloaded >= 1, "{answered} answered, none refused");
     assert_eq!(
-        proxy.metric(r#"shotover_throttled_requests_count{chain="cql",transform="RequestThrottling"}"#),
+        proxy.metric(
+            r#"shotover_throttled_requests_count{chain="cql",transform="RequestThrottling"}"#
+        ),
         Some(overloaded as f64)
     );
     proxy.stop();
@@ -126,10 +145,14 @@ fn tee_sends_cql_down_its_chain_too_and_coalesce_and_debug_printer_pass_it_on() 
     let mut raw = Raw::ready(port);
     let answer = raw.query(1, "SELECT release_version FROM system.local");
     assert_eq!(answer.opcode, OPCODE_RESULT, "{answer:?}");
-    wait_until("the tee chain to see the SELECT", Duration::from_secs(10), || {
-        proxy.metric(r#"shotover_query_count{name="teed",query="SELECT",type="cassandra"}"#)
-            == Some(1.0)
-    });
+    wait_until(
+        "the tee chain to see the SELECT",
+        Duration::from_secs(10),
+        || {
+            proxy.metric(r#"shotover_query_count{name="teed",query="SELECT",type="cassandra"}"#)
+                == Some(1.0)
+        },
+    );
     proxy.wait_for_log(r#"QUERY "SELECT release_version FROM system.local""#);
     proxy.wait_for_log("RESULT Rows");
     proxy.stop();
@@ -145,7 +168,10 @@ fn null_sink_answers_cql_with_a_server_error() {
     assert_eq!(answer.stream, 3);
     assert_eq!(
         answer.error(),
-        (SERVER_ERROR, "Handled by shotover null transform".to_string())
+        (
+            SERVER_ERROR,
+            "Handled by shotover null transform".to_string()
+        )
     );
     proxy.stop();
 }
