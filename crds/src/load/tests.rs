@@ -1110,3 +1110,20 @@ fn numbers_too_large_to_mean_anything_are_refused() {
          sources[0].chain[0].bufferSize: must be at most 1000000"
     );
 }
+
+#[test]
+fn the_example_topologies_load() {
+    for (name, yaml) in [
+        (
+            "redis-passthrough",
+            include_str!("../../../examples/redis-passthrough/topology.yaml"),
+        ),
+        (
+            "cassandra-passthrough",
+            include_str!("../../../examples/cassandra-passthrough/topology.yaml"),
+        ),
+    ] {
+        let topology = load_topology(yaml).unwrap_or_else(|e| panic!("{name}: {e}"));
+        assert!(!topology.sources.is_empty(), "{name}");
+    }
+}
