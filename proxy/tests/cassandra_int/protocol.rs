@@ -181,3 +181,37 @@ fn a_node_that_drops_the_connection_fails_requests_in_flight_and_closes_the_clie
     dropper.join().expect("node thread");
     proxy.stop_expecting(&["upstream connection broke"]);
 }
+
+#[test]
+fn a_node_that_stops_answering_fails_requests_after_the_read_timeout() {
+    // A node that takes requests and never answers: a stuck node on cue.
+    let node = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let node_addr = node.local_addr().expect("addr");
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+    let silent = std::thread::spawn(move || {
+        let (mut conn, _) = node.accept().expect("accept");
+        let mut buf = [0u8; 64];
+        let _ = conn.read(&mut buf);
+        // Hold the connection open until the test is done.
+        let _ = done_rx.recv_timeout(Duration::from_secs(30));
+    });
+    let port = free_port();
+    let chain = format!(
+        "        - CassandraSinkSingle:\n            remote_address: \"{node_addr}\"\n            read_timeout: 1\n"
+    );
+    let proxy = Shotover::start(&topology(port, &chain));
+    let mut raw = Raw::connect(port);
+    raw.send(&startup(4));
+    let answer = raw.read();
+    assert_eq!(answer.stream, 4);
+    let (code, message) = answer.error();
+    assert_eq!(code, SERVER_ERROR);
+    assert!(
+        message.contains("no answer within the read_timeout of 1 s"),
+        "{message}"
+    );
+    assert!(is_closed(&mut raw.stream, Duration::from_secs(5)));
+    let _ = done_tx.send(());
+    silent.join().expect("node thread");
+    proxy.stop_expecting(&["upstream connection broke"]);
+}
