@@ -20,6 +20,9 @@ pub enum TransformConfig {
     /// Sends every CQL request to one Cassandra node over one upstream connection per client
     /// connection, with the client's own handshake, stream ids and compression.
     CassandraSinkSingle(CassandraSinkSingleConfig),
+    /// Rewrites `native_port` in the `system.peers_v2` rows a node returns, so that drivers
+    /// discovering the other nodes connect to their proxies instead of to the nodes.
+    CassandraPeersRewrite(CassandraPeersRewriteConfig),
     /// Lets through at most `max_requests_per_second` requests per second across all
     /// connections of the source; the rest are answered with an Overloaded error.
     RequestThrottling(RequestThrottlingConfig),
@@ -91,6 +94,16 @@ pub struct CassandraSinkSingleConfig {
     /// TLS towards the node.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConnectorConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct CassandraPeersRewriteConfig {
+    /// Name of this transform in logs and metrics (default: the transform's kind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The port written into `native_port`: the port the proxies listen on.
+    pub port: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -290,6 +303,7 @@ impl TransformConfig {
         "RedisSinkSingle",
         "ValkeySinkSingle",
         "CassandraSinkSingle",
+        "CassandraPeersRewrite",
         "RequestThrottling",
         "NullSink",
         "DebugPrinter",
@@ -305,6 +319,7 @@ impl TransformConfig {
         match self {
             TransformConfig::RedisSinkSingle(_) => "RedisSinkSingle",
             TransformConfig::CassandraSinkSingle(_) => "CassandraSinkSingle",
+            TransformConfig::CassandraPeersRewrite(_) => "CassandraPeersRewrite",
             TransformConfig::RequestThrottling(_) => "RequestThrottling",
             TransformConfig::NullSink(_) => "NullSink",
             TransformConfig::DebugPrinter(_) => "DebugPrinter",
@@ -321,6 +336,7 @@ impl TransformConfig {
         match self {
             TransformConfig::RedisSinkSingle(c) => c.name.as_deref(),
             TransformConfig::CassandraSinkSingle(c) => c.name.as_deref(),
+            TransformConfig::CassandraPeersRewrite(c) => c.name.as_deref(),
             TransformConfig::RequestThrottling(c) => c.name.as_deref(),
             TransformConfig::NullSink(c) | TransformConfig::DebugPrinter(c) => c.name.as_deref(),
             TransformConfig::DebugReturner(c) => c.name.as_deref(),
@@ -353,7 +369,9 @@ impl TransformConfig {
             TransformConfig::RedisSinkSingle(_) | TransformConfig::DebugReturner(_) => {
                 Some(&[Protocol::Redis])
             }
-            TransformConfig::CassandraSinkSingle(_) => Some(&[Protocol::Cassandra]),
+            TransformConfig::CassandraSinkSingle(_) | TransformConfig::CassandraPeersRewrite(_) => {
+                Some(&[Protocol::Cassandra])
+            }
             // Comparing answers and switching which chain answers need every answer of a
             // batch at once, which only in-order protocols give.
             TransformConfig::Tee(c)

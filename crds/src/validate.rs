@@ -301,6 +301,14 @@ impl Checker {
                     format!("{path}.readTimeout"),
                 );
             }
+            TransformConfig::CassandraPeersRewrite(c) => {
+                if c.port == 0 {
+                    self.err(
+                        format!("{path}.port"),
+                        "must be a port number from 1 to 65535",
+                    );
+                }
+            }
             TransformConfig::RequestThrottling(c) => {
                 if c.max_requests_per_second == 0 {
                     self.err(format!("{path}.maxRequestsPerSecond"), "must be at least 1");

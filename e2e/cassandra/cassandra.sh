@@ -2,6 +2,7 @@
 # A real single-node Apache Cassandra 5.0 for the end-to-end tests, built only from Maven Central jars.
 #
 #   e2e/cassandra/cassandra.sh up [--auth] [--tls]   install (first time) and start; prints `export VAR=...`
+#   e2e/cassandra/cassandra.sh up --pair             a two-node cluster instead (see `pair` below)
 #   e2e/cassandra/cassandra.sh down [VARIANT...]     stop what `up` started (every variant without one)
 #   e2e/cassandra/cassandra.sh status                what is running
 #
@@ -15,10 +16,14 @@
 #   tls       CQL on 127.0.0.1:$CASSANDRA_PORT+2    client_encryption_options enabled (TLS only, no
 #             client certificates), server certificate for 127.0.0.1/localhost signed by a CA made here
 #   auth-tls  CQL on 127.0.0.1:$CASSANDRA_PORT+3    both
+#   pair      a two-node cluster: pair-1 on 127.0.0.1:$CASSANDRA_PORT+4 and pair-2 on +5 (both seeds, one
+#             token each), for what needs a real peer in system.peers_v2; started with a 512 MiB heap
+#             each unless CASSANDRA_HEAP is set
 # The internode (storage) port of each is its CQL port minus 2000; nothing else listens (no JMX).
 #
 # Exports: CASSANDRA_ADDR (host:port of the variant just started) and the same under a per-variant name
-# (CASSANDRA_PLAIN_ADDR, CASSANDRA_AUTH_ADDR, CASSANDRA_TLS_ADDR, CASSANDRA_AUTH_TLS_ADDR);
+# (CASSANDRA_PLAIN_ADDR, CASSANDRA_AUTH_ADDR, CASSANDRA_TLS_ADDR, CASSANDRA_AUTH_TLS_ADDR, and with --pair
+# CASSANDRA_PAIR_1_ADDR and CASSANDRA_PAIR_2_ADDR);
 # CASSANDRA_USER/CASSANDRA_PASSWORD with --auth; CASSANDRA_TLS_CA (PEM CA certificate) and
 # CASSANDRA_TLS_DIR with --tls; CASSANDRA_VERSION always.
 #
@@ -48,7 +53,7 @@ BASE_PORT="${CASSANDRA_PORT:-19042}"
 HEAP="${CASSANDRA_HEAP:-1g}"
 START_TIMEOUT="${CASSANDRA_START_TIMEOUT:-240}"
 STOP_TIMEOUT="${CASSANDRA_STOP_TIMEOUT:-60}"
-VARIANTS=(plain auth tls auth-tls)
+VARIANTS=(plain auth tls auth-tls pair-1 pair-2)
 
 log() { echo "e2e/cassandra: $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }
@@ -114,6 +119,7 @@ variant_index() {
 native_port() { echo $(( BASE_PORT + $(variant_index "$1") )); }
 storage_port() { echo $(( $(native_port "$1") - 2000 )); }
 has_auth() { [[ $1 == auth* ]]; }
+is_pair() { [[ $1 == pair-* ]]; }
 has_tls() { [[ $1 == *tls ]]; }
 
 make_tls() {
@@ -139,20 +145,28 @@ make_tls() {
 }
 
 write_config() {
-  local variant=$1 inst=$2 port storage
+  local variant=$1 inst=$2 port storage cluster=$1 token=0 seeds
   port=$(native_port "$variant"); storage=$(storage_port "$variant")
+  seeds="127.0.0.1:$storage"
+  if is_pair "$variant"; then
+    # Two nodes on one address with their own ports (Cassandra 4.0+), both seeds, so neither
+    # bootstraps; each owns half of the ring.
+    cluster=pair
+    seeds="127.0.0.1:$(storage_port pair-1),127.0.0.1:$(storage_port pair-2)"
+    [ "$variant" = pair-2 ] && token=4611686018427387904
+  fi
   mkdir -p "$inst/conf"
   cat > "$inst/conf/cassandra.yaml" <<EOF
 # Written by e2e/cassandra/cassandra.sh (variant $variant); overwritten at every start.
-cluster_name: shotover-e2e-$variant
+cluster_name: shotover-e2e-$cluster
 num_tokens: 1
-initial_token: 0
+initial_token: $token
 partitioner: org.apache.cassandra.dht.Murmur3Partitioner
 endpoint_snitch: SimpleSnitch
 seed_provider:
   - class_name: org.apache.cassandra.locator.SimpleSeedProvider
     parameters:
-      - seeds: "127.0.0.1:$storage"
+      - seeds: "$seeds"
 listen_address: 127.0.0.1
 rpc_address: 127.0.0.1
 storage_port: $storage
@@ -326,15 +340,28 @@ start_jvm() {
 # ---------------------------------------------------------------- commands
 
 up() {
-  local auth=0 tls=0 variant
+  local auth=0 tls=0 pair=0 variant
   for arg in "$@"; do
     case "$arg" in
       --auth) auth=1 ;;
       --tls) tls=1 ;;
-      *) die "usage: cassandra.sh up [--auth] [--tls]" ;;
+      --pair) pair=1 ;;
+      *) die "usage: cassandra.sh up [--auth] [--tls] | up --pair" ;;
     esac
   done
+  if [ "$pair" = 1 ]; then
+    [ "$auth$tls" = 00 ] || die "--pair takes neither --auth nor --tls"
+    HEAP="${CASSANDRA_HEAP:-512m}"
+    up_variant pair-1
+    up_variant pair-2
+    return
+  fi
   case "$auth$tls" in 00) variant=plain ;; 10) variant=auth ;; 01) variant=tls ;; 11) variant=auth-tls ;; esac
+  up_variant "$variant"
+}
+
+up_variant() {
+  local variant=$1
   local inst="$ROOT/$variant" port storage version pid
   port=$(native_port "$variant"); storage=$(storage_port "$variant")
   # one `up` per variant at a time (e.g. test binaries started in parallel); the JVM does not inherit fd 9
@@ -454,5 +481,5 @@ case "$cmd" in
   up) up "$@" ;;
   down) down "$@" ;;
   status) status ;;
-  *) die "usage: cassandra.sh up [--auth] [--tls] | down [plain|auth|tls|auth-tls...] | status" ;;
+  *) die "usage: cassandra.sh up [--auth] [--tls] | up --pair | down [plain|auth|tls|auth-tls|pair-1|pair-2...] | status" ;;
 esac

@@ -1,5 +1,6 @@
 //! Every transform, and the one place that turns a transform config into its builder.
 
+pub mod cassandra_peers_rewrite;
 pub mod cassandra_sink_single;
 pub mod coalesce;
 pub mod debug_printer;
@@ -39,6 +40,9 @@ fn build_transform(chain: &str, config: &TransformConfig) -> Result<Box<dyn Tran
         }
         TransformConfig::CassandraSinkSingle(c) => Box::new(
             cassandra_sink_single::CassandraSinkSingleBuilder::new(c, chain)?,
+        ),
+        TransformConfig::CassandraPeersRewrite(c) => Box::new(
+            cassandra_peers_rewrite::CassandraPeersRewriteBuilder::new(c),
         ),
         TransformConfig::RequestThrottling(c) => {
             Box::new(request_throttling::RequestThrottlingBuilder::new(c, chain))

@@ -9,7 +9,7 @@ use crate::transform::{
 };
 use crate::validate::validate;
 
-const KINDS: &str = "RedisSinkSingle, ValkeySinkSingle, CassandraSinkSingle, RequestThrottling, \
+const KINDS: &str = "RedisSinkSingle, ValkeySinkSingle, CassandraSinkSingle, CassandraPeersRewrite, RequestThrottling, \
                      NullSink, DebugPrinter, DebugReturner, QueryCounter, QueryTypeFilter, Coalesce, Tee";
 const SINKS: &str =
     "a chain must end in a sink (RedisSinkSingle, CassandraSinkSingle, NullSink or DebugReturner)";
@@ -1051,11 +1051,15 @@ fn a_transform_of_the_wrong_protocol_is_reported() {
 #[test]
 fn a_cassandra_chain_loads_with_upstream_field_names() {
     let topology = load_topology(
-        "sources:\n  - Cassandra:\n      name: cql\n      listen_addr: \"127.0.0.1:9042\"\n      chain:\n        - RequestThrottling: {max_requests_per_second: 100}\n        - QueryCounter: {name: q}\n        - Tee: {chain: [NullSink]}\n        - CassandraSinkSingle:\n            remote_address: \"127.0.0.1:19042\"\n            connect_timeout_ms: 500\n            read_timeout: 10\n",
+        "sources:\n  - Cassandra:\n      name: cql\n      listen_addr: \"127.0.0.1:9042\"\n      chain:\n        - RequestThrottling: {max_requests_per_second: 100}\n        - CassandraPeersRewrite: {port: 9043}\n        - QueryCounter: {name: q}\n        - Tee: {chain: [NullSink]}\n        - CassandraSinkSingle:\n            remote_address: \"127.0.0.1:19042\"\n            connect_timeout_ms: 500\n            read_timeout: 10\n",
     )
     .expect("valid");
     let chain = topology.sources[0].chain();
-    match &chain[3] {
+    match &chain[1] {
+        TransformConfig::CassandraPeersRewrite(c) => assert_eq!(c.port, 9043),
+        other => panic!("{other:?}"),
+    }
+    match &chain[4] {
         TransformConfig::CassandraSinkSingle(c) => {
             assert_eq!(c.remote_address, "127.0.0.1:19042");
             assert_eq!((c.connect_timeout_ms, c.read_timeout), (500, Some(10)));

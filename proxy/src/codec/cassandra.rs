@@ -16,6 +16,7 @@
 //! Bodies are read only on demand, by [`body`].
 
 pub mod body;
+pub mod rows;
 
 use bytes::{BufMut, Bytes, BytesMut};
 

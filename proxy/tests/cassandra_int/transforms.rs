@@ -175,3 +175,71 @@ fn null_sink_answers_cql_with_a_server_error() {
     );
     proxy.stop();
 }
+
+/// The `native_port` values of a `SELECT native_port FROM system.peers_v2` answer, read by
+/// hand (one int column, global table spec, no paging state).
+fn native_ports(answer: &Frame) -> Vec<i32> {
+    assert_eq!(answer.opcode, OPCODE_RESULT, "{answer:?}");
+    let b = &answer.body;
+    let int = |at: usize| i32::from_be_bytes(b[at..at + 4].try_into().expect("4 bytes"));
+    let short = |at: usize| u16::from_be_bytes([b[at], b[at + 1]]) as usize;
+    assert_eq!(int(0), 2, "Rows");
+    assert_eq!(int(4), 1, "global table spec only");
+    assert_eq!(int(8), 1, "one column");
+    let mut at = 12;
+    for _ in 0..3 {
+        at += 2 + short(at); // keyspace, table, column name
+    }
+    assert_eq!(short(at), 0x0009, "an int column");
+    at += 2;
+    let rows = int(at) as usize;
+    at += 4;
+    (0..rows)
+        .map(|i| {
+            assert_eq!(int(at + i * 8), 4);
+            int(at + i * 8 + 4)
+        })
+        .collect()
+}
+
+#[test]
+fn peers_rewrite_gives_drivers_the_proxy_port_of_the_other_node() {
+    let node = |var: &str| {
+        std::env::var(var).unwrap_or_else(|_| {
+            panic!("{var} is not set: start the two-node cluster with `eval \"$(e2e/services up cassandra-pair)\"` (the test command does this)")
+        })
+    };
+    let (first, second) = (node("CASSANDRA_PAIR_1_ADDR"), node("CASSANDRA_PAIR_2_ADDR"));
+    let port_of = |addr: &str| -> u16 {
+        addr.rsplit_once(':')
+            .and_then(|(_, p)| p.parse().ok())
+            .expect("host:port")
+    };
+    // The node itself lists its peer with the peer's own port (once gossip has met it).
+    let mut direct = Raw::ready(port_of(&first));
+    wait_until(
+        "pair-1 to list pair-2 in system.peers_v2",
+        Duration::from_secs(60),
+        || {
+            native_ports(&direct.query(1, "SELECT native_port FROM system.peers_v2"))
+                == vec![i32::from(port_of(&second))]
+        },
+    );
+
+    let port = free_port();
+    let chain = format!(
+        "        - CassandraPeersRewrite:\n            port: {port}\n        - CassandraSinkSingle:\n            remote_address: \"{first}\"\n"
+    );
+    let proxy = Shotover::start(&topology(port, &chain));
+    let mut raw = Raw::ready(port);
+    let answer = raw.query(1, "SELECT native_port FROM system.peers_v2");
+    assert_eq!(native_ports(&answer), vec![i32::from(port)]);
+    // Other tables and other queries are untouched.
+    let local = raw.query(2, "SELECT release_version FROM system.local");
+    assert_eq!(local.opcode, OPCODE_RESULT);
+    assert!(
+        String::from_utf8_lossy(&local.body).contains("5.0"),
+        "{local:?}"
+    );
+    proxy.stop();
+}

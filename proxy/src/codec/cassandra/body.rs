@@ -147,6 +147,24 @@ impl<'a> Reader<'a> {
         std::str::from_utf8(self.take(len)?).map_err(|_| BodyError("string is not UTF-8"))
     }
 
+    /// `[bytes]`: an int length, then bytes; a negative length is null.
+    pub fn bytes(&mut self) -> Result<Option<&'a [u8]>, BodyError> {
+        let len = self.int()?;
+        if len < 0 {
+            return Ok(None);
+        }
+        self.take(len as usize).map(Some)
+    }
+
+    pub fn skip(&mut self, n: usize) -> Result<(), BodyError> {
+        self.take(n).map(|_| ())
+    }
+
+    /// Bytes not read yet.
+    pub fn remaining(&self) -> usize {
+        self.rest.len()
+    }
+
     /// `[short bytes]`: a short length, then bytes.
     pub fn short_bytes(&mut self) -> Result<&'a [u8], BodyError> {
         let len = self.short()? as usize;
