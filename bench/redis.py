@@ -16,57 +16,10 @@ import io
 import os
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def sh(cmd, **kw):
-    return subprocess.run(cmd, check=True, text=True, capture_output=True, **kw).stdout
-
-
-def services_env():
-    out = sh([os.path.join(ROOT, "e2e/services"), "up", "redis"])
-    env = {}
-    for line in out.splitlines():
-        if line.startswith("export "):
-            k, v = line[len("export "):].split("=", 1)
-            env[k] = v
-    return env
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def cpu_seconds(pid):
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS
-
-
-def rss_mib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def wait_port(port, timeout=20):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    sys.exit(f"nothing listens on {port} after {timeout}s")
+from common import ROOT, cpu_seconds, free_port, rss_mib, services_env, sh, wait_port
 
 
 def redis_benchmark(port, clients, pipeline, requests):
@@ -91,7 +44,7 @@ def main():
     ap.add_argument("--proxy-arg", action="append", default=[], help="extra argument for shotover (repeatable)")
     args = ap.parse_args()
 
-    env = services_env()
+    env = services_env("redis")
     redis_port = int(env["REDIS_ADDR"].rsplit(":", 1)[1])
     if not args.skip_build:
         subprocess.run(["cargo", "build", "--release", "--locked", "-p", "shotover"], cwd=ROOT, check=True)

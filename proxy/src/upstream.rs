@@ -6,7 +6,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use rustls_pki_types::ServerName;
+use shotover_crds::topology::TlsConnectorConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
@@ -28,6 +30,30 @@ pub struct Upstream {
 }
 
 impl Upstream {
+    /// The upstream of a sink's config: its address, connect timeout and TLS settings.
+    pub fn new(
+        address: &str,
+        connect_timeout_ms: u64,
+        tls: Option<&TlsConnectorConfig>,
+    ) -> anyhow::Result<Upstream> {
+        let tls = match tls {
+            Some(tls) => {
+                let (connector, server_name) = crate::tls::connector(tls, address)
+                    .context("building the upstream TLS connector")?;
+                Some(UpstreamTls {
+                    connector,
+                    server_name,
+                })
+            }
+            None => None,
+        };
+        Ok(Upstream {
+            address: address.to_string(),
+            connect_timeout: Duration::from_millis(connect_timeout_ms),
+            tls,
+        })
+    }
+
     /// Connects (TCP, then the TLS handshake) within the connect timeout.
     pub async fn connect(&self) -> io::Result<UpstreamStream> {
         let connect = async {

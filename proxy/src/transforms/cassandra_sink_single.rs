@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use shotover_crds::transform::CassandraSinkSingleConfig;
@@ -32,7 +32,7 @@ use crate::codec::cassandra::{Compression, EnvelopeDecoder, Header};
 use crate::message::{ErrorKind, Message, MessageId, Messages, ReplyTo};
 use crate::metrics::{self, Counter};
 use crate::outbox::Outbox;
-use crate::upstream::{Upstream, UpstreamStream, UpstreamTls};
+use crate::upstream::{Upstream, UpstreamStream};
 
 /// Largest frame accepted from the node (Cassandra's own limit is 256 MiB at most).
 const MAX_RESPONSE: usize = 512 * 1024 * 1024;
@@ -51,25 +51,14 @@ struct Shared {
 
 impl CassandraSinkSingleBuilder {
     pub fn new(config: &CassandraSinkSingleConfig, chain: &str) -> Result<Self> {
-        let tls = match &config.tls {
-            Some(tls) => {
-                let (connector, server_name) = crate::tls::connector(tls, &config.remote_address)
-                    .context("building the upstream TLS connector")?;
-                Some(UpstreamTls {
-                    connector,
-                    server_name,
-                })
-            }
-            None => None,
-        };
         let name = config.name.as_deref().unwrap_or("CassandraSinkSingle");
         Ok(CassandraSinkSingleBuilder {
             shared: Arc::new(Shared {
-                upstream: Upstream {
-                    address: config.remote_address.clone(),
-                    connect_timeout: Duration::from_millis(config.connect_timeout_ms),
-                    tls,
-                },
+                upstream: Upstream::new(
+                    &config.remote_address,
+                    config.connect_timeout_ms,
+                    config.tls.as_ref(),
+                )?,
                 read_timeout: config.read_timeout.map(Duration::from_secs),
                 failed_requests: metrics::counter(
                     "shotover_failed_requests_count",

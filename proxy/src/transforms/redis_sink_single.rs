@@ -16,9 +16,8 @@
 //! reconnecting silently would drop the client's AUTH, SELECT, subscriptions or transaction.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use shotover_crds::transform::RedisSinkSingleConfig;
@@ -31,7 +30,7 @@ use crate::codec::redis::ResponseDecoder;
 use crate::message::{Message, Messages};
 use crate::metrics::{self, Counter};
 use crate::outbox::Outbox;
-use crate::upstream::{Upstream, UpstreamStream, UpstreamTls};
+use crate::upstream::{Upstream, UpstreamStream};
 
 mod replies;
 
@@ -53,25 +52,14 @@ struct Shared {
 
 impl RedisSinkSingleBuilder {
     pub fn new(config: &RedisSinkSingleConfig, chain: &str) -> Result<Self> {
-        let tls = match &config.tls {
-            Some(tls) => {
-                let (connector, server_name) = crate::tls::connector(tls, &config.remote_address)
-                    .context("building the upstream TLS connector")?;
-                Some(UpstreamTls {
-                    connector,
-                    server_name,
-                })
-            }
-            None => None,
-        };
         let name = config.name.as_deref().unwrap_or("RedisSinkSingle");
         Ok(RedisSinkSingleBuilder {
             shared: Arc::new(Shared {
-                upstream: Upstream {
-                    address: config.remote_address.clone(),
-                    connect_timeout: Duration::from_millis(config.connect_timeout_ms),
-                    tls,
-                },
+                upstream: Upstream::new(
+                    &config.remote_address,
+                    config.connect_timeout_ms,
+                    config.tls.as_ref(),
+                )?,
                 failed_requests: metrics::counter(
                     "shotover_failed_requests_count",
                     "Requests a sink answered with an error because its upstream could not be reached.",
