@@ -172,7 +172,17 @@ where
                 biased;
                 _ = settings.shutdown.cancelled() => {
                     // What was read is answered by the batch above; let held requests go.
-                    let _ = self.run_batch(Vec::new(), true).await;
+                    if let Some(ended) = self.run_batch(Vec::new(), true).await {
+                        return ended;
+                    }
+                    // CQL answers arrive on their own: wait for those still in flight. The
+                    // process's grace period bounds this wait.
+                    while self.answers_awaited() {
+                        settings.force_run.notified().await;
+                        if let Some(ended) = self.run_batch(Vec::new(), true).await {
+                            return ended;
+                        }
+                    }
                     return Ended::Shutdown;
                 }
                 read = self.stream.read_buf(&mut self.read_buf) => match read {
@@ -222,6 +232,15 @@ where
                 Ok(None) => return (batch, None),
                 Err(e) => return (batch, Some(e)),
             }
+        }
+    }
+
+    /// Whether CQL requests sent into the chain still wait for their answer. (A Redis
+    /// batch is answered within its run, so there is nothing to wait for.)
+    fn answers_awaited(&self) -> bool {
+        match &self.pending {
+            Pending::InOrder { .. } => false,
+            Pending::ById(map) => !map.is_empty(),
         }
     }
 

@@ -215,3 +215,46 @@ fn a_node_that_stops_answering_fails_requests_after_the_read_timeout() {
     silent.join().expect("node thread");
     proxy.stop_expecting(&["upstream connection broke"]);
 }
+
+#[test]
+fn sigterm_waits_for_the_answers_of_requests_in_flight() {
+    // A node that answers STARTUP with READY only when the test says so: a slow answer on cue.
+    let node = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let node_addr = node.local_addr().expect("addr");
+    let (got_request, request_seen) = std::sync::mpsc::channel::<()>();
+    let (answer_now, answer) = std::sync::mpsc::channel::<()>();
+    let slow = std::thread::spawn(move || {
+        use std::io::Write;
+        let (mut conn, _) = node.accept().expect("accept");
+        let mut header = [0u8; 9];
+        conn.read_exact(&mut header).expect("a request header");
+        let len = i32::from_be_bytes(header[5..9].try_into().expect("4")) as usize;
+        let mut body = vec![0; len];
+        conn.read_exact(&mut body).expect("its body");
+        got_request.send(()).expect("test alive");
+        answer
+            .recv_timeout(Duration::from_secs(20))
+            .expect("the test's go");
+        let mut ready = vec![0x84, 0];
+        ready.extend_from_slice(&header[2..4]);
+        ready.extend([OPCODE_READY, 0, 0, 0, 0]);
+        conn.write_all(&ready).expect("READY");
+        let _ = conn.read(&mut [0u8; 16]);
+    });
+    let port = free_port();
+    let chain =
+        format!("        - CassandraSinkSingle:\n            remote_address: \"{node_addr}\"\n");
+    let mut proxy = Shotover::start(&topology(port, &chain));
+    let mut raw = Raw::connect(port);
+    raw.send(&startup(6));
+    request_seen
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the request reached the node");
+    proxy.terminate();
+    proxy.wait_for_log("shutting down");
+    answer_now.send(()).expect("node thread alive");
+    let ready = raw.read();
+    assert_eq!((ready.stream, ready.opcode), (6, OPCODE_READY));
+    assert!(proxy.wait_exit(Duration::from_secs(20)).success());
+    slow.join().expect("node thread");
+}
