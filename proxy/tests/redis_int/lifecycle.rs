@@ -65,7 +65,7 @@ sources:
     );
     let stderr = start_failing(&topology, "main_log_level: info\n", "config.yaml");
     let expected = "topology.yaml: invalid topology (4 errors):
-  sources[0].chain[1]: unknown transform `NoSuchTransform`, expected one of: RedisSinkSingle, ValkeySinkSingle, NullSink, DebugPrinter, DebugReturner, QueryCounter, QueryTypeFilter, Coalesce, Tee
+  sources[0].chain[1]: unknown transform `NoSuchTransform`, expected one of: RedisSinkSingle, ValkeySinkSingle, CassandraSinkSingle, CassandraPeersRewrite, RequestThrottling, NullSink, DebugPrinter, DebugReturner, QueryCounter, QueryTypeFilter, Coalesce, Tee
   sources[1].chain[0].bogus: unknown field `bogus`, expected one of `name`, `remoteAddress`, `remote_address`, `connectTimeoutMs`, `connect_timeout_ms`, `tls`
   sources[1].name: duplicate name `redis`, already used at sources[0]
   sources[1].listenAddr: `not-an-address` is not a listen address: expected ip:port, for example 127.0.0.1:6379 or 0.0.0.0:6379";
@@ -353,25 +353,6 @@ async fn tls_sink_checks_the_upstream_certificate_and_its_name_unless_told_not_t
         .expect_err("refused");
     shotover.wait_for_log("CertificateRequired");
     shotover.stop_expecting(&["upstream connection broke"]);
-}
-
-#[test]
-fn a_cassandra_source_is_refused_with_a_clear_message() {
-    let port = free_port();
-    let topology = format!(
-        "sources:\n  - Cassandra:\n      name: cql\n      listen_addr: \"127.0.0.1:{port}\"\n      chain: [NullSink]\n"
-    );
-    let stderr = start_failing(&topology, "main_log_level: info\n", "config.yaml");
-    assert!(
-        stderr.contains(
-            "source `cql`: Cassandra sources are not served by this build yet (only Redis is)"
-        ),
-        "{stderr}"
-    );
-    assert!(
-        TcpStream::connect(format!("127.0.0.1:{port}")).is_err(),
-        "nothing may be bound"
-    );
 }
 
 /// Runs the binary with `topology` and `config` written to a temp dir, passing `config_name`

@@ -17,6 +17,7 @@ import sys
 from cassandra import InvalidRequest
 from cassandra.auth import PlainTextAuthProvider
 from cassandra.cluster import EXEC_PROFILE_DEFAULT, Cluster, ExecutionProfile
+from cassandra.concurrent import execute_concurrent_with_args
 from cassandra.policies import RoundRobinPolicy
 from cassandra.protocol import SyntaxException
 from cassandra.query import BatchStatement, SimpleStatement
@@ -39,7 +40,10 @@ def main():
     options = {
         "port": int(port),
         "execution_profiles": {
-            EXEC_PROFILE_DEFAULT: ExecutionProfile(load_balancing_policy=RoundRobinPolicy())
+            # The test suite loads one small machine with several nodes and clients at once.
+            EXEC_PROFILE_DEFAULT: ExecutionProfile(
+                load_balancing_policy=RoundRobinPolicy(), request_timeout=30
+            )
         },
         "connect_timeout": 10,
         "control_connection_timeout": 10,
@@ -74,9 +78,11 @@ def main():
 
     insert = session.prepare(f"INSERT INTO {ks}.rows (p, c, v) VALUES (?, ?, ?)")
     select = session.prepare(f"SELECT v FROM {ks}.rows WHERE p = ? AND c = ?")
-    futures = [session.execute_async(insert, (1, c, f"v{c}")) for c in range(5000)]
-    for f in futures:
-        f.result()
+    # 5,000 inserts, up to 200 in flight at once on the connection.
+    results = execute_concurrent_with_args(
+        session, insert, [(1, c, f"v{c}") for c in range(5000)], concurrency=200
+    )
+    assert all(ok for ok, _ in results), [r for ok, r in results if not ok][:3]
     assert session.execute(select, (1, 4321)).one().v == "v4321"
     print("ok prepared")
 
