@@ -8,7 +8,7 @@ crates.io, into ~/.cache/shotover-bench/latte) the first time, builds and starts
 proxy with a passthrough topology (Cassandra source -> CassandraSinkSingle, metrics on,
 nobody scraping), loads 100,000 rows, then runs latte's prepared `read` and `write`
 (bench/cassandra/workload.rn) at 1 and 64 concurrent requests, each against Cassandra
-directly and through the proxy, one after the other. Prints requests/s, p50 and p99 side by
+directly and through the proxy, twice in opposite orders (after a warm-up of the node). Prints requests/s, p50 and p99 side by
 side, the proxy/direct ratio, the added p50, the proxy's CPU seconds per million requests,
 and its RSS.
 """
@@ -80,6 +80,10 @@ def run(addr, function, concurrency, duration, workdir):
     }
 
 
+def mean(results):
+    return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=15, help="seconds per measured run")
@@ -116,13 +120,24 @@ def main():
         rss_idle = rss_mib(proxy.pid)
         latte(["schema", WORKLOAD, direct], tmp)
         latte(["load", WORKLOAD, direct, "-q"], tmp)
+        # Warm the node (JIT, caches) on both operations before measuring anything.
+        for function in ("read", "write"):
+            run(direct, function, 64, 10, tmp)
         rows = []
         for concurrency in (1, 64):
             for function in ("read", "write"):
-                d = run(direct, function, concurrency, args.duration, tmp)
-                cpu0, n0 = cpu_seconds(proxy.pid), proxied_requests(obs_port)
-                p = run(proxied, function, concurrency, args.duration, tmp)
-                cpu, n = cpu_seconds(proxy.pid) - cpu0, proxied_requests(obs_port) - n0
+                # Two rounds in opposite orders, so that a drift of the node's speed during
+                # the run weighs on both paths alike; each figure is the mean of its two runs.
+                runs = {direct: [], proxied: []}
+                cpu = n = 0.0
+                for order in ((direct, proxied), (proxied, direct)):
+                    for addr in order:
+                        cpu0, n0 = cpu_seconds(proxy.pid), proxied_requests(obs_port)
+                        runs[addr].append(run(addr, function, concurrency, args.duration, tmp))
+                        if addr == proxied:
+                            cpu += cpu_seconds(proxy.pid) - cpu0
+                            n += proxied_requests(obs_port) - n0
+                d, p = (mean(runs[direct]), mean(runs[proxied]))
                 rows.append((concurrency, function, d, p, cpu / max(n, 1) * 1e6))
         rss_after = rss_mib(proxy.pid)
     finally:
@@ -130,8 +145,8 @@ def main():
         proxy.wait(timeout=30)
 
     print()
-    print(f"latte {LATTE_VERSION}, prepared statements, 1 thread, 1 connection, {args.duration} s per run "
-          f"(+2 s warmup), Cassandra {env.get('CASSANDRA_VERSION', '?')} on {direct}")
+    print(f"latte {LATTE_VERSION}, prepared statements, 1 thread, 1 connection, 2 runs of {args.duration} s "
+          f"(+2 s warmup) per path and load, Cassandra {env.get('CASSANDRA_VERSION', '?')} on {direct}")
     print("| concurrency | op | direct req/s | proxied req/s | ratio | direct p50 µs | proxied p50 µs "
           "| added p50 µs | direct p99 µs | proxied p99 µs | proxy CPU s / 1M req |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
