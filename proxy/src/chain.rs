@@ -23,6 +23,10 @@
 //! - the handler writes responses in request order for in-order protocols (Redis), holding
 //!   back any response that overtakes an earlier one, so transforms may return them in any
 //!   order;
+//! - a sink whose upstream answers arrive on their own (CQL) waits for them in
+//!   [`Transform::ready`], which the handler awaits whenever it waits for the client; when it
+//!   resolves, the handler runs the chain with an empty batch and the sink hands over what
+//!   arrived. `ready` must be cancel-safe: the handler drops it whenever the client speaks;
 //! - an `Err` means the connection's upstream state is broken: every request still pending
 //!   gets an error reply and the client connection is closed. A transform that can answer
 //!   with a protocol error and go on (an unreachable upstream, a filtered request) returns
@@ -77,6 +81,13 @@ pub struct TransformContext {
 pub trait Transform: Send {
     /// Handles one batch. See the module documentation for the contract.
     async fn transform(&mut self, state: &mut ChainState<'_>) -> Result<Messages, ChainError>;
+
+    /// Resolves when this transform has something to deliver without a new request (an
+    /// upstream answer arrived, or its upstream failed); the handler then runs the chain with
+    /// an empty batch. Only the sink's is awaited. Must be cancel-safe. Default: never.
+    async fn ready(&mut self) {
+        std::future::pending::<()>().await
+    }
 }
 
 /// Builds the per-connection instances of one configured transform.
@@ -211,6 +222,15 @@ pub struct Processed {
 impl TransformChain {
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Resolves when the sink has something to deliver without a new request; see
+    /// [`Transform::ready`].
+    pub async fn ready(&mut self) {
+        match self.links.last_mut() {
+            Some(sink) => sink.transform.ready().await,
+            None => std::future::pending().await,
+        }
     }
 
     /// Runs one batch through the chain.

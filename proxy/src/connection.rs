@@ -178,7 +178,10 @@ where
                     // CQL answers arrive on their own: wait for those still in flight. The
                     // process's grace period bounds this wait.
                     while self.answers_awaited() {
-                        settings.force_run.notified().await;
+                        tokio::select! {
+                            _ = settings.force_run.notified() => {}
+                            _ = self.chain.ready() => {}
+                        }
                         if let Some(ended) = self.run_batch(Vec::new(), true).await {
                             return ended;
                         }
@@ -195,6 +198,15 @@ where
                     Err(e) => return Ended::Io(e),
                 },
                 _ = settings.force_run.notified() => {
+                    if let Some(ended) = self.run_batch(Vec::new(), false).await {
+                        return ended;
+                    }
+                    // Pushes delivered to a subscriber count as activity.
+                    if let Some(timeout) = settings.idle_timeout {
+                        idle.as_mut().reset(tokio::time::Instant::now() + timeout);
+                    }
+                }
+                _ = self.chain.ready() => {
                     if let Some(ended) = self.run_batch(Vec::new(), false).await {
                         return ended;
                     }

@@ -4,9 +4,10 @@
 //! The proxy is transparent to the CQL session: the client's own STARTUP, AUTH_RESPONSE,
 //! `USE`, REGISTER and compression go to the node on the client's connection, frames are
 //! forwarded as read (stream ids untouched, bodies never parsed here), and the node's answers
-//! go back as they arrive, matched to their requests by stream id. A reader task owns the
-//! socket's read half and wakes the chain for every frame, so a slow query does not hold up
-//! the others on the connection, and events (stream -1) reach a client that sends nothing.
+//! go back as they arrive, matched to their requests by stream id. The connection's own task
+//! waits for them ([`Transform::ready`]) whenever it waits for its client, so a slow query
+//! does not hold up the others on the connection, events (stream -1) reach a client that
+//! sends nothing, and an answer costs no hop through another task.
 //!
 //! An unreachable node gives each request a CQL Server error and the client connection stays
 //! open (nothing was sent, so the next request tries again; drivers try another node). When
@@ -17,18 +18,17 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Result;
 use async_trait::async_trait;
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use shotover_crds::transform::CassandraSinkSingleConfig;
 use tokio::io::{AsyncReadExt, ReadHalf, WriteHalf};
-use tokio::sync::{Notify, mpsc};
+use tokio::time::Instant;
 
 use crate::chain::{ChainError, ChainState, Transform, TransformBuilder, TransformContext};
-use crate::codec::cassandra::{Compression, EnvelopeDecoder, Header};
+use crate::codec::cassandra::{Compression, EnvelopeDecoder, HEADER_LEN, Header};
 use crate::message::{ErrorKind, Message, MessageId, Messages, ReplyTo};
 use crate::metrics::{self, Counter};
 use crate::outbox::Outbox;
@@ -36,8 +36,9 @@ use crate::upstream::{Upstream, UpstreamStream};
 
 /// Largest frame accepted from the node (Cassandra's own limit is 256 MiB at most).
 const MAX_RESPONSE: usize = 512 * 1024 * 1024;
-/// Frames the reader task may queue ahead of the chain.
-const FRAME_QUEUE: usize = 1024;
+/// Most answer bytes read ahead while a large batch is being written (the node may stop
+/// reading requests until its answers are read).
+const READ_AHEAD: usize = 64 * 1024 * 1024;
 
 pub struct CassandraSinkSingleBuilder {
     shared: Arc<Shared>,
@@ -71,13 +72,11 @@ impl CassandraSinkSingleBuilder {
 }
 
 impl TransformBuilder for CassandraSinkSingleBuilder {
-    fn build(&self, ctx: &TransformContext) -> Box<dyn Transform> {
+    fn build(&self, _: &TransformContext) -> Box<dyn Transform> {
         Box::new(CassandraSinkSingle {
             shared: self.shared.clone(),
-            force_run: ctx.force_run.clone(),
             conn: Conn::NotConnected,
             in_flight: HashMap::new(),
-            waiting: Arc::new(Waiting::default()),
             compression: Compression::None,
             outbox: Outbox::default(),
         })
@@ -86,52 +85,64 @@ impl TransformBuilder for CassandraSinkSingleBuilder {
 
 enum Conn {
     NotConnected,
-    Connected {
-        writer: WriteHalf<UpstreamStream>,
-        frames: mpsc::Receiver<Result<(Bytes, Header), ChainError>>,
-    },
+    Connected(Box<Link>),
     /// The connection broke; the client connection is being closed.
     Broken,
 }
 
-/// Shared by the sink and its reader task: how many requests wait, and when the last was sent.
-struct Waiting {
-    count: AtomicUsize,
-    since: Instant,
-    /// Milliseconds from `since` to the last write.
-    last_write_ms: AtomicU64,
+/// An open connection to the node.
+struct Link {
+    reader: ReadHalf<UpstreamStream>,
+    writer: WriteHalf<UpstreamStream>,
+    read_buf: BytesMut,
+    decoder: EnvelopeDecoder,
+    /// When something was last written or read: the read timeout counts from here.
+    last_activity: Instant,
+    /// The connection closed or failed while reading; delivered by the next `transform`.
+    failed: Option<ChainError>,
 }
 
-impl Default for Waiting {
-    fn default() -> Self {
-        Waiting {
-            count: AtomicUsize::new(0),
-            since: Instant::now(),
-            last_write_ms: AtomicU64::new(0),
+impl Link {
+    /// Whether a whole frame is waiting in the buffer.
+    fn has_frame(&self) -> bool {
+        self.read_buf.len() >= HEADER_LEN
+            && Header::parse(&self.read_buf)
+                .map_or(true, |h| self.read_buf.len() >= HEADER_LEN + h.body_len)
+    }
+
+    fn reserve(&mut self) {
+        if self.read_buf.is_empty() && self.read_buf.capacity() > 1024 * 1024 {
+            self.read_buf = BytesMut::with_capacity(16 * 1024);
+        }
+        if self.read_buf.capacity() - self.read_buf.len() < 1024 {
+            self.read_buf.reserve(16 * 1024);
         }
     }
-}
 
-impl Waiting {
-    fn wrote(&self, count: usize) {
-        let ms = self.since.elapsed().as_millis() as u64;
-        self.last_write_ms.store(ms, Ordering::Relaxed);
-        self.count.store(count, Ordering::Relaxed);
-    }
-
-    fn last_write(&self) -> Instant {
-        self.since + Duration::from_millis(self.last_write_ms.load(Ordering::Relaxed))
+    /// Records the outcome of a read.
+    fn read_done(&mut self, result: std::io::Result<usize>, addr: &str) {
+        match result {
+            Ok(0) => {
+                self.failed = Some(ChainError::UpstreamClosed {
+                    addr: addr.to_string(),
+                })
+            }
+            Ok(_) => self.last_activity = Instant::now(),
+            Err(source) => {
+                self.failed = Some(ChainError::UpstreamIo {
+                    addr: addr.to_string(),
+                    source,
+                })
+            }
+        }
     }
 }
 
 struct CassandraSinkSingle {
     shared: Arc<Shared>,
-    force_run: Arc<Notify>,
     conn: Conn,
     /// Requests sent and not answered, by stream id.
     in_flight: HashMap<i16, (MessageId, ReplyTo)>,
-    /// What the reader task's read timeout needs to know.
-    waiting: Arc<Waiting>,
     /// The compression the client negotiated, to read the node's answers with.
     compression: Compression,
     outbox: Outbox,
@@ -169,26 +180,60 @@ impl Transform for CassandraSinkSingle {
         }
         Ok(responses)
     }
+
+    /// Waits until an answer (or the connection's end) arrives from the node: the bytes go
+    /// into the read buffer, which `transform` decodes. Cancel-safe: a read either completes
+    /// or takes nothing.
+    async fn ready(&mut self) {
+        let Conn::Connected(link) = &mut self.conn else {
+            return std::future::pending().await;
+        };
+        if link.failed.is_some() || link.has_frame() {
+            return;
+        }
+        link.reserve();
+        let deadline = self
+            .shared
+            .read_timeout
+            .map(|limit| (link.last_activity + limit, limit));
+        let Link {
+            reader, read_buf, ..
+        } = &mut **link;
+        let read = reader.read_buf(read_buf);
+        let result = match deadline {
+            Some((deadline, limit)) if !self.in_flight.is_empty() => {
+                match tokio::time::timeout_at(deadline, read).await {
+                    Ok(result) => result,
+                    Err(_) => Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no answer within the read_timeout of {} s", limit.as_secs()),
+                    )),
+                }
+            }
+            _ => read.await,
+        };
+        link.read_done(result, &self.shared.upstream.address);
+    }
 }
 
 impl CassandraSinkSingle {
     async fn connect(&mut self) -> std::io::Result<()> {
         let stream = self.shared.upstream.connect().await?;
         let (reader, writer) = tokio::io::split(stream);
-        let (tx, rx) = mpsc::channel(FRAME_QUEUE);
-        tokio::spawn(read_frames(
+        self.conn = Conn::Connected(Box::new(Link {
             reader,
-            tx,
-            self.force_run.clone(),
-            self.shared.upstream.address.clone(),
-            self.shared.read_timeout,
-            self.waiting.clone(),
-        ));
-        self.conn = Conn::Connected { writer, frames: rx };
+            writer,
+            read_buf: BytesMut::with_capacity(16 * 1024),
+            decoder: EnvelopeDecoder::new(MAX_RESPONSE),
+            last_activity: Instant::now(),
+            failed: None,
+        }));
         Ok(())
     }
 
-    /// Writes the batch in as few syscalls as it can, remembering each request's stream.
+    /// Writes the batch in as few syscalls as it can, remembering each request's stream,
+    /// and reads answers meanwhile, so that a node waiting for its answers to be read never
+    /// stops a large batch half way.
     async fn write(&mut self, requests: Messages) -> Result<(), ChainError> {
         for request in requests {
             if let (Some(meta), ReplyTo::Cql { stream, .. }) = (request.cql(), request.reply_to()) {
@@ -198,33 +243,59 @@ impl CassandraSinkSingle {
             }
             self.outbox.push(request.into_bytes());
         }
-        self.waiting.wrote(self.in_flight.len());
-        let result = match &mut self.conn {
-            Conn::Connected { writer, .. } => self.outbox.write_to(writer).await,
-            Conn::NotConnected | Conn::Broken => {
-                return Err(ChainError::UpstreamClosed {
-                    addr: self.shared.upstream.address.clone(),
-                });
+        let addr = &self.shared.upstream.address;
+        let Conn::Connected(link) = &mut self.conn else {
+            return Err(ChainError::UpstreamClosed { addr: addr.clone() });
+        };
+        link.last_activity = Instant::now();
+        let written = {
+            let Link {
+                reader,
+                writer,
+                read_buf,
+                failed,
+                ..
+            } = &mut **link;
+            let write = self.outbox.write_to(writer);
+            tokio::pin!(write);
+            loop {
+                if read_buf.capacity() - read_buf.len() < 1024 {
+                    read_buf.reserve(16 * 1024);
+                }
+                tokio::select! {
+                    biased;
+                    written = &mut write => break written,
+                    read = reader.read_buf(read_buf), if failed.is_none() && read_buf.len() < READ_AHEAD => {
+                        match read {
+                            Ok(0) => *failed = Some(ChainError::UpstreamClosed { addr: addr.clone() }),
+                            Ok(_) => {}
+                            Err(source) => *failed = Some(ChainError::UpstreamIo { addr: addr.clone(), source }),
+                        }
+                    }
+                }
             }
         };
-        result.map_err(|source| ChainError::UpstreamIo {
-            addr: self.shared.upstream.address.clone(),
+        link.last_activity = Instant::now();
+        written.map_err(|source| ChainError::UpstreamIo {
+            addr: addr.clone(),
             source,
         })
     }
 
-    /// Takes every frame the reader task has queued, without waiting.
+    /// Decodes every whole answer in the read buffer; then reports a failure `ready` saw.
     fn drain(&mut self, responses: &mut Messages) -> Result<(), ChainError> {
-        let Conn::Connected { frames, .. } = &mut self.conn else {
+        let addr = &self.shared.upstream.address;
+        let Conn::Connected(link) = &mut self.conn else {
             return Ok(());
         };
         loop {
-            let (bytes, header) = match frames.try_recv() {
-                Ok(frame) => frame?,
-                Err(mpsc::error::TryRecvError::Empty) => break,
-                Err(mpsc::error::TryRecvError::Disconnected) => {
-                    return Err(ChainError::UpstreamClosed {
-                        addr: self.shared.upstream.address.clone(),
+            let (bytes, header) = match link.decoder.next(&mut link.read_buf) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(ChainError::UpstreamProtocol {
+                        addr: addr.clone(),
+                        reason: e.to_string(),
                     });
                 }
             };
@@ -250,10 +321,10 @@ impl CassandraSinkSingle {
                 self.compression,
             ));
         }
-        self.waiting
-            .count
-            .store(self.in_flight.len(), Ordering::Relaxed);
-        Ok(())
+        match link.failed.take() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
     }
 
     /// The upstream connection broke: what was received goes to the client, every request
@@ -275,7 +346,6 @@ impl CassandraSinkSingle {
                 .into_iter()
                 .map(|(id, to)| Message::error(id, to, ErrorKind::Server, &text)),
         );
-        self.waiting.count.store(0, Ordering::Relaxed);
         tracing::warn!(
             upstream = %self.shared.upstream.address,
             error = %error,
@@ -285,110 +355,5 @@ impl CassandraSinkSingle {
         state.close_client = true;
         self.conn = Conn::Broken;
         responses
-    }
-}
-
-/// The reader task: frames off the socket, into the queue, waking the chain. Ends when the
-/// node closes, the sink goes away, or `read_timeout` passes with requests waiting.
-async fn read_frames(
-    mut reader: ReadHalf<UpstreamStream>,
-    tx: mpsc::Sender<Result<(Bytes, Header), ChainError>>,
-    force_run: Arc<Notify>,
-    addr: String,
-    read_timeout: Option<Duration>,
-    waiting: Arc<Waiting>,
-) {
-    let mut buf = BytesMut::with_capacity(16 * 1024);
-    let mut decoder = EnvelopeDecoder::new(MAX_RESPONSE);
-    let fail = |error: ChainError| {
-        let tx = tx.clone();
-        let force_run = force_run.clone();
-        async move {
-            let _ = tx.send(Err(error)).await;
-            force_run.notify_one();
-        }
-    };
-    loop {
-        let mut got = false;
-        loop {
-            match decoder.next(&mut buf) {
-                Ok(Some(frame)) => {
-                    got = true;
-                    match tx.try_send(Ok(frame)) {
-                        Ok(()) => {}
-                        Err(mpsc::error::TrySendError::Full(frame)) => {
-                            // Wake the chain before waiting for room, or neither side moves.
-                            force_run.notify_one();
-                            if tx.send(frame).await.is_err() {
-                                return;
-                            }
-                        }
-                        Err(mpsc::error::TrySendError::Closed(_)) => return,
-                    }
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    fail(ChainError::UpstreamProtocol {
-                        addr: addr.clone(),
-                        reason: e.to_string(),
-                    })
-                    .await;
-                    return;
-                }
-            }
-        }
-        if got {
-            force_run.notify_one();
-        }
-        if buf.is_empty() && buf.capacity() > 1024 * 1024 {
-            buf = BytesMut::with_capacity(16 * 1024);
-        }
-        if buf.capacity() - buf.len() < 1024 {
-            buf.reserve(16 * 1024);
-        }
-        // Nothing arrived since `read_started`: give up once a request has waited the
-        // whole read_timeout since then (or since it was sent, if later).
-        let read_started = Instant::now();
-        let timeout = async {
-            let Some(limit) = read_timeout else {
-                return std::future::pending().await;
-            };
-            loop {
-                let since = read_started.max(waiting.last_write());
-                let waited = since.elapsed();
-                if waiting.count.load(Ordering::Relaxed) > 0 && waited >= limit {
-                    return;
-                }
-                tokio::time::sleep(limit.saturating_sub(waited).max(Duration::from_millis(10)))
-                    .await;
-            }
-        };
-        let result = tokio::select! {
-            r = reader.read_buf(&mut buf) => r,
-            _ = tx.closed() => return,
-            _ = timeout => {
-                let limit = read_timeout.unwrap_or_default();
-                fail(ChainError::UpstreamIo {
-                    addr: addr.clone(),
-                    source: std::io::Error::new(
-                        std::io::ErrorKind::TimedOut,
-                        format!("no answer within the read_timeout of {} s", limit.as_secs()),
-                    ),
-                })
-                .await;
-                return;
-            }
-        };
-        match result {
-            Ok(n) if n > 0 => {}
-            Ok(_) => {
-                fail(ChainError::UpstreamClosed { addr }).await;
-                return;
-            }
-            Err(source) => {
-                fail(ChainError::UpstreamIo { addr, source }).await;
-                return;
-            }
-        }
     }
 }

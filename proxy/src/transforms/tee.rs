@@ -138,8 +138,10 @@ impl BufferedChain {
                         Some(job) => job,
                         None => break,
                     },
-                    // Frames nobody asked for are read and dropped.
+                    // Frames nobody asked for, and answers that arrive on their own, are read
+                    // and dropped.
                     _ = force_run.notified(), if !failed => (Vec::new(), None),
+                    _ = chain.ready(), if !failed => (Vec::new(), None),
                 };
                 let result = if failed {
                     Err(ChainError::UpstreamClosed {
