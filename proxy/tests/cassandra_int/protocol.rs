@@ -258,3 +258,29 @@ fn sigterm_waits_for_the_answers_of_requests_in_flight() {
     assert!(proxy.wait_exit(Duration::from_secs(20)).success());
     slow.join().expect("node thread");
 }
+
+#[test]
+fn an_idle_cql_client_is_closed_after_the_source_timeout() {
+    let port = free_port();
+    let topology = format!(
+        "sources:\n  - Cassandra:\n      name: cql\n      listen_addr: \"127.0.0.1:{port}\"\n      timeout: 1\n      chain:\n{}",
+        sink()
+    );
+    let proxy = Shotover::start(&topology);
+    let mut idle = Raw::ready(port);
+    assert!(
+        is_closed(&mut idle.stream, Duration::from_secs(10)),
+        "an idle client is closed after `timeout`"
+    );
+    // A client that keeps talking is not: it stays open across 4 × 0.4 s.
+    let mut busy = Raw::ready(port);
+    for stream in 1..=4 {
+        assert!(!is_closed(&mut busy.stream, Duration::from_millis(400)));
+        busy.stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let answer = busy.query(stream, "SELECT release_version FROM system.local");
+        assert_eq!(answer.opcode, OPCODE_RESULT, "{answer:?}");
+    }
+    proxy.stop();
+}
