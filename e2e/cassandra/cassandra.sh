@@ -352,16 +352,18 @@ up() {
   if [ "$pair" = 1 ]; then
     [ "$auth$tls" = 00 ] || die "--pair takes neither --auth nor --tls"
     HEAP="${CASSANDRA_HEAP:-512m}"
-    up_variant pair-1
+    # Start pair-1 without waiting: a seed waits for its fellow seed before it serves.
+    up_variant pair-1 start-only
     up_variant pair-2
+    up_variant pair-1
     return
   fi
   case "$auth$tls" in 00) variant=plain ;; 10) variant=auth ;; 01) variant=tls ;; 11) variant=auth-tls ;; esac
   up_variant "$variant"
 }
 
-up_variant() {
-  local variant=$1
+up_variant() {  # VARIANT [start-only]
+  local variant=$1 start_only=${2:-}
   local inst="$ROOT/$variant" port storage version pid
   port=$(native_port "$variant"); storage=$(storage_port "$variant")
   # one `up` per variant at a time (e.g. test binaries started in parallel); the JVM does not inherit fd 9
@@ -389,6 +391,7 @@ up_variant() {
     start_jvm "$variant" "$inst"
     version=""
   fi
+  [ "$start_only" = start-only ] && return 0
 
   if [ -z "${version:-}" ]; then
     local start deadline
