@@ -420,3 +420,41 @@ async fn tee_drops_and_counts_batches_when_its_chain_cannot_keep_up() {
     drop(stuck);
     shotover.stop_expecting(&["tee chain", "upstream connection broke"]);
 }
+
+#[test]
+fn request_throttling_answers_overloaded_beyond_its_rate_in_reply_order() {
+    let port = free_port();
+    let chain = format!(
+        "        - RequestThrottling: {{ max_requests_per_second: 5 }}\n{}",
+        sink("throttled-sink")
+    );
+    let shotover = Shotover::start(&source(port, &chain));
+    // 20 pipelined PINGs: the first 5 pass (a burst up to the rate), later ones are refused.
+    let replies = raw(
+        &format!("127.0.0.1:{port}"),
+        "PING\r\n".repeat(20).as_bytes(),
+        20 * "+PONG\r\n".len(),
+    );
+    let text = String::from_utf8_lossy(&replies).to_string();
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 20, "{text}");
+    assert!(lines[..5].iter().all(|l| *l == "+PONG"), "{text}");
+    let refused = lines
+        .iter()
+        .filter(|l| {
+            **l == "-ERR Server overloaded: shotover's RequestThrottling lets 5 requests per second through"
+        })
+        .count();
+    assert!(refused >= 1, "{text}");
+    assert_eq!(
+        refused + lines.iter().filter(|l| **l == "+PONG").count(),
+        20
+    );
+    assert_eq!(
+        shotover.metric(
+            r#"shotover_throttled_requests_count{chain="redis",transform="RequestThrottling"}"#
+        ),
+        Some(refused as f64)
+    );
+    shotover.stop();
+}
