@@ -80,6 +80,16 @@ impl Upstream {
     }
 }
 
+/// `shotover_failed_requests_count` of one sink: the requests it answered with an error of
+/// its own because its upstream failed.
+pub fn failed_requests_counter(chain: &str, transform: &str) -> crate::metrics::Counter {
+    crate::metrics::counter(
+        "shotover_failed_requests_count",
+        "Requests a sink answered with an error because its upstream could not be reached.",
+        &[("chain", chain), ("transform", transform)],
+    )
+}
+
 /// A connection to an upstream, plain or TLS.
 pub enum UpstreamStream {
     Tcp(TcpStream),

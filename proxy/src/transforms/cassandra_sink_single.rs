@@ -30,9 +30,9 @@ use tokio::time::Instant;
 use crate::chain::{ChainError, ChainState, Transform, TransformBuilder, TransformContext};
 use crate::codec::cassandra::{Compression, EnvelopeDecoder, HEADER_LEN, Header};
 use crate::message::{ErrorKind, Message, MessageId, Messages, ReplyTo};
-use crate::metrics::{self, Counter};
+use crate::metrics::Counter;
 use crate::outbox::Outbox;
-use crate::upstream::{Upstream, UpstreamStream};
+use crate::upstream::{Upstream, UpstreamStream, failed_requests_counter};
 
 /// Largest frame accepted from the node (Cassandra's own limit is 256 MiB at most).
 const MAX_RESPONSE: usize = 512 * 1024 * 1024;
@@ -61,11 +61,7 @@ impl CassandraSinkSingleBuilder {
                     config.tls.as_ref(),
                 )?,
                 read_timeout: config.read_timeout.map(Duration::from_secs),
-                failed_requests: metrics::counter(
-                    "shotover_failed_requests_count",
-                    "Requests a sink answered with an error because its upstream could not be reached.",
-                    &[("chain", chain), ("transform", name)],
-                ),
+                failed_requests: failed_requests_counter(chain, name),
             }),
         })
     }

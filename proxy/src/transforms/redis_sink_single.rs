@@ -28,9 +28,9 @@ use crate::chain::{ChainError, ChainState, Transform, TransformBuilder, Transfor
 use crate::codec::DecodeError;
 use crate::codec::redis::ResponseDecoder;
 use crate::message::{Message, Messages};
-use crate::metrics::{self, Counter};
+use crate::metrics::Counter;
 use crate::outbox::Outbox;
-use crate::upstream::{Upstream, UpstreamStream};
+use crate::upstream::{Upstream, UpstreamStream, failed_requests_counter};
 
 mod replies;
 
@@ -60,11 +60,7 @@ impl RedisSinkSingleBuilder {
                     config.connect_timeout_ms,
                     config.tls.as_ref(),
                 )?,
-                failed_requests: metrics::counter(
-                    "shotover_failed_requests_count",
-                    "Requests a sink answered with an error because its upstream could not be reached.",
-                    &[("chain", chain), ("transform", name)],
-                ),
+                failed_requests: failed_requests_counter(chain, name),
             }),
         })
     }
