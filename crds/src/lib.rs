@@ -9,7 +9,10 @@
 //! upstream Shotover's snake_case spelling, so a Shotover user's `topology.yaml` loads unchanged.
 
 pub mod config;
+#[cfg(feature = "kube")]
+pub mod crd;
 pub mod load;
+pub mod schema;
 pub mod topology;
 pub mod transform;
 pub mod validate;

@@ -14,6 +14,15 @@ pub struct Topology {
     pub sources: Vec<SourceConfig>,
 }
 
+impl Topology {
+    /// `topology.yaml` for this topology, in the layout the loader and upstream Shotover read
+    /// (`- Redis: {...}`; serde_yaml alone would write enum variants as YAML tags).
+    pub fn to_yaml(&self) -> Result<String, String> {
+        let value = serde_json::to_value(self).map_err(|e| e.to_string())?;
+        serde_yaml::to_string(&value).map_err(|e| e.to_string())
+    }
+}
+
 /// The wire protocol a source speaks and a transform accepts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 pub enum Protocol {
@@ -98,6 +107,7 @@ pub const DEFAULT_CQL_MAX_FRAME_SIZE_BYTES: usize = 256 * 1024 * 1024;
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct ListenerConfig {
     /// Unique name of the source; it names the chain in logs and metrics (`chain` label).
+    #[schemars(length(min = 1, max = 63))]
     pub name: String,
     /// Address to listen on, `ip:port` (for example `0.0.0.0:6379`).
     #[serde(alias = "listen_addr")]
@@ -137,6 +147,10 @@ pub struct ListenerConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub transport: Option<Transport>,
     /// The transforms every request runs through, in order; the last one is a sink.
+    #[schemars(length(max = 64), extend("x-kubernetes-validations" = [{
+        "rule": crate::schema::CHAIN_ENDS_IN_SINK_RULE,
+        "message": crate::schema::CHAIN_ENDS_IN_SINK_MESSAGE,
+    }]))]
     pub chain: Vec<TransformConfig>,
 }
 

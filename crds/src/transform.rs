@@ -231,8 +231,10 @@ pub struct TeeConfig {
     /// Name of this transform in logs and metrics (default: the transform's kind).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
-    /// What to do with the tee chain's answers (default `Ignore`).
+    /// What to do with the tee chain's answers: `Ignore` (default), `FailOnMismatch`,
+    /// `LogWarningOnMismatch`, or `{SubchainOnMismatch: {name, chain}}`.
     #[serde(default)]
+    #[schemars(schema_with = "crate::schema::opaque")]
     pub behavior: TeeBehavior,
     /// How long to wait for the tee chain's answers when comparing them, in microseconds
     /// (default: no limit). When it expires the batch counts as a mismatch.
@@ -262,6 +264,7 @@ pub struct TeeConfig {
     )]
     pub switch_port: Option<u16>,
     /// The tee chain: every request is sent down it too. It ends in a sink.
+    #[schemars(schema_with = "crate::schema::opaque_chain")]
     pub chain: Vec<TransformConfig>,
 }
 

@@ -1,0 +1,292 @@
+//! The ShotoverTopology operator.
+//!
+//! For every `ShotoverTopology` it validates the topology with the proxy's own code, renders
+//! `topology.yaml` and `config.yaml` into a ConfigMap, runs a DB-side proxy tier
+//! (StatefulSet, Services, PodDisruptionBudget) when asked, and reports what happened in the
+//! resource's status and in Events. [`render`] and [`status`] are pure; [`reconcile`] is the
+//! shell that talks to the apiserver; [`leader`] makes sure only one replica writes.
+
+pub mod leader;
+pub mod metrics;
+pub mod reconcile;
+pub mod render;
+pub mod server;
+pub mod status;
+
+#[cfg(test)]
+mod fixtures;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use futures_util::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::ListParams;
+use kube::runtime::controller::{self, Controller};
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::watcher;
+use kube::{Api, Client};
+use shotover_crds::crd::ShotoverTopology;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::leader::{LeaseLock, LeaseTimings};
+use crate::metrics::Metrics;
+use crate::reconcile::Context;
+
+/// Settings of `shotover-operator run`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RunOpts {
+    /// Watch only this namespace (default: every namespace). With it, a Role in that namespace
+    /// is all the RBAC the operator needs.
+    #[arg(long, env = "WATCH_NAMESPACE")]
+    pub namespace: Option<String>,
+    /// Address of the HTTP listener: `/metrics`, `/healthz` (live) and `/readyz`.
+    #[arg(long, default_value = "0.0.0.0:8080")]
+    pub http_addr: SocketAddr,
+    /// Take the leader Lease before reconciling, so that of several replicas only one writes.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_election: bool,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "shotover-operator")]
+    pub lease_name: String,
+    /// Namespace of the leader Lease (default: `--namespace`, else `POD_NAMESPACE`, else
+    /// `default`).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    /// This replica's name in the Lease and in Events (default: `POD_NAME`, else host name and
+    /// process id).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+    /// Topologies reconciled at once.
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: u16,
+}
+
+/// Runs the operator until SIGTERM/SIGINT, or until it loses the leader Lease (an error, so
+/// that the process exits and its replacement campaigns again).
+pub async fn run(opts: RunOpts) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("cannot reach the Kubernetes API (in-cluster service account, or KUBECONFIG)")?;
+    check_crd(&client, opts.namespace.as_deref()).await?;
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(shutdown_on_signal(shutdown.clone()));
+    let metrics = Arc::new(Metrics::default());
+    let ready = Arc::new(AtomicBool::new(false));
+    let listener = tokio::net::TcpListener::bind(opts.http_addr)
+        .await
+        .with_context(|| format!("cannot listen on --http-addr {}", opts.http_addr))?;
+    info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
+    let server = tokio::spawn(server::serve(
+        listener,
+        metrics.clone(),
+        ready.clone(),
+        shutdown.clone(),
+    ));
+    ready.store(true, Ordering::Relaxed);
+
+    let identity = opts.identity.clone().unwrap_or_else(default_identity);
+    let lease_namespace = opts
+        .lease_namespace
+        .clone()
+        .or_else(|| opts.namespace.clone())
+        .unwrap_or_else(|| "default".to_owned());
+    let mut lock = opts.leader_election.then(|| {
+        LeaseLock::new(
+            Api::<Lease>::namespaced(client.clone(), &lease_namespace),
+            &opts.lease_name,
+            &identity,
+            LeaseTimings::default(),
+        )
+    });
+    if let Some(lock) = &mut lock {
+        info!(%identity, lease = %format!("{lease_namespace}/{}", opts.lease_name), "waiting to become the leader");
+        if !campaign(lock, &shutdown).await {
+            server.await.ok();
+            return Ok(());
+        }
+        info!(%identity, "became the leader");
+    }
+    metrics.set_leader(true);
+
+    let lost = CancellationToken::new();
+    let renewer = lock.map(|lock| tokio::spawn(keep_lease(lock, shutdown.clone(), lost.clone())));
+    let stop = {
+        let (shutdown, lost) = (shutdown.clone(), lost.clone());
+        async move {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = lost.cancelled() => {}
+            }
+        }
+    };
+
+    let topologies: Api<ShotoverTopology> = scoped(&client, opts.namespace.as_deref());
+    let owned = watcher::Config::default()
+        .labels(&format!("app.kubernetes.io/managed-by={}", render::FIELD_MANAGER));
+    let reporter = Reporter {
+        controller: render::FIELD_MANAGER.to_owned(),
+        instance: Some(identity.clone()),
+    };
+    let ctx = Arc::new(Context::new(
+        client.clone(),
+        Recorder::new(client.clone(), reporter),
+        metrics.clone(),
+    ));
+    Controller::new(topologies, watcher::Config::default().any_semantic())
+        .owns(scoped::<ConfigMap>(&client, opts.namespace.as_deref()), owned.clone())
+        .owns(scoped::<StatefulSet>(&client, opts.namespace.as_deref()), owned.clone())
+        .owns(scoped::<Service>(&client, opts.namespace.as_deref()), owned.clone())
+        .owns(
+            scoped::<PodDisruptionBudget>(&client, opts.namespace.as_deref()),
+            owned,
+        )
+        .with_config(controller::Config::default().concurrency(opts.concurrency))
+        .graceful_shutdown_on(stop)
+        .run(reconcile::reconcile, reconcile::error_policy, ctx)
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                match e {
+                    // Reconcile errors are logged and counted by the error policy.
+                    controller::Error::ReconcilerFailed(..) => {}
+                    other => warn!(error = %other, "controller"),
+                }
+            }
+        })
+        .await;
+    metrics.set_leader(false);
+    let lost_lease = lost.is_cancelled() && !shutdown.is_cancelled();
+    shutdown.cancel();
+    if let Some(renewer) = renewer {
+        let mut lock = renewer.await.context("the lease task panicked")?;
+        if !lost_lease {
+            match lock.release().await {
+                Ok(()) => info!("released the leader lease"),
+                Err(e) => warn!(error = %e, "cannot release the leader lease; it expires by itself"),
+            }
+        }
+    }
+    server.await.ok();
+    if lost_lease {
+        bail!("lost the leader lease: stopped reconciling so that only one operator writes");
+    }
+    info!("stopped");
+    Ok(())
+}
+
+fn scoped<K>(client: &Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Fails with a message saying how to install the CRD when it is missing.
+async fn check_crd(client: &Client, namespace: Option<&str>) -> anyhow::Result<()> {
+    let api: Api<ShotoverTopology> = scoped(client, namespace);
+    match api.list(&ListParams::default().limit(1)).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => bail!(
+            "the ShotoverTopology CRD (shotovertopologies.shotover.io) is not installed in this cluster; install it with\n  kubectl apply --server-side -f crds/shotovertopology.yaml\nor\n  shotover-operator crd | kubectl apply --server-side -f -"
+        ),
+        Err(kube::Error::Api(status)) if status.code == 403 => bail!(
+            "not allowed to list ShotoverTopologies ({}): apply the operator's RBAC (operator/rbac.yaml) or run with --namespace to watch one namespace",
+            status.message
+        ),
+        Err(e) => Err(e).context("cannot list ShotoverTopologies"),
+    }
+}
+
+/// Tries for the lease until it is ours (`true`) or shutdown is asked (`false`).
+async fn campaign(lock: &mut LeaseLock, shutdown: &CancellationToken) -> bool {
+    let retry = lock.timings().retry_period;
+    loop {
+        let attempt = tokio::time::timeout(retry * 5, lock.try_acquire_or_renew());
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            result = attempt => match result {
+                Ok(Ok(true)) => return true,
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => warn!(error = %e, "cannot read or take the leader lease"),
+                Err(_) => warn!("the leader lease request timed out"),
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(retry) => {}
+        }
+    }
+}
+
+/// Renews the lease every retry period; cancels `lost` if it cannot for the renew deadline
+/// or someone else holds it. Returns the lock for releasing.
+async fn keep_lease(
+    mut lock: LeaseLock,
+    shutdown: CancellationToken,
+    lost: CancellationToken,
+) -> LeaseLock {
+    let timings = lock.timings();
+    let mut renewed = Instant::now();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return lock,
+            _ = tokio::time::sleep(timings.retry_period) => {}
+        }
+        let left = timings.renew_deadline.saturating_sub(renewed.elapsed());
+        match tokio::time::timeout(left.max(Duration::from_millis(100)), lock.try_acquire_or_renew()).await {
+            Ok(Ok(true)) => renewed = Instant::now(),
+            Ok(Ok(false)) => {
+                error!(identity = lock.identity(), "another replica holds the leader lease");
+                lost.cancel();
+                return lock;
+            }
+            Ok(Err(e)) => warn!(error = %e, "cannot renew the leader lease"),
+            Err(_) => warn!("renewing the leader lease timed out"),
+        }
+        if renewed.elapsed() >= timings.renew_deadline {
+            error!(
+                identity = lock.identity(),
+                deadline_s = timings.renew_deadline.as_secs(),
+                "could not renew the leader lease in time"
+            );
+            lost.cancel();
+            return lock;
+        }
+    }
+}
+
+fn default_identity() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "shotover-operator".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+async fn shutdown_on_signal(shutdown: CancellationToken) {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            error!(error = %e, "cannot listen for SIGTERM");
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM: finishing the reconciles in progress"),
+        _ = tokio::signal::ctrl_c() => info!("SIGINT: finishing the reconciles in progress"),
+    }
+    shutdown.cancel();
+}

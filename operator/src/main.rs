@@ -1,0 +1,63 @@
+//! The `shotover-operator` binary: `run` (the default) reconciles ShotoverTopologies; `crd`
+//! prints the CustomResourceDefinition to install.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use shotover_operator::RunOpts;
+
+#[derive(Debug, Parser)]
+#[command(name = "shotover-operator", version, about = "Runs ShotoverTopologies on Kubernetes")]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    run: RunOpts,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Human, global = true)]
+    log_format: LogFormat,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Reconcile ShotoverTopologies (the default).
+    Run,
+    /// Print the ShotoverTopology CRD as YAML (`| kubectl apply --server-side -f -`).
+    Crd,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Human,
+    Json,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if let Some(Command::Crd) = cli.command {
+        print!("{}", shotover_crds::crd::crd_yaml());
+        return ExitCode::SUCCESS;
+    }
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match cli.log_format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("shotover-operator: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(shotover_operator::run(cli.run)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("shotover-operator: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! The operator's Prometheus metrics: reconciles, errors by kind, reconcile duration, and
+//! whether this process holds the leader lease. Label values come from fixed sets, so the
+//! series stay bounded however many topologies there are.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+/// Upper bounds (seconds) of the reconcile duration histogram.
+const BUCKETS: [f64; 11] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+#[derive(Debug, Default)]
+pub struct Metrics {
+    reconciles: AtomicU64,
+    errors: Mutex<BTreeMap<&'static str, u64>>,
+    duration_buckets: [AtomicU64; BUCKETS.len()],
+    duration_count: AtomicU64,
+    duration_sum_micros: AtomicU64,
+    leader: AtomicU64,
+}
+
+impl Metrics {
+    /// Counts a reconcile and measures it until the returned guard drops.
+    pub fn reconcile(&self) -> ReconcileTimer<'_> {
+        self.reconciles.fetch_add(1, Ordering::Relaxed);
+        ReconcileTimer {
+            metrics: self,
+            start: Instant::now(),
+        }
+    }
+
+    /// Counts a failed reconcile by what failed.
+    pub fn error(&self, kind: &'static str) {
+        let mut errors = self.errors.lock().unwrap_or_else(|e| e.into_inner());
+        *errors.entry(kind).or_default() += 1;
+    }
+
+    pub fn set_leader(&self, leader: bool) {
+        self.leader.store(u64::from(leader), Ordering::Relaxed);
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.leader.load(Ordering::Relaxed) == 1
+    }
+
+    fn observe(&self, seconds: f64) {
+        for (bucket, bound) in self.duration_buckets.iter().zip(BUCKETS) {
+            if seconds <= bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.duration_count.fetch_add(1, Ordering::Relaxed);
+        self.duration_sum_micros
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "# HELP shotover_operator_reconciles_total Reconciles started.\n# TYPE shotover_operator_reconciles_total counter\nshotover_operator_reconciles_total {}",
+            self.reconciles.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP shotover_operator_reconcile_errors_total Reconciles that failed, by what failed.\n# TYPE shotover_operator_reconcile_errors_total counter"
+        );
+        let errors = self
+            .errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        for kind in crate::reconcile::Error::KINDS {
+            let n = errors.get(kind).copied().unwrap_or(0);
+            let _ = writeln!(
+                out,
+                "shotover_operator_reconcile_errors_total{{kind=\"{kind}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP shotover_operator_reconcile_duration_seconds Time spent in one reconcile.\n# TYPE shotover_operator_reconcile_duration_seconds histogram"
+        );
+        for (bucket, bound) in self.duration_buckets.iter().zip(BUCKETS) {
+            let _ = writeln!(
+                out,
+                "shotover_operator_reconcile_duration_seconds_bucket{{le=\"{bound}\"}} {}",
+                bucket.load(Ordering::Relaxed)
+            );
+        }
+        let count = self.duration_count.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "shotover_operator_reconcile_duration_seconds_bucket{{le=\"+Inf\"}} {count}\nshotover_operator_reconcile_duration_seconds_sum {}\nshotover_operator_reconcile_duration_seconds_count {count}",
+            self.duration_sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(
+            out,
+            "# HELP shotover_operator_leader 1 while this process holds the leader lease and reconciles.\n# TYPE shotover_operator_leader gauge\nshotover_operator_leader {}",
+            self.leader.load(Ordering::Relaxed)
+        );
+        out
+    }
+}
+
+/// Records the reconcile's duration when dropped.
+pub struct ReconcileTimer<'a> {
+    metrics: &'a Metrics,
+    start: Instant,
+}
+
+impl Drop for ReconcileTimer<'_> {
+    fn drop(&mut self) {
+        self.metrics.observe(self.start.elapsed().as_secs_f64());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_exposition_counts_reconciles_errors_and_durations() {
+        let metrics = Metrics::default();
+        drop(metrics.reconcile());
+        drop(metrics.reconcile());
+        metrics.error("apply");
+        metrics.set_leader(true);
+        let text = metrics.render();
+        assert!(text.contains("shotover_operator_reconciles_total 2\n"), "{text}");
+        assert!(
+            text.contains("shotover_operator_reconcile_errors_total{kind=\"apply\"} 1\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("shotover_operator_reconcile_errors_total{kind=\"status\"} 0\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("shotover_operator_reconcile_duration_seconds_count 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("shotover_operator_reconcile_duration_seconds_bucket{le=\"+Inf\"} 2\n"),
+            "{text}"
+        );
+        assert!(text.contains("shotover_operator_leader 1\n"), "{text}");
+    }
+}

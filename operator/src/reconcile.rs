@@ -1,0 +1,371 @@
+//! The reconciler: a thin shell around [`crate::render`] and [`crate::status`]. For one
+//! `ShotoverTopology` it renders, server-side-applies what was rendered (one field manager,
+//! owner references so deletion cascades), reads back the StatefulSet's progress, writes the
+//! status and announces condition transitions as Events. An invalid topology touches nothing
+//! but the status, so the last valid ConfigMap and StatefulSet keep running.
+
+use std::collections::HashMap;
+use std::fmt::Debug;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::NamespaceResourceScope;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{DeleteParams, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::ObjectRef;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use shotover_crds::crd::{
+    PAUSED_ANNOTATION, ShotoverTopology, ShotoverTopologyStatus, names,
+};
+use tracing::{debug, info, warn};
+
+use crate::metrics::Metrics;
+use crate::render::{self, FIELD_MANAGER, Rendered};
+use crate::status::{self, ConfigOutcome, DbSideObservation, Observation, StatefulSetProgress};
+
+/// How often a topology is reconciled when nothing changes (drift repair).
+pub const RESYNC: Duration = Duration::from_secs(300);
+/// Error backoff per topology: doubles from the first value up to the last.
+const BACKOFF_FIRST: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("applying {object}: {source}")]
+    Apply {
+        object: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("deleting {object}: {source}")]
+    Delete {
+        object: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("reading {object}: {source}")]
+    Read {
+        object: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("writing the status: {0}")]
+    StatusWrite(#[source] kube::Error),
+    #[error("the topology has no namespace")]
+    NoNamespace,
+}
+
+impl Error {
+    /// Every value of [`Error::kind`], for the metrics.
+    pub const KINDS: [&'static str; 5] = ["apply", "delete", "read", "status", "invalid_object"];
+
+    /// What failed, as the `kind` label of `shotover_operator_reconcile_errors_total`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Apply { .. } => "apply",
+            Error::Delete { .. } => "delete",
+            Error::Read { .. } => "read",
+            Error::StatusWrite(_) => "status",
+            Error::NoNamespace => "invalid_object",
+        }
+    }
+}
+
+/// What every reconcile shares.
+pub struct Context {
+    pub client: Client,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    /// Consecutive failures per topology, for the error backoff.
+    failures: Mutex<HashMap<ObjectRef<ShotoverTopology>, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client, recorder: Recorder, metrics: Arc<Metrics>) -> Self {
+        Context {
+            client,
+            recorder,
+            metrics,
+            failures: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<ShotoverTopology>, u32>> {
+        self.failures.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn is_paused(topology: &ShotoverTopology) -> bool {
+    topology
+        .annotations()
+        .get(PAUSED_ANNOTATION)
+        .is_some_and(|v| v == "true")
+}
+
+pub async fn reconcile(topology: Arc<ShotoverTopology>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let _timer = ctx.metrics.reconcile();
+    let namespace = topology.namespace().ok_or(Error::NoNamespace)?;
+    let name = topology.name_any();
+    let generation = topology.metadata.generation;
+    let previous = topology.status.as_ref();
+    let now = Time(Timestamp::now());
+
+    if is_paused(&topology) {
+        let (status, transitions) = status::paused(previous, generation, &now);
+        write_status(&ctx, &topology, &namespace, previous, &status).await?;
+        publish(&ctx, &topology, &transitions).await;
+        debug!(%namespace, %name, "paused");
+        return Ok(Action::await_change());
+    }
+
+    let mut obs = Observation {
+        generation,
+        ..Observation::default()
+    };
+    let mut failure = None;
+    match render::render(&topology) {
+        Ok(rendered) => {
+            obs.config = ConfigOutcome::Valid {
+                hash: rendered.hash.clone(),
+                config_map: names::config_map(&name),
+            };
+            match apply_all(&ctx, &topology, &namespace, &rendered).await {
+                Ok(db_side) => obs.db_side = db_side,
+                Err(e) => {
+                    obs.apply_error = Some(e.to_string());
+                    failure = Some(e);
+                }
+            }
+        }
+        Err(invalid) => {
+            obs.config = ConfigOutcome::Invalid {
+                message: invalid.to_string(),
+            };
+            if let Some(db_side) = &topology.spec.db_side {
+                let api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &namespace);
+                let object = names::db_side(&name);
+                let sts = api.get_opt(&object).await.map_err(|source| Error::Read {
+                    object: format!("StatefulSet {namespace}/{object}"),
+                    source,
+                })?;
+                obs.db_side = Some(DbSideObservation {
+                    desired: db_side.replicas,
+                    stateful_set: sts.as_ref().map(StatefulSetProgress::from_stateful_set),
+                });
+            }
+        }
+    }
+
+    let (status, transitions) = status::reconciled(previous, &obs, &now);
+    write_status(&ctx, &topology, &namespace, previous, &status).await?;
+    publish(&ctx, &topology, &transitions).await;
+    if let Some(e) = failure {
+        return Err(e);
+    }
+    ctx.failures().remove(&ObjectRef::from(topology.as_ref()));
+    Ok(Action::requeue(RESYNC))
+}
+
+/// Requeues a failed topology with its own exponential backoff.
+pub fn error_policy(topology: Arc<ShotoverTopology>, error: &Error, ctx: Arc<Context>) -> Action {
+    ctx.metrics.error(error.kind());
+    let failures = {
+        let mut map = ctx.failures();
+        let n = map.entry(ObjectRef::from(topology.as_ref())).or_default();
+        *n = n.saturating_add(1);
+        *n
+    };
+    let delay = backoff(failures);
+    warn!(
+        namespace = topology.namespace().unwrap_or_default(),
+        name = topology.name_any(),
+        error = %error,
+        failures,
+        retry_in_s = delay.as_secs_f64(),
+        "reconcile failed"
+    );
+    Action::requeue(delay)
+}
+
+/// The delay before retry number `failures`: 1 s, 2 s, 4 s ... up to 5 minutes.
+pub fn backoff(failures: u32) -> Duration {
+    let factor = 2u32.saturating_pow(failures.saturating_sub(1).min(16));
+    BACKOFF_FIRST.saturating_mul(factor).min(BACKOFF_MAX)
+}
+
+async fn apply_all(
+    ctx: &Context,
+    topology: &ShotoverTopology,
+    namespace: &str,
+    rendered: &Rendered,
+) -> Result<Option<DbSideObservation>, Error> {
+    apply(&ctx.client, namespace, &rendered.config_map).await?;
+    let name = topology.name_any();
+    let Some(objects) = &rendered.db_side else {
+        // dbSide was removed: the tier it ran goes too (only what this topology owns).
+        if topology.status.as_ref().is_some_and(|s| s.replicas.is_some()) {
+            let db_side = names::db_side(&name);
+            delete_owned::<StatefulSet>(ctx, topology, namespace, &db_side).await?;
+            delete_owned::<Service>(ctx, topology, namespace, &db_side).await?;
+            delete_owned::<Service>(ctx, topology, namespace, &names::headless_service(&name))
+                .await?;
+            delete_owned::<PodDisruptionBudget>(ctx, topology, namespace, &db_side).await?;
+            info!(%namespace, %name, "dbSide removed: deleted the proxy tier");
+        }
+        return Ok(None);
+    };
+    apply(&ctx.client, namespace, &objects.headless_service).await?;
+    apply(&ctx.client, namespace, &objects.client_service).await?;
+    let sts = apply(&ctx.client, namespace, &objects.stateful_set).await?;
+    match &objects.pod_disruption_budget {
+        Some(pdb) => {
+            apply(&ctx.client, namespace, pdb).await?;
+        }
+        None => {
+            delete_owned::<PodDisruptionBudget>(ctx, topology, namespace, &names::db_side(&name))
+                .await?
+        }
+    }
+    let desired = topology.spec.db_side.as_ref().map_or(0, |d| d.replicas);
+    Ok(Some(DbSideObservation {
+        desired,
+        stateful_set: Some(StatefulSetProgress::from_stateful_set(&sts)),
+    }))
+}
+
+/// Server-side apply with the operator's field manager, taking over conflicting fields.
+async fn apply<K>(client: &Client, namespace: &str, object: &K) -> Result<K, Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), namespace);
+    let name = object.meta().name.clone().unwrap_or_default();
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(object),
+    )
+    .await
+    .map_err(|source| Error::Apply {
+        object: format!("{} {namespace}/{name}", K::kind(&())),
+        source,
+    })
+}
+
+/// Deletes `name` if it exists and the topology owns it (never someone else's object).
+async fn delete_owned<K>(
+    ctx: &Context,
+    topology: &ShotoverTopology,
+    namespace: &str,
+    name: &str,
+) -> Result<(), Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + DeserializeOwned
+        + Clone
+        + Debug,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), namespace);
+    let object = format!("{} {namespace}/{name}", K::kind(&()));
+    let Some(existing) = api.get_opt(name).await.map_err(|source| Error::Read {
+        object: object.clone(),
+        source,
+    })?
+    else {
+        return Ok(());
+    };
+    let uid = topology.uid();
+    let owned = existing
+        .meta()
+        .owner_references
+        .iter()
+        .flatten()
+        .any(|o| Some(&o.uid) == uid.as_ref());
+    if !owned {
+        return Ok(());
+    }
+    match api.delete(name, &DeleteParams::background()).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(status)) if status.code == 404 => Ok(()),
+        Err(source) => Err(Error::Delete { object, source }),
+    }
+}
+
+/// Server-side applies the status, unless it is what the apiserver already has.
+async fn write_status(
+    ctx: &Context,
+    topology: &ShotoverTopology,
+    namespace: &str,
+    previous: Option<&ShotoverTopologyStatus>,
+    status: &ShotoverTopologyStatus,
+) -> Result<(), Error> {
+    if previous == Some(status) {
+        return Ok(());
+    }
+    let api: Api<ShotoverTopology> = Api::namespaced(ctx.client.clone(), namespace);
+    let patch = serde_json::json!({
+        "apiVersion": "shotover.io/v1alpha1",
+        "kind": "ShotoverTopology",
+        "status": status,
+    });
+    api.patch_status(
+        &topology.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(Error::StatusWrite)?;
+    Ok(())
+}
+
+/// One Event per condition transition. A failed Event is logged, not retried: the status
+/// already says the same.
+async fn publish(ctx: &Context, topology: &ShotoverTopology, transitions: &[status::Transition]) {
+    let reference = topology.object_ref(&());
+    for t in transitions {
+        let event = Event {
+            type_: if t.warning {
+                EventType::Warning
+            } else {
+                EventType::Normal
+            },
+            reason: t.reason.clone(),
+            note: Some(truncate_note(&format!(
+                "{} is {}: {}",
+                t.type_, t.status, t.message
+            ))),
+            action: format!("Set{}", t.type_),
+            secondary: None,
+        };
+        if let Err(e) = ctx.recorder.publish(&event, &reference).await {
+            warn!(error = %e, reason = %t.reason, "cannot publish an Event");
+        }
+    }
+}
+
+/// Event notes are limited to 1 kB.
+fn truncate_note(note: &str) -> String {
+    if note.len() <= 1000 {
+        return note.to_owned();
+    }
+    let mut cut = 997;
+    while !note.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}...", &note[..cut])
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,519 @@
+//! Rendering a `ShotoverTopology` into what runs it: a pure function from the resource to the
+//! ConfigMap (`topology.yaml`, `config.yaml` and their hash) and, in DB-side mode, the
+//! StatefulSet, the headless and client Services and the PodDisruptionBudget.
+//!
+//! Validation is the proxy's own ([`shotover_crds::load_topology`], on the very file the
+//! proxy will read) plus the checks that only make sense in Kubernetes (a DB-side proxy must
+//! listen on an address other pods can reach). Every problem is reported at once.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Service, ServicePort,
+    ServiceSpec, Volume, VolumeMount, Capabilities,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::Resource;
+use sha2::{Digest, Sha256};
+use shotover_crds::crd::{
+    CONFIG_FILE, CONFIG_HASH_ANNOTATION, DbSideSpec, ShotoverTopology, TOPOLOGY_FILE,
+    TOPOLOGY_LABEL, names,
+};
+use shotover_crds::{ConfigError, ProxyConfig, TopologyErrors, load_topology};
+
+/// The field manager of every write the operator makes.
+pub const FIELD_MANAGER: &str = "shotover-operator";
+/// Where the ConfigMap is mounted in the proxy container.
+pub const CONFIG_DIR: &str = "/etc/shotover";
+/// Name of the proxy container.
+pub const CONTAINER: &str = "shotover";
+/// Name of the observability port of the proxy container.
+pub const OBSERVABILITY_PORT_NAME: &str = "observability";
+
+/// Everything rendered from one valid topology.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rendered {
+    /// First 16 hex digits of the SHA-256 of both files.
+    pub hash: String,
+    pub config_map: ConfigMap,
+    pub db_side: Option<DbSideObjects>,
+}
+
+/// The DB-side tier.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DbSideObjects {
+    pub stateful_set: StatefulSet,
+    pub headless_service: Service,
+    pub client_service: Service,
+    /// `None` when `podDisruptionBudget.enabled` is false.
+    pub pod_disruption_budget: Option<PodDisruptionBudget>,
+}
+
+/// A topology that cannot be rendered, with every reason.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}", .0)]
+pub struct InvalidTopology(pub TopologyErrors);
+
+impl InvalidTopology {
+    fn new(errors: Vec<ConfigError>) -> Self {
+        InvalidTopology(TopologyErrors::new(errors))
+    }
+}
+
+/// Renders `topology`, or says everything that is wrong with it.
+pub fn render(topology: &ShotoverTopology) -> Result<Rendered, InvalidTopology> {
+    let spec = &topology.spec;
+    let name = topology.metadata.name.as_deref().unwrap_or_default();
+    let mut errors = Vec::new();
+
+    let topology_yaml = spec
+        .topology()
+        .to_yaml()
+        .map_err(|e| InvalidTopology::new(vec![ConfigError::new("spec.sources", e)]))?;
+    if let Err(e) = load_topology(&topology_yaml) {
+        errors.extend(e.errors.into_iter().map(|e| spec_path(e, "spec")));
+    }
+
+    let proxy_config = ProxyConfig {
+        main_log_level: spec.log_level.clone(),
+        observability_interface: Some(format!("0.0.0.0:{}", spec.observability_port)),
+    };
+    if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&spec.log_level) {
+        errors.push(ConfigError::new(
+            "spec.logLevel",
+            format!("`{}` is not a log filter: {e}", spec.log_level),
+        ));
+    }
+    let config_yaml = serde_yaml::to_string(&proxy_config).map_err(|e| {
+        InvalidTopology::new(vec![ConfigError::new("spec", e.to_string())])
+    })?;
+
+    let sources = source_ports(topology);
+    if let Some(db_side) = &spec.db_side {
+        check_db_side(topology, db_side, &sources, &mut errors);
+    }
+    if !errors.is_empty() {
+        return Err(InvalidTopology::new(errors));
+    }
+
+    let hash = config_hash(&topology_yaml, &config_yaml);
+    let owner = owner_reference(topology);
+    let namespace = topology.metadata.namespace.clone();
+    let config_map = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(names::config_map(name)),
+            namespace: namespace.clone(),
+            labels: Some(labels(name, "config")),
+            annotations: Some(BTreeMap::from([(
+                CONFIG_HASH_ANNOTATION.to_owned(),
+                hash.clone(),
+            )])),
+            owner_references: Some(vec![owner.clone()]),
+            ..ObjectMeta::default()
+        },
+        data: Some(BTreeMap::from([
+            (TOPOLOGY_FILE.to_owned(), topology_yaml),
+            (CONFIG_FILE.to_owned(), config_yaml),
+        ])),
+        ..ConfigMap::default()
+    };
+    let db_side = spec
+        .db_side
+        .as_ref()
+        .map(|db_side| render_db_side(topology, db_side, &sources, &hash, &owner));
+    Ok(Rendered {
+        hash,
+        config_map,
+        db_side,
+    })
+}
+
+/// SHA-256 of the two files (with a separator, so moving bytes between them changes it),
+/// shortened to 16 hex digits.
+pub fn config_hash(topology_yaml: &str, config_yaml: &str) -> String {
+    let mut hasher = Sha256::new();
+    hasher.update(topology_yaml.as_bytes());
+    hasher.update([0u8]);
+    hasher.update(config_yaml.as_bytes());
+    let digest = hasher.finalize();
+    let mut out = String::with_capacity(16);
+    for byte in &digest[..8] {
+        let _ = write!(out, "{byte:02x}");
+    }
+    out
+}
+
+fn spec_path(e: ConfigError, prefix: &str) -> ConfigError {
+    if e.path.is_empty() {
+        ConfigError::new(prefix, e.message)
+    } else {
+        ConfigError::new(format!("{prefix}.{}", e.path), e.message)
+    }
+}
+
+/// One source as the pod sees it.
+#[derive(Debug, Clone, PartialEq)]
+struct SourcePort {
+    source: String,
+    /// Name of the container and Service port: the source's name when it is a valid port name.
+    port_name: String,
+    /// `None` when the listen address has no port (validation reports it).
+    port: Option<i32>,
+    host: String,
+}
+
+fn source_ports(topology: &ShotoverTopology) -> Vec<SourcePort> {
+    topology
+        .spec
+        .sources
+        .iter()
+        .enumerate()
+        .map(|(i, source)| {
+            let (host, port) = match source.listen_addr().rsplit_once(':') {
+                Some((host, port)) => (host, port.parse::<u16>().ok().map(i32::from)),
+                None => (source.listen_addr(), None),
+            };
+            let name = source.name();
+            SourcePort {
+                source: name.to_owned(),
+                port_name: if is_port_name(name) {
+                    name.to_owned()
+                } else {
+                    format!("source-{i}")
+                },
+                port,
+                host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
+            }
+        })
+        .collect()
+}
+
+/// An IANA service name, as Kubernetes requires of port names: at most 15 characters,
+/// lowercase letters, digits and inner single dashes, at least one letter.
+fn is_port_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 15
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name.bytes().any(|b| b.is_ascii_lowercase())
+        && !name.starts_with('-')
+        && !name.ends_with('-')
+        && !name.contains("--")
+        && name != OBSERVABILITY_PORT_NAME
+}
+
+fn check_db_side(
+    topology: &ShotoverTopology,
+    db_side: &DbSideSpec,
+    sources: &[SourcePort],
+    errors: &mut Vec<ConfigError>,
+) {
+    let name = topology.metadata.name.as_deref().unwrap_or_default();
+    // A StatefulSet's pods carry a `controller-revision-hash` label of the StatefulSet's name
+    // plus 11 characters, and label values stop at 63.
+    let sts = names::db_side(name);
+    if sts.len() > 52 {
+        errors.push(ConfigError::new(
+            "metadata.name",
+            format!(
+                "with dbSide the name may have at most {} characters (the StatefulSet `{sts}` must fit in 52), this one has {}",
+                52 - (sts.len() - name.len()),
+                name.len()
+            ),
+        ));
+    }
+    for (i, source) in sources.iter().enumerate() {
+        if matches!(source.host.as_str(), "127.0.0.1" | "localhost" | "::1") {
+            errors.push(ConfigError::new(
+                format!("spec.sources[{i}]"),
+                format!(
+                    "source `{}` listens on {}, which the Service cannot reach: with dbSide, listen on 0.0.0.0",
+                    source.source, source.host
+                ),
+            ));
+        }
+        if source.port == Some(topology.spec.observability_port) {
+            errors.push(ConfigError::new(
+                format!("spec.sources[{i}]"),
+                format!(
+                    "source `{}` listens on port {}, which is also spec.observabilityPort",
+                    source.source, topology.spec.observability_port
+                ),
+            ));
+        }
+    }
+    for (i, port) in db_side.service.ports.iter().enumerate() {
+        if !sources.iter().any(|s| s.source == port.source) {
+            let known: Vec<&str> = sources.iter().map(|s| s.source.as_str()).collect();
+            errors.push(ConfigError::new(
+                format!("spec.dbSide.service.ports[{i}].source"),
+                format!(
+                    "no source is named `{}` (sources: {})",
+                    port.source,
+                    known.join(", ")
+                ),
+            ));
+        }
+    }
+}
+
+/// The controller owner reference to the topology: deleting it deletes what was made for it.
+pub fn owner_reference(topology: &ShotoverTopology) -> OwnerReference {
+    topology
+        .controller_owner_ref(&())
+        .unwrap_or_else(|| OwnerReference {
+            api_version: "shotover.io/v1alpha1".to_owned(),
+            kind: "ShotoverTopology".to_owned(),
+            name: topology.metadata.name.clone().unwrap_or_default(),
+            uid: String::new(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        })
+}
+
+/// Labels of everything made for topology `name`.
+pub fn labels(name: &str, component: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "shotover".to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), name.to_owned()),
+        ("app.kubernetes.io/component".to_owned(), component.to_owned()),
+        (
+            "app.kubernetes.io/managed-by".to_owned(),
+            FIELD_MANAGER.to_owned(),
+        ),
+        (TOPOLOGY_LABEL.to_owned(), name.to_owned()),
+    ])
+}
+
+/// Labels that select the DB-side pods (a StatefulSet's selector never changes).
+fn selector(name: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        ("app.kubernetes.io/name".to_owned(), "shotover".to_owned()),
+        ("app.kubernetes.io/instance".to_owned(), name.to_owned()),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            "db-side-proxy".to_owned(),
+        ),
+    ])
+}
+
+fn render_db_side(
+    topology: &ShotoverTopology,
+    db_side: &DbSideSpec,
+    sources: &[SourcePort],
+    hash: &str,
+    owner: &OwnerReference,
+) -> DbSideObjects {
+    let spec = &topology.spec;
+    let name = topology.metadata.name.as_deref().unwrap_or_default();
+    let namespace = topology.metadata.namespace.clone();
+    let meta = |object_name: String| ObjectMeta {
+        name: Some(object_name),
+        namespace: namespace.clone(),
+        labels: Some(labels(name, "db-side-proxy")),
+        owner_references: Some(vec![owner.clone()]),
+        ..ObjectMeta::default()
+    };
+    let mut pod_labels = labels(name, "db-side-proxy");
+    pod_labels.extend(selector(name));
+
+    let mut container_ports: Vec<ContainerPort> = sources
+        .iter()
+        .filter_map(|s| {
+            Some(ContainerPort {
+                name: Some(s.port_name.clone()),
+                container_port: s.port?,
+                protocol: Some("TCP".to_owned()),
+                ..ContainerPort::default()
+            })
+        })
+        .collect();
+    container_ports.push(ContainerPort {
+        name: Some(OBSERVABILITY_PORT_NAME.to_owned()),
+        container_port: spec.observability_port,
+        protocol: Some("TCP".to_owned()),
+        ..ContainerPort::default()
+    });
+    let probe = |path: &str, failure_threshold: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::String(OBSERVABILITY_PORT_NAME.to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(5),
+        failure_threshold: Some(failure_threshold),
+        ..Probe::default()
+    };
+    let container = Container {
+        name: CONTAINER.to_owned(),
+        image: Some(spec.image.clone()),
+        image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_owned()),
+        args: Some(vec![
+            "--topology-file".to_owned(),
+            format!("{CONFIG_DIR}/{TOPOLOGY_FILE}"),
+            "--config-file".to_owned(),
+            format!("{CONFIG_DIR}/{CONFIG_FILE}"),
+        ]),
+        ports: Some(container_ports),
+        readiness_probe: Some(probe("/ready", 2)),
+        liveness_probe: Some(probe("/live", 6)),
+        resources: spec.resources.clone(),
+        volume_mounts: Some(vec![VolumeMount {
+            name: "config".to_owned(),
+            mount_path: CONFIG_DIR.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        }]),
+        security_context: Some(hardened_security_context()),
+        termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
+        ..Container::default()
+    };
+    let pod = PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(pod_labels),
+            annotations: Some(BTreeMap::from([(
+                CONFIG_HASH_ANNOTATION.to_owned(),
+                hash.to_owned(),
+            )])),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(PodSpec {
+            containers: vec![container],
+            volumes: Some(vec![Volume {
+                name: "config".to_owned(),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: names::config_map(name),
+                    ..ConfigMapVolumeSource::default()
+                }),
+                ..Volume::default()
+            }]),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                // Any image runs as a non-root user, whatever its USER says.
+                run_as_user: Some(65532),
+                run_as_group: Some(65532),
+                seccomp_profile: Some(runtime_default_seccomp()),
+                ..PodSecurityContext::default()
+            }),
+            ..PodSpec::default()
+        }),
+    };
+    let stateful_set = StatefulSet {
+        metadata: meta(names::db_side(name)),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(db_side.replicas),
+            service_name: Some(names::headless_service(name)),
+            // Proxies hold no state: start and replace them all at once.
+            pod_management_policy: Some("Parallel".to_owned()),
+            selector: LabelSelector {
+                match_labels: Some(selector(name)),
+                ..LabelSelector::default()
+            },
+            template: pod,
+            ..StatefulSetSpec::default()
+        }),
+        status: None,
+    };
+
+    let service_port = |s: &SourcePort, port: i32, node_port: Option<i32>| ServicePort {
+        name: Some(s.port_name.clone()),
+        port,
+        target_port: Some(IntOrString::String(s.port_name.clone())),
+        protocol: Some("TCP".to_owned()),
+        node_port,
+        ..ServicePort::default()
+    };
+    let headless_service = Service {
+        metadata: meta(names::headless_service(name)),
+        spec: Some(ServiceSpec {
+            cluster_ip: Some("None".to_owned()),
+            publish_not_ready_addresses: Some(true),
+            selector: Some(selector(name)),
+            ports: Some(
+                sources
+                    .iter()
+                    .filter_map(|s| Some(service_port(s, s.port?, None)))
+                    .collect(),
+            ),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    };
+    let mut client_meta = meta(names::db_side(name));
+    if !db_side.service.annotations.is_empty() {
+        client_meta.annotations = Some(db_side.service.annotations.clone());
+    }
+    let client_service = Service {
+        metadata: client_meta,
+        spec: Some(ServiceSpec {
+            type_: Some(db_side.service.type_.as_str().to_owned()),
+            selector: Some(selector(name)),
+            ports: Some(
+                sources
+                    .iter()
+                    .filter_map(|s| {
+                        let chosen = db_side.service.ports.iter().find(|p| p.source == s.source);
+                        let port = chosen.map(|p| p.port).or(s.port)?;
+                        Some(service_port(s, port, chosen.and_then(|p| p.node_port)))
+                    })
+                    .collect(),
+            ),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    };
+    let pod_disruption_budget = db_side
+        .pod_disruption_budget
+        .enabled
+        .then(|| PodDisruptionBudget {
+            metadata: meta(names::db_side(name)),
+            spec: Some(PodDisruptionBudgetSpec {
+                max_unavailable: Some(IntOrString::Int(
+                    db_side.pod_disruption_budget.max_unavailable,
+                )),
+                selector: Some(LabelSelector {
+                    match_labels: Some(selector(name)),
+                    ..LabelSelector::default()
+                }),
+                ..PodDisruptionBudgetSpec::default()
+            }),
+            status: None,
+        });
+    DbSideObjects {
+        stateful_set,
+        headless_service,
+        client_service,
+        pod_disruption_budget,
+    }
+}
+
+/// Non-root, read-only root filesystem, no capabilities, no privilege escalation.
+pub fn hardened_security_context() -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(true),
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".to_owned()]),
+            ..Capabilities::default()
+        }),
+        seccomp_profile: Some(runtime_default_seccomp()),
+        ..SecurityContext::default()
+    }
+}
+
+fn runtime_default_seccomp() -> SeccompProfile {
+    SeccompProfile {
+        type_: "RuntimeDefault".to_owned(),
+        ..SeccompProfile::default()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,359 @@
+//! The status a reconcile reports, as a pure function of what it observed and of the previous
+//! status: conditions with reasons and messages, `lastTransitionTime` that moves only when a
+//! condition's status changes, `observedGeneration`, and the transitions to announce as Events.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use shotover_crds::crd::ShotoverTopologyStatus;
+
+pub const READY: &str = "Ready";
+pub const CONFIG_VALID: &str = "ConfigValid";
+pub const PROGRESSING: &str = "Progressing";
+pub const DEGRADED: &str = "Degraded";
+pub const PAUSED: &str = "ReconciliationPaused";
+
+/// What one reconcile saw and did.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Observation {
+    /// `metadata.generation` of the topology.
+    pub generation: Option<i64>,
+    /// The topology rendered: its hash; or why not.
+    pub config: ConfigOutcome,
+    /// A write to the apiserver failed (the message says which).
+    pub apply_error: Option<String>,
+    /// DB-side mode: the StatefulSet as last seen.
+    pub db_side: Option<DbSideObservation>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConfigOutcome {
+    Valid { hash: String, config_map: String },
+    Invalid { message: String },
+}
+
+impl Default for ConfigOutcome {
+    fn default() -> Self {
+        ConfigOutcome::Invalid {
+            message: String::new(),
+        }
+    }
+}
+
+/// The StatefulSet of the DB-side tier, as far as the status needs it.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct DbSideObservation {
+    /// `spec.dbSide.replicas`.
+    pub desired: i32,
+    /// `None` while the StatefulSet does not exist.
+    pub stateful_set: Option<StatefulSetProgress>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct StatefulSetProgress {
+    pub generation: Option<i64>,
+    pub observed_generation: Option<i64>,
+    pub replicas: i32,
+    pub ready_replicas: i32,
+    pub updated_replicas: i32,
+    pub current_revision: Option<String>,
+    pub update_revision: Option<String>,
+}
+
+impl StatefulSetProgress {
+    pub fn from_stateful_set(sts: &k8s_openapi::api::apps::v1::StatefulSet) -> Self {
+        let status = sts.status.clone().unwrap_or_default();
+        StatefulSetProgress {
+            generation: sts.metadata.generation,
+            observed_generation: status.observed_generation,
+            replicas: status.replicas,
+            ready_replicas: status.ready_replicas.unwrap_or(0),
+            updated_replicas: status.updated_replicas.unwrap_or(0),
+            current_revision: status.current_revision,
+            update_revision: status.update_revision,
+        }
+    }
+}
+
+/// A condition whose status changed (or appeared): what an Event announces.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Transition {
+    pub type_: String,
+    pub status: String,
+    pub reason: String,
+    pub message: String,
+    /// A change for the worse (an invalid config, a failed write): a Warning Event.
+    pub warning: bool,
+}
+
+struct Want {
+    type_: &'static str,
+    status: bool,
+    reason: String,
+    message: String,
+}
+
+fn want(type_: &'static str, status: bool, reason: &str, message: impl Into<String>) -> Want {
+    Want {
+        type_,
+        status,
+        reason: reason.to_owned(),
+        message: message.into(),
+    }
+}
+
+/// The status after a reconcile that observed `obs`.
+pub fn reconciled(
+    previous: Option<&ShotoverTopologyStatus>,
+    obs: &Observation,
+    now: &Time,
+) -> (ShotoverTopologyStatus, Vec<Transition>) {
+    let previous_hash = previous.and_then(|s| s.config_hash.clone());
+    let (config_hash, config_map) = match &obs.config {
+        ConfigOutcome::Valid { hash, config_map } => (Some(hash.clone()), Some(config_map.clone())),
+        ConfigOutcome::Invalid { .. } => (
+            previous_hash.clone(),
+            previous.and_then(|s| s.config_map.clone()),
+        ),
+    };
+
+    let config_valid = match &obs.config {
+        ConfigOutcome::Valid { hash, .. } => want(
+            CONFIG_VALID,
+            true,
+            "Valid",
+            format!("topology.yaml and config.yaml rendered, hash {hash}"),
+        ),
+        ConfigOutcome::Invalid { message } => want(CONFIG_VALID, false, "InvalidTopology", message),
+    };
+
+    let rollout = obs.db_side.as_ref().map(rollout_state);
+    let invalid = matches!(obs.config, ConfigOutcome::Invalid { .. });
+    let nothing_deployed = obs
+        .db_side
+        .as_ref()
+        .is_some_and(|d| d.stateful_set.is_none());
+    let progressing = match &rollout {
+        Some(_) if invalid && nothing_deployed => want(
+            PROGRESSING,
+            false,
+            "InvalidTopology",
+            "nothing to roll out until the topology is valid",
+        ),
+        None => want(
+            PROGRESSING,
+            false,
+            "ConfigMapUpToDate",
+            "no DB-side proxies to roll out",
+        ),
+        Some(Rollout::Done { message }) => want(PROGRESSING, false, "RolloutComplete", message),
+        Some(Rollout::Pending { reason, message }) => want(PROGRESSING, true, reason, message),
+    };
+
+    let degraded = match (&obs.config, &obs.apply_error) {
+        (_, Some(error)) => want(DEGRADED, true, "ApplyFailed", error),
+        (ConfigOutcome::Invalid { .. }, None) => want(
+            DEGRADED,
+            true,
+            "InvalidTopology",
+            match &previous_hash {
+                Some(hash) => format!(
+                    "the topology is invalid (see ConfigValid); the last valid configuration, hash {hash}, stays in place"
+                ),
+                None => "the topology is invalid (see ConfigValid) and no valid configuration was ever rendered".to_owned(),
+            },
+        ),
+        (ConfigOutcome::Valid { .. }, None) => {
+            want(DEGRADED, false, "AsExpected", "nothing is failing")
+        }
+    };
+
+    let ready = match (&obs.config, &obs.apply_error, &rollout) {
+        (ConfigOutcome::Invalid { .. }, _, _) => want(
+            READY,
+            false,
+            "InvalidTopology",
+            "the topology is invalid (see ConfigValid)",
+        ),
+        (_, Some(error), _) => want(READY, false, "ApplyFailed", error),
+        (ConfigOutcome::Valid { hash, .. }, None, None) => want(
+            READY,
+            true,
+            "ConfigRendered",
+            format!("configuration {hash} is in the ConfigMap"),
+        ),
+        (ConfigOutcome::Valid { .. }, None, Some(Rollout::Done { message })) => {
+            want(READY, true, "ProxiesReady", message)
+        }
+        (ConfigOutcome::Valid { .. }, None, Some(Rollout::Pending { reason, message })) => {
+            want(READY, false, reason, message)
+        }
+    };
+
+    let paused = want(
+        PAUSED,
+        false,
+        "NotPaused",
+        "reconciling (set the annotation shotover.io/paused: \"true\" to pause)",
+    );
+
+    let stateful_set = obs.db_side.as_ref().and_then(|d| d.stateful_set.as_ref());
+    let status = ShotoverTopologyStatus {
+        observed_generation: obs.generation,
+        conditions: Vec::new(),
+        config_hash,
+        config_map,
+        replicas: stateful_set.map(|s| s.replicas),
+        ready_replicas: stateful_set.map(|s| s.ready_replicas),
+    };
+    merge(
+        previous,
+        status,
+        [ready, config_valid, progressing, degraded, paused],
+        obs.generation,
+        now,
+    )
+}
+
+/// The status while `shotover.io/paused` is `"true"`: everything as before, plus
+/// `ReconciliationPaused=True` for the current generation.
+pub fn paused(
+    previous: Option<&ShotoverTopologyStatus>,
+    generation: Option<i64>,
+    now: &Time,
+) -> (ShotoverTopologyStatus, Vec<Transition>) {
+    let status = previous.cloned().unwrap_or_default();
+    let condition = want(
+        PAUSED,
+        true,
+        "PausedByAnnotation",
+        "the annotation shotover.io/paused is \"true\": changes to this topology are not rendered or applied until it is removed",
+    );
+    merge(previous, status, [condition], generation, now)
+}
+
+/// Sets `wanted` on `status` (keeping conditions not in `wanted` from `previous`), with
+/// `lastTransitionTime` kept wherever the status did not change.
+fn merge<const N: usize>(
+    previous: Option<&ShotoverTopologyStatus>,
+    mut status: ShotoverTopologyStatus,
+    wanted: [Want; N],
+    generation: Option<i64>,
+    now: &Time,
+) -> (ShotoverTopologyStatus, Vec<Transition>) {
+    let before: &[Condition] = previous.map(|s| s.conditions.as_slice()).unwrap_or(&[]);
+    let mut conditions: Vec<Condition> = before
+        .iter()
+        .filter(|c| !wanted.iter().any(|w| w.type_ == c.type_))
+        .cloned()
+        .collect();
+    let mut transitions = Vec::new();
+    for w in wanted {
+        let status_text = if w.status { "True" } else { "False" };
+        let old = before.iter().find(|c| c.type_ == w.type_);
+        let changed = old.is_none_or(|c| c.status != status_text);
+        let last_transition_time = match old {
+            Some(c) if !changed => c.last_transition_time.clone(),
+            _ => now.clone(),
+        };
+        // A condition appearing in its quiet state (not paused) is not news.
+        let quiet_start = old.is_none() && w.type_ == PAUSED && !w.status;
+        if changed && !quiet_start {
+            transitions.push(Transition {
+                type_: w.type_.to_owned(),
+                status: status_text.to_owned(),
+                reason: w.reason.clone(),
+                message: w.message.clone(),
+                warning: bad(w.type_, w.status),
+            });
+        }
+        conditions.push(Condition {
+            type_: w.type_.to_owned(),
+            status: status_text.to_owned(),
+            reason: w.reason,
+            message: truncate(w.message, 32 * 1024),
+            observed_generation: generation,
+            last_transition_time,
+        });
+    }
+    conditions.sort_by_key(|c| condition_order(&c.type_));
+    status.conditions = conditions;
+    (status, transitions)
+}
+
+/// Whether a condition in this state means something is wrong.
+fn bad(type_: &str, status: bool) -> bool {
+    match type_ {
+        CONFIG_VALID => !status,
+        DEGRADED => status,
+        _ => false,
+    }
+}
+
+fn condition_order(type_: &str) -> usize {
+    [READY, CONFIG_VALID, PROGRESSING, DEGRADED, PAUSED]
+        .iter()
+        .position(|t| *t == type_)
+        .unwrap_or(usize::MAX)
+}
+
+/// The API limits a condition message to 32 KiB.
+fn truncate(mut message: String, max: usize) -> String {
+    if message.len() > max {
+        let mut cut = max - 3;
+        while !message.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        message.truncate(cut);
+        message.push_str("...");
+    }
+    message
+}
+
+enum Rollout {
+    Done {
+        message: String,
+    },
+    Pending {
+        reason: &'static str,
+        message: String,
+    },
+}
+
+fn rollout_state(db_side: &DbSideObservation) -> Rollout {
+    let desired = db_side.desired;
+    let Some(sts) = &db_side.stateful_set else {
+        return Rollout::Pending {
+            reason: "Creating",
+            message: "the StatefulSet is being created".to_owned(),
+        };
+    };
+    let seen = match (sts.generation, sts.observed_generation) {
+        (Some(generation), Some(observed)) => observed >= generation,
+        (Some(_), None) => false,
+        (None, _) => true,
+    };
+    let revisions_match = match (&sts.current_revision, &sts.update_revision) {
+        (Some(current), Some(update)) => current == update,
+        _ => true,
+    };
+    if !seen || sts.updated_replicas < desired || !revisions_match {
+        return Rollout::Pending {
+            reason: "RollingOut",
+            message: format!(
+                "{} of {desired} proxies run the current configuration",
+                sts.updated_replicas.min(desired)
+            ),
+        };
+    }
+    if sts.ready_replicas < desired {
+        return Rollout::Pending {
+            reason: "WaitingForProxies",
+            message: format!("{} of {desired} proxies ready", sts.ready_replicas),
+        };
+    }
+    Rollout::Done {
+        message: format!("{desired} of {desired} proxies ready"),
+    }
+}
+
+#[cfg(test)]
+mod tests;
