@@ -53,8 +53,8 @@ mod tests {
             assert!(CHAIN_ENDS_IN_SINK_MESSAGE.contains(kind), "{kind}");
         }
         let config = |kind: &str| -> crate::TransformConfig {
-            serde_yaml::from_str(&format!("{kind}: {{remoteAddress: 'a:1'}}"))
-                .or_else(|_| serde_yaml::from_str(&format!("{kind}: {{}}")))
+            serde_json::from_str(&format!(r#"{{"{kind}": {{"remoteAddress": "a:1"}}}}"#))
+                .or_else(|_| serde_json::from_str(&format!(r#"{{"{kind}": {{}}}}"#)))
                 .expect(kind)
         };
         for kind in SINK_KINDS {

@@ -53,7 +53,8 @@ spec:
           - RedisSinkSingle: {remoteAddress: "redis:6379"}
   dbSide: {}
 "#;
-    let topology: ShotoverTopology = serde_yaml::from_str(yaml).expect("parses");
+    let value: serde_json::Value = serde_yaml::from_str(yaml).expect("YAML");
+    let topology: ShotoverTopology = serde_json::from_value(value).expect("parses");
     let spec = &topology.spec;
     assert_eq!(spec.image, DEFAULT_IMAGE);
     assert_eq!(spec.log_level, "info");
@@ -75,11 +76,11 @@ fn the_example_topologies_are_valid_resources() {
         let path = entry.expect("entry").path();
         let text = std::fs::read_to_string(&path).expect("readable");
         for doc in serde_yaml::Deserializer::from_str(&text) {
-            let value = serde_yaml::Value::deserialize(doc).expect("YAML");
+            let value = serde_json::Value::deserialize(doc).expect("YAML");
             if value.get("kind").and_then(|k| k.as_str()) != Some("ShotoverTopology") {
                 continue;
             }
-            let topology: ShotoverTopology = serde_yaml::from_value(value)
+            let topology: ShotoverTopology = serde_json::from_value(value)
                 .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             let rendered = topology.spec.topology().to_yaml().expect("serializes");
             load_topology(&rendered).unwrap_or_else(|e| panic!("{}: {e}", path.display()));

@@ -1,1 +1,293 @@
+use super::*;
+use crate::fixtures::ApiServer;
+use serde_json::{Value, json};
 
+const NS: &str = "apps";
+const TOPOLOGIES: &str = "/apis/shotover.io/v1alpha1/namespaces/apps/shotovertopologies";
+
+fn topology(spec: Value, annotations: Value, status: Option<Value>) -> Arc<ShotoverTopology> {
+    let mut object = json!({
+        "apiVersion": "shotover.io/v1alpha1",
+        "kind": "ShotoverTopology",
+        "metadata": {
+            "name": "cache", "namespace": NS, "uid": "uid-1", "generation": 4,
+            "annotations": annotations,
+        },
+        "spec": spec,
+    });
+    if let Some(status) = status {
+        object["status"] = status;
+    }
+    Arc::new(serde_json::from_value(object).expect("test topology"))
+}
+
+/// What the apiserver answers to a status write (the reconciler does not look at it).
+fn stored() -> Value {
+    serde_json::to_value(topology(redis_spec(), json!({}), None).as_ref()).expect("JSON")
+}
+
+fn redis_spec() -> Value {
+    json!({
+        "sources": [{"Redis": {
+            "name": "redis", "listenAddr": "0.0.0.0:6379",
+            "chain": [{"RedisSinkSingle": {"remoteAddress": "redis:6379"}}],
+        }}],
+    })
+}
+
+fn condition(status: &Value, type_: &str) -> Value {
+    status["conditions"]
+        .as_array()
+        .expect("conditions")
+        .iter()
+        .find(|c| c["type"] == type_)
+        .cloned()
+        .unwrap_or_else(|| panic!("no {type_} in {status}"))
+}
+
+fn spawn(
+    topology: Arc<ShotoverTopology>,
+    ctx: Arc<Context>,
+) -> tokio::task::JoinHandle<Result<Action, Error>> {
+    tokio::spawn(reconcile(topology, ctx))
+}
+
+async fn finish(task: tokio::task::JoinHandle<Result<Action, Error>>) -> Result<Action, Error> {
+    tokio::time::timeout(Duration::from_secs(2), task)
+        .await
+        .expect("the reconcile finishes")
+        .expect("the reconcile does not panic")
+}
+
+#[tokio::test]
+async fn a_valid_topology_is_applied_then_reported_ready() {
+    let (ctx, mut api) = ApiServer::context();
+    let task = spawn(topology(redis_spec(), json!({}), None), ctx.clone());
+
+    let cm = api
+        .expect("PATCH", "/api/v1/namespaces/apps/configmaps/cache-shotover-config", 200, None)
+        .await;
+    assert!(cm.query.contains("fieldManager=shotover-operator"), "{}", cm.query);
+    assert!(cm.query.contains("force=true"), "{}", cm.query);
+    assert_eq!(cm.body["metadata"]["ownerReferences"][0]["uid"], "uid-1");
+    let topology_yaml = cm.body["data"]["topology.yaml"].as_str().expect("topology.yaml");
+    shotover_crds::load_topology(topology_yaml).expect("the proxy loads it");
+    let hash = cm.body["metadata"]["annotations"]["shotover.io/config-hash"].clone();
+
+    let status = api
+        .expect("PATCH", &format!("{TOPOLOGIES}/cache/status"), 200, Some(stored()))
+        .await;
+    assert!(status.query.contains("fieldManager=shotover-operator"));
+    let status = &status.body["status"];
+    assert_eq!(status["observedGeneration"], 4);
+    assert_eq!(status["configHash"], hash);
+    assert_eq!(condition(status, "Ready")["status"], "True");
+    assert_eq!(condition(status, "ConfigValid")["status"], "True");
+
+    let mut reasons = Vec::new();
+    for _ in 0..4 {
+        let event = api.expect_event(NS).await;
+        assert_eq!(event["regarding"]["name"], "cache");
+        assert_eq!(event["type"], "Normal");
+        reasons.push(event["reason"].as_str().unwrap_or_default().to_owned());
+    }
+    assert_eq!(reasons, ["ConfigRendered", "Valid", "ConfigMapUpToDate", "AsExpected"]);
+
+    let action = finish(task).await.expect("reconciled");
+    assert_eq!(action, Action::requeue(RESYNC));
+    api.expect_nothing_more().await;
+}
+
+#[tokio::test]
+async fn an_unchanged_status_is_not_written_again() {
+    let (ctx, mut api) = ApiServer::context();
+    // First pass: learn the status it writes.
+    let task = spawn(topology(redis_spec(), json!({}), None), ctx.clone());
+    api.expect("PATCH", "/api/v1/namespaces/apps/configmaps/cache-shotover-config", 200, None)
+        .await;
+    let written = api
+        .expect("PATCH", &format!("{TOPOLOGIES}/cache/status"), 200, Some(stored()))
+        .await
+        .body["status"]
+        .clone();
+    for _ in 0..4 {
+        api.expect_event(NS).await;
+    }
+    finish(task).await.expect("reconciled");
+
+    // Second pass with that status in place: the ConfigMap is applied (drift repair), nothing else.
+    let task = spawn(topology(redis_spec(), json!({}), Some(written)), ctx);
+    api.expect("PATCH", "/api/v1/namespaces/apps/configmaps/cache-shotover-config", 200, None)
+        .await;
+    finish(task).await.expect("reconciled");
+    api.expect_nothing_more().await;
+}
+
+#[tokio::test]
+async fn an_invalid_topology_touches_nothing_but_its_status() {
+    let (ctx, mut api) = ApiServer::context();
+    let mut spec = redis_spec();
+    spec["sources"][0]["Redis"]["chain"] = json!([
+        {"RedisSinkSingle": {"remoteAddress": "no-port"}},
+    ]);
+    spec["dbSide"] = json!({"replicas": 2});
+    let previous = json!({
+        "observedGeneration": 3, "configHash": "0123456789abcdef",
+        "configMap": "cache-shotover-config", "replicas": 2, "readyReplicas": 2,
+        "conditions": [],
+    });
+    let task = spawn(topology(spec, json!({}), Some(previous)), ctx);
+
+    // It reads the running StatefulSet for the replica counts, and applies nothing.
+    api.expect(
+        "GET",
+        "/apis/apps/v1/namespaces/apps/statefulsets/cache-shotover",
+        200,
+        Some(json!({
+            "apiVersion": "apps/v1", "kind": "StatefulSet",
+            "metadata": {"name": "cache-shotover", "namespace": NS, "generation": 1},
+            "spec": {"selector": {}, "template": {}, "serviceName": "x"},
+            "status": {"observedGeneration": 1, "replicas": 2, "readyReplicas": 2,
+                       "updatedReplicas": 2, "currentRevision": "a", "updateRevision": "a"},
+        })),
+    )
+    .await;
+    let status = api
+        .expect("PATCH", &format!("{TOPOLOGIES}/cache/status"), 200, Some(stored()))
+        .await
+        .body["status"]
+        .clone();
+    let config_valid = condition(&status, "ConfigValid");
+    assert_eq!(config_valid["status"], "False");
+    assert_eq!(config_valid["reason"], "InvalidTopology");
+    let message = config_valid["message"].as_str().expect("message");
+    assert!(message.starts_with("invalid topology (1 error):\n  spec.sources[0].chain[0]"), "{message}");
+    assert_eq!(status["configHash"], "0123456789abcdef", "the last good hash stays");
+    assert_eq!(status["readyReplicas"], 2);
+    assert_eq!(status["observedGeneration"], 4);
+    let degraded = condition(&status, "Degraded");
+    assert_eq!(degraded["status"], "True");
+
+    let mut warnings = 0;
+    for _ in 0..4 {
+        if api.expect_event(NS).await["type"] == "Warning" {
+            warnings += 1;
+        }
+    }
+    assert_eq!(warnings, 2, "ConfigValid=False and Degraded=True are warnings");
+    finish(task).await.expect("an invalid topology is not a reconcile error");
+    api.expect_nothing_more().await;
+}
+
+#[tokio::test]
+async fn a_paused_topology_only_says_so() {
+    let (ctx, mut api) = ApiServer::context();
+    let task = spawn(
+        topology(redis_spec(), json!({"shotover.io/paused": "true"}), None),
+        ctx,
+    );
+    let status = api
+        .expect("PATCH", &format!("{TOPOLOGIES}/cache/status"), 200, Some(stored()))
+        .await
+        .body["status"]
+        .clone();
+    let paused = condition(&status, "ReconciliationPaused");
+    assert_eq!(paused["status"], "True");
+    assert_eq!(paused["reason"], "PausedByAnnotation");
+    assert_eq!(paused["observedGeneration"], 4);
+    assert!(status.get("observedGeneration").is_none(), "{status}");
+    assert_eq!(api.expect_event(NS).await["reason"], "PausedByAnnotation");
+    assert_eq!(finish(task).await.expect("ok"), Action::await_change());
+    api.expect_nothing_more().await;
+}
+
+#[tokio::test]
+async fn db_side_applies_the_tier_and_reads_its_progress() {
+    let (ctx, mut api) = ApiServer::context();
+    let mut spec = redis_spec();
+    spec["dbSide"] = json!({"replicas": 3});
+    let task = spawn(topology(spec, json!({}), None), ctx);
+
+    api.expect("PATCH", "/api/v1/namespaces/apps/configmaps/cache-shotover-config", 200, None)
+        .await;
+    api.expect("PATCH", "/api/v1/namespaces/apps/services/cache-shotover-headless", 200, None)
+        .await;
+    api.expect("PATCH", "/api/v1/namespaces/apps/services/cache-shotover", 200, None)
+        .await;
+    let applied_sts = api
+        .expect("PATCH", "/apis/apps/v1/namespaces/apps/statefulsets/cache-shotover", 200, None)
+        .await
+        .body;
+    assert_eq!(applied_sts["spec"]["replicas"], 3);
+    api.expect(
+        "PATCH",
+        "/apis/policy/v1/namespaces/apps/poddisruptionbudgets/cache-shotover",
+        200,
+        None,
+    )
+    .await;
+    let status = api
+        .expect("PATCH", &format!("{TOPOLOGIES}/cache/status"), 200, Some(stored()))
+        .await
+        .body["status"]
+        .clone();
+    assert_eq!(condition(&status, "Ready")["status"], "False");
+    assert_eq!(condition(&status, "Progressing")["status"], "True");
+    for _ in 0..4 {
+        api.expect_event(NS).await;
+    }
+    finish(task).await.expect("reconciled");
+    api.expect_nothing_more().await;
+}
+
+#[tokio::test]
+async fn a_failed_apply_is_reported_and_retried_with_growing_backoff() {
+    let (ctx, mut api) = ApiServer::context();
+    let object = topology(redis_spec(), json!({}), None);
+    let task = spawn(object.clone(), ctx.clone());
+    api.expect(
+        "PATCH",
+        "/api/v1/namespaces/apps/configmaps/cache-shotover-config",
+        403,
+        Some(json!("configmaps is forbidden")),
+    )
+    .await;
+    let status = api
+        .expect("PATCH", &format!("{TOPOLOGIES}/cache/status"), 200, Some(stored()))
+        .await
+        .body["status"]
+        .clone();
+    let degraded = condition(&status, "Degraded");
+    assert_eq!(degraded["status"], "True");
+    assert_eq!(degraded["reason"], "ApplyFailed");
+    assert!(
+        degraded["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("applying ConfigMap apps/cache-shotover-config") && m.contains("forbidden")),
+        "{degraded}"
+    );
+    for _ in 0..4 {
+        api.expect_event(NS).await;
+    }
+    let error = finish(task).await.expect_err("the reconcile fails");
+    assert_eq!(error.kind(), "apply");
+
+    let first = error_policy(object.clone(), &error, ctx.clone());
+    let second = error_policy(object.clone(), &error, ctx.clone());
+    let third = error_policy(object, &error, ctx.clone());
+    assert_eq!(first, Action::requeue(Duration::from_secs(1)));
+    assert_eq!(second, Action::requeue(Duration::from_secs(2)));
+    assert_eq!(third, Action::requeue(Duration::from_secs(4)));
+    assert!(
+        ctx.metrics
+            .render()
+            .contains("shotover_operator_reconcile_errors_total{kind=\"apply\"} 3\n")
+    );
+}
+
+#[test]
+fn the_backoff_doubles_up_to_five_minutes() {
+    let delays: Vec<u64> = (1..=12).map(|n| backoff(n).as_secs()).collect();
+    assert_eq!(delays, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+    assert_eq!(backoff(u32::MAX), Duration::from_secs(300));
+}

@@ -1,1 +1,267 @@
+use super::*;
+use shotover_crds::crd::ShotoverTopology;
 
+fn topology(spec_yaml: &str) -> ShotoverTopology {
+    let yaml = format!(
+        "apiVersion: shotover.io/v1alpha1\nkind: ShotoverTopology\nmetadata: {{name: cache, namespace: apps, uid: 1234-abcd, generation: 3}}\nspec:\n{spec_yaml}"
+    );
+    let value: serde_json::Value = serde_yaml::from_str(&yaml).expect("test YAML");
+    serde_json::from_value(value).expect("test topology parses")
+}
+
+const REDIS: &str = r#"
+  sources:
+    - Redis:
+        name: redis
+        listenAddr: 0.0.0.0:6379
+        chain:
+          - QueryCounter: {counterName: cache}
+          - RedisSinkSingle: {remoteAddress: "redis:6379"}
+"#;
+
+fn db_side(extra: &str) -> ShotoverTopology {
+    topology(&format!("{REDIS}  dbSide:\n    replicas: 3\n{extra}"))
+}
+
+#[test]
+fn the_config_map_holds_both_files_and_their_hash() {
+    let rendered = render(&topology(REDIS)).expect("valid");
+    let cm = &rendered.config_map;
+    assert_eq!(cm.metadata.name.as_deref(), Some("cache-shotover-config"));
+    assert_eq!(cm.metadata.namespace.as_deref(), Some("apps"));
+    let data = cm.data.as_ref().expect("data");
+    let topology_yaml = &data[TOPOLOGY_FILE];
+    let config_yaml = &data[CONFIG_FILE];
+    // The proxy's own loader accepts the rendered files.
+    shotover_crds::load_topology(topology_yaml).expect("the proxy loads topology.yaml");
+    let config = ProxyConfig::from_yaml(config_yaml).expect("the proxy loads config.yaml");
+    assert_eq!(config.main_log_level, "info");
+    assert_eq!(config.observability_interface.as_deref(), Some("0.0.0.0:9001"));
+    assert!(topology_yaml.contains("- Redis:"), "{topology_yaml}");
+    assert_eq!(rendered.hash, config_hash(topology_yaml, config_yaml));
+    assert_eq!(rendered.hash.len(), 16);
+    let annotations = cm.metadata.annotations.as_ref().expect("annotations");
+    assert_eq!(annotations[CONFIG_HASH_ANNOTATION], rendered.hash);
+    assert!(rendered.db_side.is_none());
+}
+
+#[test]
+fn everything_rendered_is_owned_by_the_topology() {
+    let rendered = render(&db_side("")).expect("valid");
+    let objects = rendered.db_side.as_ref().expect("dbSide");
+    let owners = [
+        &rendered.config_map.metadata,
+        &objects.stateful_set.metadata,
+        &objects.headless_service.metadata,
+        &objects.client_service.metadata,
+        &objects.pod_disruption_budget.as_ref().expect("pdb").metadata,
+    ];
+    for meta in owners {
+        let owner = &meta.owner_references.as_ref().expect("owner")[0];
+        assert_eq!(owner.kind, "ShotoverTopology");
+        assert_eq!(owner.name, "cache");
+        assert_eq!(owner.uid, "1234-abcd");
+        assert_eq!(owner.controller, Some(true));
+        let labels = meta.labels.as_ref().expect("labels");
+        assert_eq!(labels["app.kubernetes.io/managed-by"], FIELD_MANAGER);
+        assert_eq!(labels[TOPOLOGY_LABEL], "cache");
+    }
+}
+
+#[test]
+fn the_hash_follows_the_chain_and_nothing_else() {
+    let base = render(&db_side("")).expect("valid");
+    let same = render(&db_side("")).expect("valid");
+    assert_eq!(base.hash, same.hash, "rendering is deterministic");
+
+    // Replicas and Service settings do not change the configuration.
+    let scaled = render(&topology(&format!(
+        "{REDIS}  dbSide:\n    replicas: 5\n    service: {{type: NodePort}}\n"
+    )))
+    .expect("valid");
+    assert_eq!(base.hash, scaled.hash);
+    let template_hash = |r: &Rendered| {
+        r.db_side.as_ref().expect("dbSide").stateful_set.spec.as_ref().expect("spec")
+            .template.metadata.as_ref().expect("meta").annotations.as_ref().expect("ann")
+            [CONFIG_HASH_ANNOTATION]
+            .clone()
+    };
+    assert_eq!(template_hash(&base), template_hash(&scaled));
+
+    // A different chain does, in the ConfigMap and on the pod template.
+    let changed =
+        render(&topology(&REDIS.replace("counterName: cache", "counterName: other"))).expect("valid");
+    let changed_db = render(&topology(&format!(
+        "{}  dbSide:\n    replicas: 3\n",
+        REDIS.replace("counterName: cache", "counterName: other")
+    )))
+    .expect("valid");
+    assert_ne!(base.hash, changed.hash);
+    assert_eq!(changed.hash, changed_db.hash);
+    assert_ne!(template_hash(&base), template_hash(&changed_db));
+    assert_eq!(template_hash(&changed_db), changed_db.hash);
+
+    // So does the log level (it is in config.yaml).
+    let debug = render(&topology(&format!("{REDIS}  logLevel: debug\n"))).expect("valid");
+    assert_ne!(render(&topology(REDIS)).expect("valid").hash, debug.hash);
+}
+
+#[test]
+fn the_stateful_set_runs_the_proxy_on_the_config_map() {
+    let rendered = render(&db_side("")).expect("valid");
+    let objects = rendered.db_side.expect("dbSide");
+    let sts = objects.stateful_set;
+    assert_eq!(sts.metadata.name.as_deref(), Some("cache-shotover"));
+    let spec = sts.spec.expect("spec");
+    assert_eq!(spec.replicas, Some(3));
+    assert_eq!(spec.service_name.as_deref(), Some("cache-shotover-headless"));
+    assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+    let pod = spec.template.spec.expect("pod spec");
+    let container = &pod.containers[0];
+    assert_eq!(container.image.as_deref(), Some(shotover_crds::crd::DEFAULT_IMAGE));
+    assert_eq!(
+        container.args.as_deref(),
+        Some(
+            &[
+                "--topology-file".to_owned(),
+                "/etc/shotover/topology.yaml".to_owned(),
+                "--config-file".to_owned(),
+                "/etc/shotover/config.yaml".to_owned()
+            ][..]
+        )
+    );
+    let ports: Vec<(String, i32)> = container
+        .ports
+        .iter()
+        .flatten()
+        .map(|p| (p.name.clone().unwrap_or_default(), p.container_port))
+        .collect();
+    assert_eq!(
+        ports,
+        vec![("redis".to_owned(), 6379), ("observability".to_owned(), 9001)]
+    );
+    let readiness = container.readiness_probe.as_ref().expect("readiness");
+    assert_eq!(
+        readiness.http_get.as_ref().and_then(|h| h.path.as_deref()),
+        Some("/ready")
+    );
+    let liveness = container.liveness_probe.as_ref().expect("liveness");
+    assert_eq!(
+        liveness.http_get.as_ref().and_then(|h| h.path.as_deref()),
+        Some("/live")
+    );
+    let volume = &pod.volumes.as_ref().expect("volumes")[0];
+    assert_eq!(
+        volume.config_map.as_ref().map(|c| c.name.as_str()),
+        Some("cache-shotover-config")
+    );
+    let security = container.security_context.as_ref().expect("securityContext");
+    assert_eq!(security.run_as_non_root, Some(true));
+    assert_eq!(security.read_only_root_filesystem, Some(true));
+    assert_eq!(security.allow_privilege_escalation, Some(false));
+    assert_eq!(
+        security.capabilities.as_ref().and_then(|c| c.drop.clone()),
+        Some(vec!["ALL".to_owned()])
+    );
+    // The selector is a subset of the pod labels.
+    let labels = spec.template.metadata.as_ref().and_then(|m| m.labels.clone()).expect("labels");
+    for (k, v) in spec.selector.match_labels.expect("selector") {
+        assert_eq!(labels.get(&k), Some(&v), "{k}");
+    }
+}
+
+#[test]
+fn services_and_budget_follow_the_db_side_settings() {
+    let rendered = render(&db_side(
+        "    service:\n      type: LoadBalancer\n      ports: [{source: redis, port: 16379}]\n      annotations: {lb: internal}\n    podDisruptionBudget: {maxUnavailable: 2}\n",
+    ))
+    .expect("valid");
+    let objects = rendered.db_side.expect("dbSide");
+    let headless = objects.headless_service.spec.expect("spec");
+    assert_eq!(headless.cluster_ip.as_deref(), Some("None"));
+    assert_eq!(headless.publish_not_ready_addresses, Some(true));
+    assert_eq!(headless.ports.as_ref().expect("ports")[0].port, 6379);
+    let client = objects.client_service;
+    assert_eq!(
+        client.metadata.annotations.as_ref().expect("annotations")["lb"],
+        "internal"
+    );
+    let client = client.spec.expect("spec");
+    assert_eq!(client.type_.as_deref(), Some("LoadBalancer"));
+    let port = &client.ports.as_ref().expect("ports")[0];
+    assert_eq!(port.port, 16379);
+    assert_eq!(port.target_port, Some(IntOrString::String("redis".to_owned())));
+    let pdb = objects.pod_disruption_budget.expect("pdb").spec.expect("spec");
+    assert_eq!(pdb.max_unavailable, Some(IntOrString::Int(2)));
+
+    let without = render(&db_side("    podDisruptionBudget: {enabled: false}\n")).expect("valid");
+    assert!(without.db_side.expect("dbSide").pod_disruption_budget.is_none());
+}
+
+#[test]
+fn a_source_name_that_is_not_a_port_name_gets_a_numbered_one() {
+    let rendered = render(&topology(
+        r#"
+  sources:
+    - Redis:
+        name: Redis_Main_Listener
+        listenAddr: 0.0.0.0:6379
+        chain: [{RedisSinkSingle: {remoteAddress: "redis:6379"}}]
+  dbSide: {}
+"#,
+    ))
+    .expect("valid");
+    let sts = rendered.db_side.expect("dbSide").stateful_set;
+    let ports = &sts.spec.expect("spec").template.spec.expect("pod").containers[0].ports;
+    assert_eq!(
+        ports.as_ref().expect("ports")[0].name.as_deref(),
+        Some("source-0")
+    );
+}
+
+#[test]
+fn every_problem_is_reported_at_once_with_its_spec_path() {
+    let invalid = render(&topology(
+        r#"
+  sources:
+    - Redis:
+        name: redis
+        listenAddr: 127.0.0.1:9001
+        chain:
+          - RedisSinkSingle: {remoteAddress: "no-port"}
+          - QueryCounter: {counterName: late}
+  logLevel: "info,=[bad"
+  dbSide:
+    service:
+      ports: [{source: nope, port: 1}]
+"#,
+    ))
+    .expect_err("invalid");
+    let message = invalid.to_string();
+    for expected in [
+        "spec.sources[0].chain[0]",
+        "spec.sources[0]: source `redis` listens on 127.0.0.1, which the Service cannot reach: with dbSide, listen on 0.0.0.0",
+        "source `redis` listens on port 9001, which is also spec.observabilityPort",
+        "spec.dbSide.service.ports[0].source: no source is named `nope` (sources: redis)",
+        "spec.logLevel: `info,=[bad` is not a log filter",
+    ] {
+        assert!(message.contains(expected), "missing `{expected}` in:\n{message}");
+    }
+    assert!(message.starts_with("invalid topology ("), "{message}");
+}
+
+#[test]
+fn a_long_name_is_refused_only_with_db_side() {
+    let long = "x".repeat(45);
+    let make = |db: bool| {
+        let mut t = topology(&format!("{REDIS}{}", if db { "  dbSide: {}\n" } else { "" }));
+        t.metadata.name = Some(long.clone());
+        t
+    };
+    assert!(render(&make(false)).is_ok());
+    let message = render(&make(true)).expect_err("too long").to_string();
+    assert!(
+        message.contains("metadata.name: with dbSide the name may have at most 43 characters"),
+        "{message}"
+    );
+}

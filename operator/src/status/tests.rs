@@ -1,1 +1,256 @@
+use super::*;
+use k8s_openapi::jiff::Timestamp;
 
+fn at(seconds: i64) -> Time {
+    Time(Timestamp::from_second(1_800_000_000 + seconds).expect("timestamp"))
+}
+
+fn valid(generation: i64) -> Observation {
+    Observation {
+        generation: Some(generation),
+        config: ConfigOutcome::Valid {
+            hash: format!("hash{generation}"),
+            config_map: "cache-shotover-config".to_owned(),
+        },
+        apply_error: None,
+        db_side: None,
+    }
+}
+
+fn invalid(generation: i64) -> Observation {
+    Observation {
+        generation: Some(generation),
+        config: ConfigOutcome::Invalid {
+            message: "invalid topology (1 error):\n  spec.sources[0]: bad".to_owned(),
+        },
+        apply_error: None,
+        db_side: None,
+    }
+}
+
+fn condition<'a>(status: &'a ShotoverTopologyStatus, type_: &str) -> &'a Condition {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition in {status:?}"))
+}
+
+fn summary(status: &ShotoverTopologyStatus) -> Vec<(String, String, String)> {
+    status
+        .conditions
+        .iter()
+        .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone()))
+        .collect()
+}
+
+fn row(type_: &str, status: &str, reason: &str) -> (String, String, String) {
+    (type_.to_owned(), status.to_owned(), reason.to_owned())
+}
+
+fn sts(replicas: i32, ready: i32, updated: i32, current: &str, update: &str) -> StatefulSetProgress {
+    StatefulSetProgress {
+        generation: Some(2),
+        observed_generation: Some(2),
+        replicas,
+        ready_replicas: ready,
+        updated_replicas: updated,
+        current_revision: Some(current.to_owned()),
+        update_revision: Some(update.to_owned()),
+    }
+}
+
+#[test]
+fn a_valid_sidecar_only_topology_is_ready_once_rendered() {
+    let (status, transitions) = reconciled(None, &valid(1), &at(0));
+    assert_eq!(
+        summary(&status),
+        vec![
+            row(READY, "True", "ConfigRendered"),
+            row(CONFIG_VALID, "True", "Valid"),
+            row(PROGRESSING, "False", "ConfigMapUpToDate"),
+            row(DEGRADED, "False", "AsExpected"),
+            row(PAUSED, "False", "NotPaused"),
+        ]
+    );
+    assert_eq!(status.observed_generation, Some(1));
+    assert_eq!(status.config_hash.as_deref(), Some("hash1"));
+    assert_eq!(status.config_map.as_deref(), Some("cache-shotover-config"));
+    assert_eq!(status.replicas, None);
+    assert!(status.conditions.iter().all(|c| c.observed_generation == Some(1)));
+    // Every condition is news except "not paused".
+    let announced: Vec<&str> = transitions.iter().map(|t| t.type_.as_str()).collect();
+    assert_eq!(announced, vec![READY, CONFIG_VALID, PROGRESSING, DEGRADED]);
+    assert!(transitions.iter().all(|t| !t.warning));
+}
+
+#[test]
+fn last_transition_time_moves_only_when_the_status_changes() {
+    let (first, _) = reconciled(None, &valid(1), &at(0));
+    let (second, transitions) = reconciled(Some(&first), &valid(2), &at(60));
+    assert!(transitions.is_empty(), "{transitions:?}");
+    for c in &second.conditions {
+        assert_eq!(c.last_transition_time, at(0), "{}", c.type_);
+        assert_eq!(c.observed_generation, Some(2), "{}", c.type_);
+    }
+    assert_eq!(second.config_hash.as_deref(), Some("hash2"));
+
+    let (third, transitions) = reconciled(Some(&second), &invalid(3), &at(120));
+    assert_eq!(condition(&third, CONFIG_VALID).last_transition_time, at(120));
+    assert_eq!(condition(&third, READY).last_transition_time, at(120));
+    assert_eq!(condition(&third, DEGRADED).last_transition_time, at(120));
+    assert_eq!(condition(&third, PROGRESSING).last_transition_time, at(0));
+    let announced: Vec<(&str, bool)> = transitions
+        .iter()
+        .map(|t| (t.type_.as_str(), t.warning))
+        .collect();
+    assert_eq!(
+        announced,
+        vec![(READY, false), (CONFIG_VALID, true), (DEGRADED, true)]
+    );
+}
+
+#[test]
+fn an_invalid_topology_keeps_the_last_good_hash_and_says_why() {
+    let (good, _) = reconciled(None, &valid(1), &at(0));
+    let (bad, _) = reconciled(Some(&good), &invalid(2), &at(10));
+    assert_eq!(bad.observed_generation, Some(2));
+    assert_eq!(bad.config_hash.as_deref(), Some("hash1"));
+    assert_eq!(bad.config_map.as_deref(), Some("cache-shotover-config"));
+    let config_valid = condition(&bad, CONFIG_VALID);
+    assert_eq!(config_valid.status, "False");
+    assert_eq!(config_valid.reason, "InvalidTopology");
+    assert_eq!(
+        config_valid.message,
+        "invalid topology (1 error):\n  spec.sources[0]: bad"
+    );
+    let degraded = condition(&bad, DEGRADED);
+    assert_eq!(degraded.status, "True");
+    assert!(
+        degraded.message.contains("the last valid configuration, hash hash1, stays in place"),
+        "{}",
+        degraded.message
+    );
+    assert_eq!(condition(&bad, READY).status, "False");
+
+    let (never, _) = reconciled(None, &invalid(1), &at(0));
+    assert_eq!(never.config_hash, None);
+    assert!(condition(&never, DEGRADED).message.contains("no valid configuration was ever rendered"));
+}
+
+#[test]
+fn db_side_readiness_comes_from_the_stateful_set() {
+    let mut obs = valid(2);
+    obs.db_side = Some(DbSideObservation {
+        desired: 2,
+        stateful_set: Some(sts(2, 0, 2, "r1", "r1")),
+    });
+    let (waiting, _) = reconciled(None, &obs, &at(0));
+    assert_eq!(waiting.replicas, Some(2));
+    assert_eq!(waiting.ready_replicas, Some(0));
+    assert_eq!(
+        summary(&waiting)[..3],
+        [
+            row(READY, "False", "WaitingForProxies"),
+            row(CONFIG_VALID, "True", "Valid"),
+            row(PROGRESSING, "True", "WaitingForProxies"),
+        ]
+    );
+    assert_eq!(condition(&waiting, READY).message, "0 of 2 proxies ready");
+
+    obs.db_side = Some(DbSideObservation {
+        desired: 2,
+        stateful_set: Some(sts(2, 2, 2, "r1", "r1")),
+    });
+    let (ready, transitions) = reconciled(Some(&waiting), &obs, &at(30));
+    assert_eq!(ready.ready_replicas, Some(2));
+    assert_eq!(condition(&ready, READY).status, "True");
+    assert_eq!(condition(&ready, READY).reason, "ProxiesReady");
+    assert_eq!(condition(&ready, PROGRESSING).status, "False");
+    assert_eq!(condition(&ready, PROGRESSING).reason, "RolloutComplete");
+    let announced: Vec<&str> = transitions.iter().map(|t| t.type_.as_str()).collect();
+    assert_eq!(announced, vec![READY, PROGRESSING]);
+}
+
+#[test]
+fn a_rollout_in_progress_is_progressing_until_every_pod_is_updated() {
+    for (progress, reason) in [
+        (sts(2, 2, 1, "r1", "r2"), "RollingOut"),
+        (sts(2, 2, 2, "r1", "r2"), "RollingOut"),
+        (
+            StatefulSetProgress {
+                observed_generation: Some(1),
+                ..sts(2, 2, 2, "r2", "r2")
+            },
+            "RollingOut",
+        ),
+    ] {
+        let mut obs = valid(2);
+        obs.db_side = Some(DbSideObservation {
+            desired: 2,
+            stateful_set: Some(progress.clone()),
+        });
+        let (status, _) = reconciled(None, &obs, &at(0));
+        let progressing = condition(&status, PROGRESSING);
+        assert_eq!(progressing.status, "True", "{progress:?}");
+        assert_eq!(progressing.reason, reason, "{progress:?}");
+        assert_eq!(condition(&status, READY).status, "False");
+    }
+}
+
+#[test]
+fn an_invalid_topology_with_nothing_deployed_is_not_progressing() {
+    let mut obs = invalid(1);
+    obs.db_side = Some(DbSideObservation {
+        desired: 2,
+        stateful_set: None,
+    });
+    let (status, _) = reconciled(None, &obs, &at(0));
+    assert_eq!(condition(&status, PROGRESSING).status, "False");
+    assert_eq!(condition(&status, PROGRESSING).reason, "InvalidTopology");
+    assert_eq!(status.replicas, None);
+}
+
+#[test]
+fn a_failed_write_is_degraded_and_not_ready() {
+    let mut obs = valid(1);
+    obs.apply_error = Some("applying StatefulSet apps/cache-shotover: forbidden".to_owned());
+    let (status, transitions) = reconciled(None, &obs, &at(0));
+    let degraded = condition(&status, DEGRADED);
+    assert_eq!((degraded.status.as_str(), degraded.reason.as_str()), ("True", "ApplyFailed"));
+    assert!(degraded.message.contains("forbidden"));
+    assert_eq!(condition(&status, READY).reason, "ApplyFailed");
+    assert!(transitions.iter().any(|t| t.type_ == DEGRADED && t.warning));
+}
+
+#[test]
+fn pausing_changes_only_the_paused_condition() {
+    let (before, _) = reconciled(None, &valid(1), &at(0));
+    let (paused_status, transitions) = paused(Some(&before), Some(2), &at(50));
+    assert_eq!(paused_status.observed_generation, Some(1), "the new spec was not looked at");
+    let condition_paused = condition(&paused_status, PAUSED);
+    assert_eq!(condition_paused.status, "True");
+    assert_eq!(condition_paused.reason, "PausedByAnnotation");
+    assert_eq!(condition_paused.observed_generation, Some(2));
+    assert_eq!(condition_paused.last_transition_time, at(50));
+    assert_eq!(condition(&paused_status, READY), condition(&before, READY));
+    assert_eq!(transitions.len(), 1);
+    assert_eq!(transitions[0].type_, PAUSED);
+
+    let (resumed, transitions) = reconciled(Some(&paused_status), &valid(2), &at(90));
+    assert_eq!(condition(&resumed, PAUSED).status, "False");
+    assert_eq!(resumed.observed_generation, Some(2));
+    assert!(transitions.iter().any(|t| t.type_ == PAUSED && t.status == "False"));
+}
+
+#[test]
+fn long_messages_are_cut_to_what_the_api_accepts() {
+    let mut obs = invalid(1);
+    obs.config = ConfigOutcome::Invalid {
+        message: "é".repeat(40 * 1024),
+    };
+    let (status, _) = reconciled(None, &obs, &at(0));
+    let message = &condition(&status, CONFIG_VALID).message;
+    assert!(message.len() <= 32 * 1024);
+    assert!(message.ends_with("..."));
+}
