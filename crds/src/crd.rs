@@ -63,7 +63,7 @@ pub const CONFIG_FILE: &str = "config.yaml";
         name = "Replicas",
         type_ = "integer",
         json_path = ".status.replicas",
-        description = "Desired DB-side proxies"
+        description = "DB-side proxy pods (StatefulSet status)"
     ),
     printcolumn(
         name = "Ready Replicas",
@@ -78,7 +78,11 @@ pub const CONFIG_FILE: &str = "config.yaml";
         description = "Hash of the rendered configuration",
         priority = "1"
     ),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ShotoverTopologySpec {
@@ -291,7 +295,7 @@ pub struct ShotoverTopologyStatus {
     /// Name of the ConfigMap holding `topology.yaml` and `config.yaml`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_map: Option<String>,
-    /// DB-side: desired proxies.
+    /// DB-side: proxy pods that exist, from the StatefulSet's status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<i32>,
     /// DB-side: proxies ready, from the StatefulSet.
@@ -355,7 +359,13 @@ fn tidy(value: &mut serde_json::Value) {
 
 fn unwrap_lines(text: &str) -> String {
     text.split("\n\n")
-        .map(|paragraph| paragraph.split('\n').map(str::trim).collect::<Vec<_>>().join(" "))
+        .map(|paragraph| {
+            paragraph
+                .split('\n')
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
         .collect::<Vec<_>>()
         .join("\n\n")
 }

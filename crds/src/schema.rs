@@ -49,7 +49,10 @@ mod tests {
     #[test]
     fn the_sink_rule_names_every_sink() {
         for kind in SINK_KINDS {
-            assert!(CHAIN_ENDS_IN_SINK_RULE.contains(&format!(".{kind})")), "{kind}");
+            assert!(
+                CHAIN_ENDS_IN_SINK_RULE.contains(&format!(".{kind})")),
+                "{kind}"
+            );
             assert!(CHAIN_ENDS_IN_SINK_MESSAGE.contains(kind), "{kind}");
         }
         let config = |kind: &str| -> crate::TransformConfig {

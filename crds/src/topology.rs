@@ -41,8 +41,8 @@ impl std::fmt::Display for Protocol {
     }
 }
 
-/// One source: a listener of one protocol. Written `- Redis: {...}` (upstream Shotover's
-/// `Valkey` spelling is accepted too).
+/// One source: a listener of one protocol. Written `- Redis: {...}` (topology files also
+/// accept upstream Shotover's `Valkey` spelling; a ShotoverTopology takes the names shown here).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub enum SourceConfig {
     /// A Redis (RESP2/RESP3) listener.

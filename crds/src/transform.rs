@@ -8,8 +8,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::topology::{Protocol, TlsConnectorConfig};
 
-/// One step of a chain. Written `- Kind: {fields}`; a transform without fields may be
-/// written `- Kind` alone. Every transform takes an optional `name`, unique in the topology,
+/// One step of a chain. Written `- Kind: {fields}`; in a topology file a transform without
+/// fields may be written `- Kind` alone (`- Kind: {}` in a ShotoverTopology). Every transform takes an optional `name`, unique in the topology,
 /// which names it in logs and metrics (it defaults to the kind).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 pub enum TransformConfig {

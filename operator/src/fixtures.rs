@@ -52,10 +52,11 @@ impl ApiServer {
         status: u16,
         response: Option<Value>,
     ) -> Seen {
-        let (request, send) = tokio::time::timeout(Duration::from_secs(2), self.handle.next_request())
-            .await
-            .unwrap_or_else(|_| panic!("no request came; expected {method} {path}"))
-            .unwrap_or_else(|| panic!("the client went away; expected {method} {path}"));
+        let (request, send) =
+            tokio::time::timeout(Duration::from_secs(2), self.handle.next_request())
+                .await
+                .unwrap_or_else(|_| panic!("no request came; expected {method} {path}"))
+                .unwrap_or_else(|| panic!("the client went away; expected {method} {path}"));
         let seen_method = request.method().as_str().to_owned();
         let seen_path = request.uri().path().to_owned();
         let query = request.uri().query().unwrap_or_default().to_owned();
@@ -89,10 +90,7 @@ impl ApiServer {
                 .body(Body::from(serde_json::to_vec(&answer).expect("JSON")))
                 .expect("response"),
         );
-        Seen {
-            query,
-            body,
-        }
+        Seen { query, body }
     }
 
     /// Answers one Event creation and returns the Event.

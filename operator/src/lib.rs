@@ -58,7 +58,7 @@ pub struct RunOpts {
     pub lease_name: String,
     /// Namespace of the leader Lease (default: `--namespace`, else `POD_NAMESPACE`, else
     /// `default`).
-    #[arg(long, env = "POD_NAMESPACE")]
+    #[arg(long)]
     pub lease_namespace: Option<String>,
     /// This replica's name in the Lease and in Events (default: `POD_NAME`, else host name and
     /// process id).
@@ -98,6 +98,7 @@ pub async fn run(opts: RunOpts) -> anyhow::Result<()> {
         .lease_namespace
         .clone()
         .or_else(|| opts.namespace.clone())
+        .or_else(|| std::env::var("POD_NAMESPACE").ok())
         .unwrap_or_else(|| "default".to_owned());
     let mut lock = opts.leader_election.then(|| {
         LeaseLock::new(
@@ -130,8 +131,10 @@ pub async fn run(opts: RunOpts) -> anyhow::Result<()> {
     };
 
     let topologies: Api<ShotoverTopology> = scoped(&client, opts.namespace.as_deref());
-    let owned = watcher::Config::default()
-        .labels(&format!("app.kubernetes.io/managed-by={}", render::FIELD_MANAGER));
+    let owned = watcher::Config::default().labels(&format!(
+        "app.kubernetes.io/managed-by={}",
+        render::FIELD_MANAGER
+    ));
     let reporter = Reporter {
         controller: render::FIELD_MANAGER.to_owned(),
         instance: Some(identity.clone()),
@@ -142,9 +145,18 @@ pub async fn run(opts: RunOpts) -> anyhow::Result<()> {
         metrics.clone(),
     ));
     Controller::new(topologies, watcher::Config::default().any_semantic())
-        .owns(scoped::<ConfigMap>(&client, opts.namespace.as_deref()), owned.clone())
-        .owns(scoped::<StatefulSet>(&client, opts.namespace.as_deref()), owned.clone())
-        .owns(scoped::<Service>(&client, opts.namespace.as_deref()), owned.clone())
+        .owns(
+            scoped::<ConfigMap>(&client, opts.namespace.as_deref()),
+            owned.clone(),
+        )
+        .owns(
+            scoped::<StatefulSet>(&client, opts.namespace.as_deref()),
+            owned.clone(),
+        )
+        .owns(
+            scoped::<Service>(&client, opts.namespace.as_deref()),
+            owned.clone(),
+        )
         .owns(
             scoped::<PodDisruptionBudget>(&client, opts.namespace.as_deref()),
             owned,
@@ -170,7 +182,9 @@ pub async fn run(opts: RunOpts) -> anyhow::Result<()> {
         if !lost_lease {
             match lock.release().await {
                 Ok(()) => info!("released the leader lease"),
-                Err(e) => warn!(error = %e, "cannot release the leader lease; it expires by itself"),
+                Err(e) => {
+                    warn!(error = %e, "cannot release the leader lease; it expires by itself")
+                }
             }
         }
     }
@@ -244,10 +258,18 @@ async fn keep_lease(
             _ = tokio::time::sleep(timings.retry_period) => {}
         }
         let left = timings.renew_deadline.saturating_sub(renewed.elapsed());
-        match tokio::time::timeout(left.max(Duration::from_millis(100)), lock.try_acquire_or_renew()).await {
+        match tokio::time::timeout(
+            left.max(Duration::from_millis(100)),
+            lock.try_acquire_or_renew(),
+        )
+        .await
+        {
             Ok(Ok(true)) => renewed = Instant::now(),
             Ok(Ok(false)) => {
-                error!(identity = lock.identity(), "another replica holds the leader lease");
+                error!(
+                    identity = lock.identity(),
+                    "another replica holds the leader lease"
+                );
                 lost.cancel();
                 return lock;
             }

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use shotover_operator::RunOpts;
 
 #[derive(Debug, Parser)]
-#[command(name = "shotover-operator", version, about = "Runs ShotoverTopologies on Kubernetes")]
+#[command(
+    name = "shotover-operator",
+    version,
+    about = "Runs ShotoverTopologies on Kubernetes"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -21,7 +25,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Reconcile ShotoverTopologies (the default).
-    Run,
+    Run(RunOpts),
     /// Print the ShotoverTopology CRD as YAML (`| kubectl apply --server-side -f -`).
     Crd,
 }
@@ -40,23 +44,31 @@ fn main() -> ExitCode {
     }
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     match cli.log_format {
         LogFormat::Human => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("shotover-operator: cannot start the runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(shotover_operator::run(cli.run)) {
+    let opts = match cli.command {
+        Some(Command::Run(opts)) => opts,
+        _ => cli.run,
+    };
+    match runtime.block_on(shotover_operator::run(opts)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");
-            eprintln!("shotover-operator: {e:#}");
             ExitCode::FAILURE
         }
     }

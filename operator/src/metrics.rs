@@ -132,7 +132,10 @@ mod tests {
         metrics.error("apply");
         metrics.set_leader(true);
         let text = metrics.render();
-        assert!(text.contains("shotover_operator_reconciles_total 2\n"), "{text}");
+        assert!(
+            text.contains("shotover_operator_reconciles_total 2\n"),
+            "{text}"
+        );
         assert!(
             text.contains("shotover_operator_reconcile_errors_total{kind=\"apply\"} 1\n"),
             "{text}"

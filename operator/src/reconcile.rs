@@ -22,9 +22,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use shotover_crds::crd::{
-    PAUSED_ANNOTATION, ShotoverTopology, ShotoverTopologyStatus, names,
-};
+use shotover_crds::crd::{PAUSED_ANNOTATION, ShotoverTopology, ShotoverTopologyStatus, names};
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
@@ -110,7 +108,10 @@ fn is_paused(topology: &ShotoverTopology) -> bool {
         .is_some_and(|v| v == "true")
 }
 
-pub async fn reconcile(topology: Arc<ShotoverTopology>, ctx: Arc<Context>) -> Result<Action, Error> {
+pub async fn reconcile(
+    topology: Arc<ShotoverTopology>,
+    ctx: Arc<Context>,
+) -> Result<Action, Error> {
     let _timer = ctx.metrics.reconcile();
     let namespace = topology.namespace().ok_or(Error::NoNamespace)?;
     let name = topology.name_any();
@@ -152,14 +153,22 @@ pub async fn reconcile(topology: Arc<ShotoverTopology>, ctx: Arc<Context>) -> Re
             if let Some(db_side) = &topology.spec.db_side {
                 let api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &namespace);
                 let object = names::db_side(&name);
-                let sts = api.get_opt(&object).await.map_err(|source| Error::Read {
-                    object: format!("StatefulSet {namespace}/{object}"),
-                    source,
-                })?;
-                obs.db_side = Some(DbSideObservation {
-                    desired: db_side.replicas,
-                    stateful_set: sts.as_ref().map(StatefulSetProgress::from_stateful_set),
-                });
+                match api.get_opt(&object).await {
+                    Ok(sts) => {
+                        obs.db_side = Some(DbSideObservation {
+                            desired: db_side.replicas,
+                            stateful_set: sts.as_ref().map(StatefulSetProgress::from_stateful_set),
+                        })
+                    }
+                    Err(source) => {
+                        let e = Error::Read {
+                            object: format!("StatefulSet {namespace}/{object}"),
+                            source,
+                        };
+                        obs.apply_error = Some(e.to_string());
+                        failure = Some(e);
+                    }
+                }
             }
         }
     }
@@ -211,7 +220,11 @@ async fn apply_all(
     let name = topology.name_any();
     let Some(objects) = &rendered.db_side else {
         // dbSide was removed: the tier it ran goes too (only what this topology owns).
-        if topology.status.as_ref().is_some_and(|s| s.replicas.is_some()) {
+        if topology
+            .status
+            .as_ref()
+            .is_some_and(|s| s.replicas.is_some())
+        {
             let db_side = names::db_side(&name);
             delete_owned::<StatefulSet>(ctx, topology, namespace, &db_side).await?;
             delete_owned::<Service>(ctx, topology, namespace, &db_side).await?;

@@ -11,9 +11,9 @@ use std::fmt::Write as _;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction, PodSecurityContext,
-    PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Service, ServicePort,
-    ServiceSpec, Volume, VolumeMount, Capabilities,
+    Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Service,
+    ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -89,11 +89,21 @@ pub fn render(topology: &ShotoverTopology) -> Result<Rendered, InvalidTopology> 
             format!("`{}` is not a log filter: {e}", spec.log_level),
         ));
     }
-    let config_yaml = serde_yaml::to_string(&proxy_config).map_err(|e| {
-        InvalidTopology::new(vec![ConfigError::new("spec", e.to_string())])
-    })?;
+    let config_yaml = serde_yaml::to_string(&proxy_config)
+        .map_err(|e| InvalidTopology::new(vec![ConfigError::new("spec", e.to_string())]))?;
 
     let sources = source_ports(topology);
+    for (i, source) in sources.iter().enumerate() {
+        if source.port == Some(spec.observability_port) {
+            errors.push(ConfigError::new(
+                format!("spec.sources[{i}]"),
+                format!(
+                    "source `{}` listens on port {}, which is also spec.observabilityPort",
+                    source.source, spec.observability_port
+                ),
+            ));
+        }
+    }
     if let Some(db_side) = &spec.db_side {
         check_db_side(topology, db_side, &sources, &mut errors);
     }
@@ -168,6 +178,7 @@ struct SourcePort {
 }
 
 fn source_ports(topology: &ShotoverTopology) -> Vec<SourcePort> {
+    let mut used = std::collections::HashSet::new();
     topology
         .spec
         .sources
@@ -179,15 +190,27 @@ fn source_ports(topology: &ShotoverTopology) -> Vec<SourcePort> {
                 None => (source.listen_addr(), None),
             };
             let name = source.name();
+            // Port names must be unique in the pod: a name taken (or not a valid port name)
+            // falls back to `source-<i>`, then `source-<i>-<n>`.
+            let mut port_name = if is_port_name(name) && !used.contains(name) {
+                name.to_owned()
+            } else {
+                format!("source-{i}")
+            };
+            let mut n = 1;
+            while used.contains(&port_name) {
+                port_name = format!("source-{i}-{n}");
+                n += 1;
+            }
+            used.insert(port_name.clone());
             SourcePort {
                 source: name.to_owned(),
-                port_name: if is_port_name(name) {
-                    name.to_owned()
-                } else {
-                    format!("source-{i}")
-                },
+                port_name,
                 port,
-                host: host.trim_start_matches('[').trim_end_matches(']').to_owned(),
+                host: host
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned(),
             }
         })
         .collect()
@@ -229,21 +252,17 @@ fn check_db_side(
         ));
     }
     for (i, source) in sources.iter().enumerate() {
-        if matches!(source.host.as_str(), "127.0.0.1" | "localhost" | "::1") {
+        let loopback = source.host == "localhost"
+            || source
+                .host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback());
+        if loopback {
             errors.push(ConfigError::new(
                 format!("spec.sources[{i}]"),
                 format!(
                     "source `{}` listens on {}, which the Service cannot reach: with dbSide, listen on 0.0.0.0",
                     source.source, source.host
-                ),
-            ));
-        }
-        if source.port == Some(topology.spec.observability_port) {
-            errors.push(ConfigError::new(
-                format!("spec.sources[{i}]"),
-                format!(
-                    "source `{}` listens on port {}, which is also spec.observabilityPort",
-                    source.source, topology.spec.observability_port
                 ),
             ));
         }
@@ -282,7 +301,10 @@ pub fn labels(name: &str, component: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".to_owned(), "shotover".to_owned()),
         ("app.kubernetes.io/instance".to_owned(), name.to_owned()),
-        ("app.kubernetes.io/component".to_owned(), component.to_owned()),
+        (
+            "app.kubernetes.io/component".to_owned(),
+            component.to_owned(),
+        ),
         (
             "app.kubernetes.io/managed-by".to_owned(),
             FIELD_MANAGER.to_owned(),
@@ -409,7 +431,8 @@ fn render_db_side(
         spec: Some(StatefulSetSpec {
             replicas: Some(db_side.replicas),
             service_name: Some(names::headless_service(name)),
-            // Proxies hold no state: start and replace them all at once.
+            // Proxies hold no state: create and remove them all at once when scaling (a
+            // template change still rolls one pod at a time).
             pod_management_policy: Some("Parallel".to_owned()),
             selector: LabelSelector {
                 match_labels: Some(selector(name)),
@@ -468,23 +491,24 @@ fn render_db_side(
         }),
         status: None,
     };
-    let pod_disruption_budget = db_side
-        .pod_disruption_budget
-        .enabled
-        .then(|| PodDisruptionBudget {
-            metadata: meta(names::db_side(name)),
-            spec: Some(PodDisruptionBudgetSpec {
-                max_unavailable: Some(IntOrString::Int(
-                    db_side.pod_disruption_budget.max_unavailable,
-                )),
-                selector: Some(LabelSelector {
-                    match_labels: Some(selector(name)),
-                    ..LabelSelector::default()
+    let pod_disruption_budget =
+        db_side
+            .pod_disruption_budget
+            .enabled
+            .then(|| PodDisruptionBudget {
+                metadata: meta(names::db_side(name)),
+                spec: Some(PodDisruptionBudgetSpec {
+                    max_unavailable: Some(IntOrString::Int(
+                        db_side.pod_disruption_budget.max_unavailable,
+                    )),
+                    selector: Some(LabelSelector {
+                        match_labels: Some(selector(name)),
+                        ..LabelSelector::default()
+                    }),
+                    ..PodDisruptionBudgetSpec::default()
                 }),
-                ..PodDisruptionBudgetSpec::default()
-            }),
-            status: None,
-        });
+                status: None,
+            });
     DbSideObjects {
         stateful_set,
         headless_service,

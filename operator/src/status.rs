@@ -108,8 +108,10 @@ pub fn reconciled(
 ) -> (ShotoverTopologyStatus, Vec<Transition>) {
     let previous_hash = previous.and_then(|s| s.config_hash.clone());
     let (config_hash, config_map) = match &obs.config {
-        ConfigOutcome::Valid { hash, config_map } => (Some(hash.clone()), Some(config_map.clone())),
-        ConfigOutcome::Invalid { .. } => (
+        ConfigOutcome::Valid { hash, config_map } if obs.apply_error.is_none() => {
+            (Some(hash.clone()), Some(config_map.clone()))
+        }
+        _ => (
             previous_hash.clone(),
             previous.and_then(|s| s.config_map.clone()),
         ),
@@ -132,6 +134,12 @@ pub fn reconciled(
         .as_ref()
         .is_some_and(|d| d.stateful_set.is_none());
     let progressing = match &rollout {
+        _ if obs.apply_error.is_some() && rollout.is_none() => want(
+            PROGRESSING,
+            false,
+            "ApplyFailed",
+            "nothing rolls out until the writes succeed (see Degraded)",
+        ),
         Some(_) if invalid && nothing_deployed => want(
             PROGRESSING,
             false,
@@ -254,8 +262,10 @@ fn merge<const N: usize>(
             Some(c) if !changed => c.last_transition_time.clone(),
             _ => now.clone(),
         };
-        // A condition appearing in its quiet state (not paused) is not news.
-        let quiet_start = old.is_none() && w.type_ == PAUSED && !w.status;
+        // A condition appearing in its quiet state (not paused, not degraded, not
+        // progressing) is not news.
+        let quiet_start =
+            old.is_none() && matches!(w.type_, PAUSED | DEGRADED | PROGRESSING) && !w.status;
         if changed && !quiet_start {
             transitions.push(Transition {
                 type_: w.type_.to_owned(),

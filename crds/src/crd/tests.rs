@@ -80,8 +80,8 @@ fn the_example_topologies_are_valid_resources() {
             if value.get("kind").and_then(|k| k.as_str()) != Some("ShotoverTopology") {
                 continue;
             }
-            let topology: ShotoverTopology = serde_json::from_value(value)
-                .unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            let topology: ShotoverTopology =
+                serde_json::from_value(value).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             let rendered = topology.spec.topology().to_yaml().expect("serializes");
             load_topology(&rendered).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
             seen += 1;

@@ -36,7 +36,10 @@ fn the_config_map_holds_both_files_and_their_hash() {
     shotover_crds::load_topology(topology_yaml).expect("the proxy loads topology.yaml");
     let config = ProxyConfig::from_yaml(config_yaml).expect("the proxy loads config.yaml");
     assert_eq!(config.main_log_level, "info");
-    assert_eq!(config.observability_interface.as_deref(), Some("0.0.0.0:9001"));
+    assert_eq!(
+        config.observability_interface.as_deref(),
+        Some("0.0.0.0:9001")
+    );
     assert!(topology_yaml.contains("- Redis:"), "{topology_yaml}");
     assert_eq!(rendered.hash, config_hash(topology_yaml, config_yaml));
     assert_eq!(rendered.hash.len(), 16);
@@ -54,7 +57,11 @@ fn everything_rendered_is_owned_by_the_topology() {
         &objects.stateful_set.metadata,
         &objects.headless_service.metadata,
         &objects.client_service.metadata,
-        &objects.pod_disruption_budget.as_ref().expect("pdb").metadata,
+        &objects
+            .pod_disruption_budget
+            .as_ref()
+            .expect("pdb")
+            .metadata,
     ];
     for meta in owners {
         let owner = &meta.owner_references.as_ref().expect("owner")[0];
@@ -81,16 +88,29 @@ fn the_hash_follows_the_chain_and_nothing_else() {
     .expect("valid");
     assert_eq!(base.hash, scaled.hash);
     let template_hash = |r: &Rendered| {
-        r.db_side.as_ref().expect("dbSide").stateful_set.spec.as_ref().expect("spec")
-            .template.metadata.as_ref().expect("meta").annotations.as_ref().expect("ann")
-            [CONFIG_HASH_ANNOTATION]
+        r.db_side
+            .as_ref()
+            .expect("dbSide")
+            .stateful_set
+            .spec
+            .as_ref()
+            .expect("spec")
+            .template
+            .metadata
+            .as_ref()
+            .expect("meta")
+            .annotations
+            .as_ref()
+            .expect("ann")[CONFIG_HASH_ANNOTATION]
             .clone()
     };
     assert_eq!(template_hash(&base), template_hash(&scaled));
 
     // A different chain does, in the ConfigMap and on the pod template.
-    let changed =
-        render(&topology(&REDIS.replace("counterName: cache", "counterName: other"))).expect("valid");
+    let changed = render(&topology(
+        &REDIS.replace("counterName: cache", "counterName: other"),
+    ))
+    .expect("valid");
     let changed_db = render(&topology(&format!(
         "{}  dbSide:\n    replicas: 3\n",
         REDIS.replace("counterName: cache", "counterName: other")
@@ -114,11 +134,17 @@ fn the_stateful_set_runs_the_proxy_on_the_config_map() {
     assert_eq!(sts.metadata.name.as_deref(), Some("cache-shotover"));
     let spec = sts.spec.expect("spec");
     assert_eq!(spec.replicas, Some(3));
-    assert_eq!(spec.service_name.as_deref(), Some("cache-shotover-headless"));
+    assert_eq!(
+        spec.service_name.as_deref(),
+        Some("cache-shotover-headless")
+    );
     assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
     let pod = spec.template.spec.expect("pod spec");
     let container = &pod.containers[0];
-    assert_eq!(container.image.as_deref(), Some(shotover_crds::crd::DEFAULT_IMAGE));
+    assert_eq!(
+        container.image.as_deref(),
+        Some(shotover_crds::crd::DEFAULT_IMAGE)
+    );
     assert_eq!(
         container.args.as_deref(),
         Some(
@@ -138,7 +164,10 @@ fn the_stateful_set_runs_the_proxy_on_the_config_map() {
         .collect();
     assert_eq!(
         ports,
-        vec![("redis".to_owned(), 6379), ("observability".to_owned(), 9001)]
+        vec![
+            ("redis".to_owned(), 6379),
+            ("observability".to_owned(), 9001)
+        ]
     );
     let readiness = container.readiness_probe.as_ref().expect("readiness");
     assert_eq!(
@@ -155,7 +184,10 @@ fn the_stateful_set_runs_the_proxy_on_the_config_map() {
         volume.config_map.as_ref().map(|c| c.name.as_str()),
         Some("cache-shotover-config")
     );
-    let security = container.security_context.as_ref().expect("securityContext");
+    let security = container
+        .security_context
+        .as_ref()
+        .expect("securityContext");
     assert_eq!(security.run_as_non_root, Some(true));
     assert_eq!(security.read_only_root_filesystem, Some(true));
     assert_eq!(security.allow_privilege_escalation, Some(false));
@@ -164,7 +196,12 @@ fn the_stateful_set_runs_the_proxy_on_the_config_map() {
         Some(vec!["ALL".to_owned()])
     );
     // The selector is a subset of the pod labels.
-    let labels = spec.template.metadata.as_ref().and_then(|m| m.labels.clone()).expect("labels");
+    let labels = spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.labels.clone())
+        .expect("labels");
     for (k, v) in spec.selector.match_labels.expect("selector") {
         assert_eq!(labels.get(&k), Some(&v), "{k}");
     }
@@ -190,12 +227,25 @@ fn services_and_budget_follow_the_db_side_settings() {
     assert_eq!(client.type_.as_deref(), Some("LoadBalancer"));
     let port = &client.ports.as_ref().expect("ports")[0];
     assert_eq!(port.port, 16379);
-    assert_eq!(port.target_port, Some(IntOrString::String("redis".to_owned())));
-    let pdb = objects.pod_disruption_budget.expect("pdb").spec.expect("spec");
+    assert_eq!(
+        port.target_port,
+        Some(IntOrString::String("redis".to_owned()))
+    );
+    let pdb = objects
+        .pod_disruption_budget
+        .expect("pdb")
+        .spec
+        .expect("spec");
     assert_eq!(pdb.max_unavailable, Some(IntOrString::Int(2)));
 
     let without = render(&db_side("    podDisruptionBudget: {enabled: false}\n")).expect("valid");
-    assert!(without.db_side.expect("dbSide").pod_disruption_budget.is_none());
+    assert!(
+        without
+            .db_side
+            .expect("dbSide")
+            .pod_disruption_budget
+            .is_none()
+    );
 }
 
 #[test]
@@ -212,7 +262,14 @@ fn a_source_name_that_is_not_a_port_name_gets_a_numbered_one() {
     ))
     .expect("valid");
     let sts = rendered.db_side.expect("dbSide").stateful_set;
-    let ports = &sts.spec.expect("spec").template.spec.expect("pod").containers[0].ports;
+    let ports = &sts
+        .spec
+        .expect("spec")
+        .template
+        .spec
+        .expect("pod")
+        .containers[0]
+        .ports;
     assert_eq!(
         ports.as_ref().expect("ports")[0].name.as_deref(),
         Some("source-0")
@@ -245,7 +302,10 @@ fn every_problem_is_reported_at_once_with_its_spec_path() {
         "spec.dbSide.service.ports[0].source: no source is named `nope` (sources: redis)",
         "spec.logLevel: `info,=[bad` is not a log filter",
     ] {
-        assert!(message.contains(expected), "missing `{expected}` in:\n{message}");
+        assert!(
+            message.contains(expected),
+            "missing `{expected}` in:\n{message}"
+        );
     }
     assert!(message.starts_with("invalid topology ("), "{message}");
 }
@@ -254,7 +314,10 @@ fn every_problem_is_reported_at_once_with_its_spec_path() {
 fn a_long_name_is_refused_only_with_db_side() {
     let long = "x".repeat(45);
     let make = |db: bool| {
-        let mut t = topology(&format!("{REDIS}{}", if db { "  dbSide: {}\n" } else { "" }));
+        let mut t = topology(&format!(
+            "{REDIS}{}",
+            if db { "  dbSide: {}\n" } else { "" }
+        ));
         t.metadata.name = Some(long.clone());
         t
     };
