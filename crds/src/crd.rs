@@ -35,6 +35,8 @@ pub const CONFIG_FILE: &str = "config.yaml";
 /// each one runs, plus how to run it. The operator renders it into a ConfigMap
 /// (`<name>-shotover-config`) and, with `dbSide`, runs it as a StatefulSet of proxies in front of
 /// a database; with `sidecar`, the injection webhook adds it to application Pods.
+// Each `printcolumn(...)` repeats `type_`, which clippy mistakes for duplicated attributes.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[kube(
     group = "shotover.io",

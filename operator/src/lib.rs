@@ -169,6 +169,10 @@ pub async fn run(opts: RunOpts) -> anyhow::Result<()> {
                 match e {
                     // Reconcile errors are logged and counted by the error policy.
                     controller::Error::ReconcilerFailed(..) => {}
+                    // A child changed after its topology was deleted: nothing to do.
+                    controller::Error::ObjectNotFound(obj) => {
+                        tracing::debug!(object = %obj, "the topology is gone")
+                    }
                     other => warn!(error = %other, "controller"),
                 }
             }

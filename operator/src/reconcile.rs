@@ -174,7 +174,14 @@ pub async fn reconcile(
     }
 
     let (status, transitions) = status::reconciled(previous, &obs, &now);
-    write_status(&ctx, &topology, &namespace, previous, &status).await?;
+    match write_status(&ctx, &topology, &namespace, previous, &status).await {
+        // Deleted while it was being reconciled: what was applied is collected with it.
+        Err(Error::StatusWrite(kube::Error::Api(e))) if e.code == 404 => {
+            debug!(%namespace, %name, "the topology was deleted during its reconcile");
+            return Ok(Action::await_change());
+        }
+        other => other?,
+    }
     publish(&ctx, &topology, &transitions).await;
     if let Some(e) = failure {
         return Err(e);

@@ -1,0 +1,354 @@
+//! The real control plane for the operator's end-to-end tests: a client from `KUBECONFIG`
+//! (`eval "$(e2e/services up kube)"`), the CRD installed, a fresh namespace per test (its
+//! state dumped if the test fails), and the operator binary run as a process.
+
+use std::future::Future;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Patch, PatchParams, PostParams};
+use kube::{Api, Client};
+use serde_json::json;
+use shotover_crds::crd::{ShotoverTopology, ShotoverTopologyStatus};
+
+pub struct Cluster {
+    pub client: Client,
+    pub ns: String,
+}
+
+impl Cluster {
+    /// Connects to the control plane, installs the CRD and makes a namespace for `test`.
+    pub async fn new(test: &str) -> Cluster {
+        let Ok(kubeconfig) = std::env::var("KUBECONFIG") else {
+            panic!(
+                "KUBECONFIG is not set: start the local control plane with\n  eval \"$(e2e/services up kube)\""
+            );
+        };
+        let client = Client::try_default()
+            .await
+            .unwrap_or_else(|e| panic!("cannot load KUBECONFIG={kubeconfig}: {e}"));
+        client.apiserver_version().await.unwrap_or_else(|e| {
+            panic!(
+                "the apiserver of KUBECONFIG={kubeconfig} does not answer ({e}); start it with\n  eval \"$(e2e/services up kube)\""
+            )
+        });
+        install_crd(&client).await;
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let ns = format!(
+            "{}-{}-{}",
+            test.replace('_', "-").chars().take(40).collect::<String>(),
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let namespaces: Api<Namespace> = Api::all(client.clone());
+        let namespace: Namespace =
+            serde_json::from_value(json!({"metadata": {"name": ns}})).expect("namespace");
+        namespaces
+            .create(&PostParams::default(), &namespace)
+            .await
+            .unwrap_or_else(|e| panic!("cannot create namespace {ns}: {e}"));
+        Cluster { client, ns }
+    }
+
+    pub fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>,
+    {
+        Api::namespaced(self.client.clone(), &self.ns)
+    }
+
+    /// Creates a ShotoverTopology from its JSON `spec`.
+    pub async fn create(
+        &self,
+        name: &str,
+        spec: serde_json::Value,
+    ) -> Result<ShotoverTopology, kube::Error> {
+        let object: ShotoverTopology = serde_json::from_value(json!({
+            "apiVersion": "shotover.io/v1alpha1",
+            "kind": "ShotoverTopology",
+            "metadata": {"name": name},
+            "spec": spec,
+        }))
+        .expect("test topology");
+        self.api::<ShotoverTopology>()
+            .create(&PostParams::default(), &object)
+            .await
+    }
+
+    /// Merge-patches a ShotoverTopology.
+    pub async fn patch(&self, name: &str, patch: serde_json::Value) {
+        self.api::<ShotoverTopology>()
+            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .unwrap_or_else(|e| panic!("cannot patch {name}: {e}"));
+    }
+
+    /// Waits until the topology's status passes `check`, and returns it.
+    pub async fn status_where(
+        &self,
+        name: &str,
+        what: &str,
+        check: impl Fn(&ShotoverTopologyStatus) -> bool,
+    ) -> ShotoverTopologyStatus {
+        let api = self.api::<ShotoverTopology>();
+        wait_for(
+            &format!("{name}: {what}"),
+            Duration::from_secs(60),
+            || async {
+                let object = api.get(name).await.ok()?;
+                object.status.filter(|s| check(s))
+            },
+        )
+        .await
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            for what in [
+                "shotovertopologies,configmaps,statefulsets,services,poddisruptionbudgets,pods,leases",
+                "events",
+            ] {
+                if let Ok(out) = Command::new("kubectl")
+                    .args(["get", what, "-n", &self.ns, "-o", "wide"])
+                    .output()
+                {
+                    eprintln!(
+                        "--- kubectl get {what} -n {}\n{}{}",
+                        self.ns,
+                        String::from_utf8_lossy(&out.stdout),
+                        String::from_utf8_lossy(&out.stderr)
+                    );
+                }
+            }
+            if let Ok(out) = Command::new("kubectl")
+                .args(["get", "shotovertopologies", "-n", &self.ns, "-o", "yaml"])
+                .output()
+            {
+                eprintln!("{}", String::from_utf8_lossy(&out.stdout));
+            }
+        }
+        let _ = Command::new("kubectl")
+            .args(["delete", "namespace", &self.ns, "--wait=false"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+/// Server-side applies the CRD (a no-op when it is current) and waits until it is served.
+async fn install_crd(client: &Client) {
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.patch(
+        "shotovertopologies.shotover.io",
+        &PatchParams::apply("shotover-e2e").force(),
+        &Patch::Apply(shotover_crds::crd::crd()),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("the apiserver refused the CRD: {e}"));
+    wait_for(
+        "the CRD to be established",
+        Duration::from_secs(30),
+        || async {
+            let crd = crds.get("shotovertopologies.shotover.io").await.ok()?;
+            let established = crd
+                .status?
+                .conditions?
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            established.then_some(())
+        },
+    )
+    .await;
+}
+
+/// Polls `check` every 100 ms until it gives a value, failing after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn condition<'a>(
+    status: &'a ShotoverTopologyStatus,
+    type_: &str,
+) -> Option<&'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition> {
+    status.conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// `type_` has `status` (`"True"`/`"False"`), for the topology's current generation.
+pub fn has(status: &ShotoverTopologyStatus, type_: &str, value: &str) -> bool {
+    condition(status, type_).is_some_and(|c| c.status == value)
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("no free port")
+}
+
+/// The operator binary, run as a process watching one namespace.
+pub struct Operator {
+    child: Child,
+    logs: Arc<Mutex<String>>,
+    pub http: String,
+    pub identity: String,
+}
+
+impl Operator {
+    pub fn start(ns: &str, identity: &str) -> Operator {
+        let http = format!("127.0.0.1:{}", free_port());
+        let mut child = Command::new(env!("CARGO_BIN_EXE_shotover-operator"))
+            .args([
+                "run",
+                "--namespace",
+                ns,
+                "--http-addr",
+                &http,
+                "--identity",
+                identity,
+            ])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the operator starts");
+        let logs = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let mut logs = logs.lock().unwrap_or_else(|e| e.into_inner());
+                    logs.push_str(&line);
+                    logs.push('\n');
+                }
+            });
+        }
+        Operator {
+            child,
+            logs,
+            http,
+            identity: identity.to_owned(),
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// `/metrics`, or an empty string while the listener is not up.
+    pub fn metrics(&self) -> String {
+        get(&self.http, "/metrics").unwrap_or_default()
+    }
+
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        self.metrics().lines().find_map(|l| {
+            l.strip_prefix(series)?
+                .strip_prefix(' ')?
+                .trim()
+                .parse()
+                .ok()
+        })
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.metric("shotover_operator_leader") == Some(1.0)
+    }
+
+    pub fn terminate(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .expect("kill");
+        assert!(status.success());
+    }
+
+    /// Fails on WARN or ERROR lines not matching `allowed`.
+    pub fn assert_quiet(&self, allowed: &[&str]) {
+        let logs = self.logs();
+        for line in logs.lines() {
+            let loud = line.contains(" WARN ") || line.contains(" ERROR ");
+            if loud && !allowed.iter().any(|a| line.contains(a)) {
+                panic!(
+                    "unexpected log line from {}:\n{line}\n--- all logs:\n{logs}",
+                    self.identity
+                );
+            }
+        }
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- operator {} logs:\n{}", self.identity, self.logs());
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP/1.1 GET; the body on 200.
+pub fn get(addr: &str, path: &str) -> Option<String> {
+    let mut stream = TcpStream::connect(addr).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+}
+
+/// The `shotover` proxy binary of this build (built if it is not there yet).
+pub fn shotover_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("test binary path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target directory");
+    let binary = dir.join("shotover");
+    if !binary.exists() {
+        let profile_release = dir.ends_with("release");
+        let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
+        cargo.args(["build", "-p", "shotover", "--bin", "shotover"]);
+        if profile_release {
+            cargo.arg("--release");
+        }
+        let status = cargo.status().expect("cargo runs");
+        assert!(status.success(), "cannot build the shotover binary");
+    }
+    assert!(
+        binary.exists(),
+        "no shotover binary at {}",
+        binary.display()
+    );
+    binary
+}
