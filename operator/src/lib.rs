@@ -316,3 +316,58 @@ async fn shutdown_on_signal(shutdown: CancellationToken) {
     }
     shutdown.cancel();
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fixtures::ApiServer;
+
+    #[tokio::test]
+    async fn a_missing_crd_stops_the_start_with_how_to_install_it() {
+        let (ctx, mut api) = ApiServer::context();
+        let client = ctx.client.clone();
+        let check = tokio::spawn(async move { check_crd(&client, Some("apps")).await });
+        api.expect(
+            "GET",
+            "/apis/shotover.io/v1alpha1/namespaces/apps/shotovertopologies",
+            404,
+            Some(serde_json::json!(
+                "the server could not find the requested resource"
+            )),
+        )
+        .await;
+        let message = check
+            .await
+            .expect("no panic")
+            .expect_err("fails")
+            .to_string();
+        assert!(
+            message.contains(
+                "the ShotoverTopology CRD (shotovertopologies.shotover.io) is not installed"
+            ) && message.contains("kubectl apply --server-side -f crds/shotovertopology.yaml"),
+            "{message}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_forbidden_list_names_the_rbac_to_apply() {
+        let (ctx, mut api) = ApiServer::context();
+        let client = ctx.client.clone();
+        let check = tokio::spawn(async move { check_crd(&client, None).await });
+        api.expect(
+            "GET",
+            "/apis/shotover.io/v1alpha1/shotovertopologies",
+            403,
+            Some(serde_json::json!(
+                "shotovertopologies.shotover.io is forbidden"
+            )),
+        )
+        .await;
+        let message = check
+            .await
+            .expect("no panic")
+            .expect_err("fails")
+            .to_string();
+        assert!(message.contains("operator/rbac.yaml"), "{message}");
+    }
+}
