@@ -45,6 +45,37 @@ fn condition(status: &Value, type_: &str) -> Value {
         .unwrap_or_else(|| panic!("no {type_} in {status}"))
 }
 
+/// The ConfigMap apply every valid reconcile starts with (answered with its own body).
+async fn expect_config_map(api: &mut ApiServer) -> crate::fixtures::Seen {
+    api.expect(
+        "PATCH",
+        "/api/v1/namespaces/apps/configmaps/cache-shotover-config",
+        200,
+        None,
+    )
+    .await
+}
+
+/// The status write; returns the whole request (the status is under `body["status"]`).
+async fn expect_status_write(api: &mut ApiServer) -> crate::fixtures::Seen {
+    api.expect(
+        "PATCH",
+        &format!("{TOPOLOGIES}/cache/status"),
+        200,
+        Some(stored()),
+    )
+    .await
+}
+
+/// `n` Event creations, in order.
+async fn expect_events(api: &mut ApiServer, n: usize) -> Vec<Value> {
+    let mut events = Vec::with_capacity(n);
+    for _ in 0..n {
+        events.push(api.expect_event(NS).await);
+    }
+    events
+}
+
 fn spawn(
     topology: Arc<ShotoverTopology>,
     ctx: Arc<Context>,
@@ -64,14 +95,7 @@ async fn a_valid_topology_is_applied_then_reported_ready() {
     let (ctx, mut api) = ApiServer::context();
     let task = spawn(topology(redis_spec(), json!({}), None), ctx.clone());
 
-    let cm = api
-        .expect(
-            "PATCH",
-            "/api/v1/namespaces/apps/configmaps/cache-shotover-config",
-            200,
-            None,
-        )
-        .await;
+    let cm = expect_config_map(&mut api).await;
     assert!(
         cm.query.contains("fieldManager=shotover-operator"),
         "{}",
@@ -85,14 +109,7 @@ async fn a_valid_topology_is_applied_then_reported_ready() {
     shotover_crds::load_topology(topology_yaml).expect("the proxy loads it");
     let hash = cm.body["metadata"]["annotations"]["shotover.io/config-hash"].clone();
 
-    let status = api
-        .expect(
-            "PATCH",
-            &format!("{TOPOLOGIES}/cache/status"),
-            200,
-            Some(stored()),
-        )
-        .await;
+    let status = expect_status_write(&mut api).await;
     assert!(status.query.contains("fieldManager=shotover-operator"));
     let status = &status.body["status"];
     assert_eq!(status["observedGeneration"], 4);
@@ -101,8 +118,7 @@ async fn a_valid_topology_is_applied_then_reported_ready() {
     assert_eq!(condition(status, "ConfigValid")["status"], "True");
 
     let mut reasons = Vec::new();
-    for _ in 0..2 {
-        let event = api.expect_event(NS).await;
+    for event in expect_events(&mut api, 2).await {
         assert_eq!(event["regarding"]["name"], "cache");
         assert_eq!(event["type"], "Normal");
         reasons.push(event["reason"].as_str().unwrap_or_default().to_owned());
@@ -120,37 +136,14 @@ async fn an_unchanged_status_is_not_written_again() {
     let (ctx, mut api) = ApiServer::context();
     // First pass: learn the status it writes.
     let task = spawn(topology(redis_spec(), json!({}), None), ctx.clone());
-    api.expect(
-        "PATCH",
-        "/api/v1/namespaces/apps/configmaps/cache-shotover-config",
-        200,
-        None,
-    )
-    .await;
-    let written = api
-        .expect(
-            "PATCH",
-            &format!("{TOPOLOGIES}/cache/status"),
-            200,
-            Some(stored()),
-        )
-        .await
-        .body["status"]
-        .clone();
-    for _ in 0..2 {
-        api.expect_event(NS).await;
-    }
+    expect_config_map(&mut api).await;
+    let written = expect_status_write(&mut api).await.body["status"].clone();
+    expect_events(&mut api, 2).await;
     finish(task).await.expect("reconciled");
 
     // Second pass with that status in place: the ConfigMap is applied (drift repair), nothing else.
     let task = spawn(topology(redis_spec(), json!({}), Some(written)), ctx);
-    api.expect(
-        "PATCH",
-        "/api/v1/namespaces/apps/configmaps/cache-shotover-config",
-        200,
-        None,
-    )
-    .await;
+    expect_config_map(&mut api).await;
     finish(task).await.expect("reconciled");
     api.expect_nothing_more().await;
 }
@@ -184,16 +177,7 @@ async fn an_invalid_topology_touches_nothing_but_its_status() {
         })),
     )
     .await;
-    let status = api
-        .expect(
-            "PATCH",
-            &format!("{TOPOLOGIES}/cache/status"),
-            200,
-            Some(stored()),
-        )
-        .await
-        .body["status"]
-        .clone();
+    let status = expect_status_write(&mut api).await.body["status"].clone();
     let config_valid = condition(&status, "ConfigValid");
     assert_eq!(config_valid["status"], "False");
     assert_eq!(config_valid["reason"], "InvalidTopology");
@@ -211,12 +195,11 @@ async fn an_invalid_topology_touches_nothing_but_its_status() {
     let degraded = condition(&status, "Degraded");
     assert_eq!(degraded["status"], "True");
 
-    let mut warnings = 0;
-    for _ in 0..3 {
-        if api.expect_event(NS).await["type"] == "Warning" {
-            warnings += 1;
-        }
-    }
+    let warnings = expect_events(&mut api, 3)
+        .await
+        .iter()
+        .filter(|e| e["type"] == "Warning")
+        .count();
     assert_eq!(
         warnings, 2,
         "ConfigValid=False and Degraded=True are warnings"
@@ -234,16 +217,7 @@ async fn a_paused_topology_only_says_so() {
         topology(redis_spec(), json!({"shotover.io/paused": "true"}), None),
         ctx,
     );
-    let status = api
-        .expect(
-            "PATCH",
-            &format!("{TOPOLOGIES}/cache/status"),
-            200,
-            Some(stored()),
-        )
-        .await
-        .body["status"]
-        .clone();
+    let status = expect_status_write(&mut api).await.body["status"].clone();
     let paused = condition(&status, "ReconciliationPaused");
     assert_eq!(paused["status"], "True");
     assert_eq!(paused["reason"], "PausedByAnnotation");
@@ -261,13 +235,7 @@ async fn db_side_applies_the_tier_and_reads_its_progress() {
     spec["dbSide"] = json!({"replicas": 3});
     let task = spawn(topology(spec, json!({}), None), ctx);
 
-    api.expect(
-        "PATCH",
-        "/api/v1/namespaces/apps/configmaps/cache-shotover-config",
-        200,
-        None,
-    )
-    .await;
+    expect_config_map(&mut api).await;
     api.expect(
         "PATCH",
         "/api/v1/namespaces/apps/services/cache-shotover-headless",
@@ -299,21 +267,10 @@ async fn db_side_applies_the_tier_and_reads_its_progress() {
         None,
     )
     .await;
-    let status = api
-        .expect(
-            "PATCH",
-            &format!("{TOPOLOGIES}/cache/status"),
-            200,
-            Some(stored()),
-        )
-        .await
-        .body["status"]
-        .clone();
+    let status = expect_status_write(&mut api).await.body["status"].clone();
     assert_eq!(condition(&status, "Ready")["status"], "False");
     assert_eq!(condition(&status, "Progressing")["status"], "True");
-    for _ in 0..3 {
-        api.expect_event(NS).await;
-    }
+    expect_events(&mut api, 3).await;
     finish(task).await.expect("reconciled");
     api.expect_nothing_more().await;
 }
@@ -330,16 +287,7 @@ async fn a_failed_apply_is_reported_and_retried_with_growing_backoff() {
         Some(json!("configmaps is forbidden")),
     )
     .await;
-    let status = api
-        .expect(
-            "PATCH",
-            &format!("{TOPOLOGIES}/cache/status"),
-            200,
-            Some(stored()),
-        )
-        .await
-        .body["status"]
-        .clone();
+    let status = expect_status_write(&mut api).await.body["status"].clone();
     let degraded = condition(&status, "Degraded");
     assert_eq!(degraded["status"], "True");
     assert_eq!(degraded["reason"], "ApplyFailed");
@@ -354,9 +302,7 @@ async fn a_failed_apply_is_reported_and_retried_with_growing_backoff() {
         "no ConfigMap holds the new hash: {status}"
     );
     assert_eq!(condition(&status, "Progressing")["reason"], "ApplyFailed");
-    for _ in 0..3 {
-        api.expect_event(NS).await;
-    }
+    expect_events(&mut api, 3).await;
     let error = finish(task).await.expect_err("the reconcile fails");
     assert_eq!(error.kind(), "apply");
 

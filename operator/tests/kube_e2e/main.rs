@@ -467,8 +467,17 @@ async fn two_operators_elect_one_leader_and_hand_over_on_shutdown() {
     } else {
         (&second, &first)
     };
-    // Both serve; only one leads, for several renewals.
-    tokio::time::sleep(Duration::from_secs(5)).await;
+    // Both serve; only one leads, at every look over two renewal periods of the lease.
+    support::holds_for(
+        "one leader, the standby idle",
+        Duration::from_secs(5),
+        || {
+            leader.is_leader()
+                && standby.metric("shotover_operator_leader") == Some(0.0)
+                && standby.metric("shotover_operator_reconciles_total") == Some(0.0)
+        },
+    )
+    .await;
     assert!(leader.is_leader());
     assert_eq!(standby.metric("shotover_operator_leader"), Some(0.0));
     assert_eq!(

@@ -189,6 +189,16 @@ where
     }
 }
 
+/// Checks `invariant` every 100 ms for `window`, failing the first time it does not hold
+/// (for what must stay true, not what must become true).
+pub async fn holds_for(what: &str, window: Duration, invariant: impl Fn() -> bool) {
+    let end = Instant::now() + window;
+    while Instant::now() < end {
+        assert!(invariant(), "{what} stopped holding");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 pub fn condition<'a>(
     status: &'a ShotoverTopologyStatus,
     type_: &str,
