@@ -27,6 +27,39 @@ pub const PAUSED_ANNOTATION: &str = "shotover.io/paused";
 pub const CONFIG_HASH_ANNOTATION: &str = "shotover.io/config-hash";
 /// Label naming the topology on everything made for it.
 pub const TOPOLOGY_LABEL: &str = "shotover.io/topology";
+/// Pod (or namespace) label that opts in to sidecar injection: `"true"`; on a Pod, `"false"`
+/// opts out of a namespace's opt-in.
+pub const INJECT_LABEL: &str = "shotover.io/inject";
+/// Pod (or namespace, as a default) annotation naming the ShotoverTopology to inject.
+pub const TOPOLOGY_ANNOTATION: &str = "shotover.io/topology";
+/// Annotation the webhook writes on an injected Pod: JSON saying what it added.
+pub const STATUS_ANNOTATION: &str = "shotover.io/status";
+/// Label the webhook writes on an injected Pod: the topology's name (what the operator counts).
+pub const SIDECAR_LABEL: &str = "shotover.io/sidecar-of";
+/// Per-Pod overrides of the injected sidecar (a namespace annotation sets a default).
+pub mod overrides {
+    /// Container image of the sidecar.
+    pub const IMAGE: &str = "shotover.io/proxy-image";
+    /// Resource quantities of the sidecar.
+    pub const CPU_REQUEST: &str = "shotover.io/proxy-cpu-request";
+    pub const CPU_LIMIT: &str = "shotover.io/proxy-cpu-limit";
+    pub const MEMORY_REQUEST: &str = "shotover.io/proxy-memory-request";
+    pub const MEMORY_LIMIT: &str = "shotover.io/proxy-memory-limit";
+    /// Log filter of the sidecar (`--log-level`).
+    pub const LOG_LEVEL: &str = "shotover.io/log-level";
+    /// `"true"` or `"false"`: run the sidecar as a native sidecar (an init container).
+    pub const NATIVE_SIDECAR: &str = "shotover.io/native-sidecar";
+    /// Every override, for validation.
+    pub const ALL: [&str; 7] = [
+        IMAGE,
+        CPU_REQUEST,
+        CPU_LIMIT,
+        MEMORY_REQUEST,
+        MEMORY_LIMIT,
+        LOG_LEVEL,
+        NATIVE_SIDECAR,
+    ];
+}
 /// Keys of the rendered files in the ConfigMap.
 pub const TOPOLOGY_FILE: &str = "topology.yaml";
 pub const CONFIG_FILE: &str = "config.yaml";
@@ -72,6 +105,18 @@ pub const CONFIG_FILE: &str = "config.yaml";
         type_ = "integer",
         json_path = ".status.readyReplicas",
         description = "DB-side proxies ready"
+    ),
+    printcolumn(
+        name = "Sidecars",
+        type_ = "integer",
+        json_path = ".status.sidecars.injected",
+        description = "Pods running this topology as an injected sidecar"
+    ),
+    printcolumn(
+        name = "Outdated",
+        type_ = "integer",
+        json_path = ".status.sidecars.outdated",
+        description = "Injected Pods whose sidecar runs an older configuration"
     ),
     printcolumn(
         name = "Hash",
@@ -303,6 +348,23 @@ pub struct ShotoverTopologyStatus {
     /// DB-side: proxies ready, from the StatefulSet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_replicas: Option<i32>,
+    /// Application Pods that name this topology, by what the webhook did to them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sidecars: Option<SidecarStatus>,
+}
+
+/// Counts of the live (not finished, not being deleted) Pods that name this topology.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SidecarStatus {
+    /// Pods with the sidecar injected for this topology.
+    pub injected: i32,
+    /// Injected Pods whose sidecar was injected with a configuration hash other than
+    /// `status.configHash`: they run the old configuration until restarted.
+    pub outdated: i32,
+    /// Pods labelled `shotover.io/inject: "true"` that name this topology but have no
+    /// sidecar: created while the webhook was unreachable with `failurePolicy: Ignore`.
+    pub not_injected: i32,
 }
 
 impl ShotoverTopologySpec {

@@ -8,6 +8,7 @@
 
 pub mod leader;
 pub mod metrics;
+pub mod pods;
 pub mod reconcile;
 pub mod render;
 pub mod server;
@@ -25,19 +26,21 @@ use anyhow::{Context as _, bail};
 use futures_util::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::ListParams;
 use kube::runtime::controller::{self, Controller};
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::watcher;
-use kube::{Api, Client};
-use shotover_crds::crd::ShotoverTopology;
+use kube::runtime::reflector::{self, ObjectRef, reflector};
+use kube::runtime::{WatchStreamExt, watcher};
+use kube::{Api, Client, ResourceExt};
+use shotover_crds::crd::{INJECT_LABEL, SIDECAR_LABEL, ShotoverTopology, TOPOLOGY_ANNOTATION};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::leader::{LeaseLock, LeaseTimings};
 use crate::metrics::Metrics;
+use crate::pods::PodStores;
 use crate::reconcile::Context;
 
 /// Settings of `shotover-operator run`.
@@ -85,9 +88,10 @@ pub async fn run(opts: RunOpts) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("cannot listen on --http-addr {}", opts.http_addr))?;
     info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
+    let render_metrics = metrics.clone();
     let server = tokio::spawn(server::serve(
         listener,
-        metrics.clone(),
+        Arc::new(move || render_metrics.render()),
         ready.clone(),
         shutdown.clone(),
     ));
@@ -139,12 +143,46 @@ pub async fn run(opts: RunOpts) -> anyhow::Result<()> {
         controller: render::FIELD_MANAGER.to_owned(),
         instance: Some(identity.clone()),
     };
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        Recorder::new(client.clone(), reporter),
-        metrics.clone(),
-    ));
+    // Application Pods, for the sidecar counts: those injected, and those that asked.
+    let (injected, injected_writer) = reflector::store();
+    let injected_pods = reflector(
+        injected_writer,
+        watcher(
+            scoped::<Pod>(&client, opts.namespace.as_deref()),
+            watcher::Config::default().labels(SIDECAR_LABEL),
+        )
+        .modify(pods::strip),
+    )
+    .default_backoff()
+    .touched_objects();
+    let (opted_in, opted_in_writer) = reflector::store();
+    let opted_in_pods = reflector(
+        opted_in_writer,
+        watcher(
+            scoped::<Pod>(&client, opts.namespace.as_deref()),
+            watcher::Config::default().labels(&format!("{INJECT_LABEL}=true")),
+        )
+        .modify(pods::strip),
+    )
+    .default_backoff()
+    .touched_objects();
+    let ctx = Arc::new(
+        Context::new(
+            client.clone(),
+            Recorder::new(client.clone(), reporter),
+            metrics.clone(),
+        )
+        .with_pods(PodStores { injected, opted_in }),
+    );
     Controller::new(topologies, watcher::Config::default().any_semantic())
+        .watches_stream(injected_pods, |pod| {
+            let topology = pod.labels().get(SIDECAR_LABEL)?.clone();
+            Some(ObjectRef::new(&topology).within(&pod.namespace()?))
+        })
+        .watches_stream(opted_in_pods, |pod| {
+            let topology = pod.annotations().get(TOPOLOGY_ANNOTATION)?.clone();
+            Some(ObjectRef::new(&topology).within(&pod.namespace()?))
+        })
         .owns(
             scoped::<ConfigMap>(&client, opts.namespace.as_deref()),
             owned.clone(),
@@ -161,7 +199,12 @@ pub async fn run(opts: RunOpts) -> anyhow::Result<()> {
             scoped::<PodDisruptionBudget>(&client, opts.namespace.as_deref()),
             owned,
         )
-        .with_config(controller::Config::default().concurrency(opts.concurrency))
+        // A burst of Pods asks for many reconciles of the same topology: take them together.
+        .with_config(
+            controller::Config::default()
+                .concurrency(opts.concurrency)
+                .debounce(Duration::from_millis(500)),
+        )
         .graceful_shutdown_on(stop)
         .run(reconcile::reconcile, reconcile::error_policy, ctx)
         .for_each(|result| async move {
@@ -302,7 +345,8 @@ fn default_identity() -> String {
     format!("{host}-{}", std::process::id())
 }
 
-async fn shutdown_on_signal(shutdown: CancellationToken) {
+/// Cancels `shutdown` on SIGTERM or SIGINT.
+pub async fn shutdown_on_signal(shutdown: CancellationToken) {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
         Ok(s) => s,
         Err(e) => {

@@ -13,14 +13,72 @@ const BUCKETS: [f64; 11] = [
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
 ];
 
-#[derive(Debug, Default)]
+/// A Prometheus histogram of durations in seconds, lock-free.
+#[derive(Debug)]
+pub struct Histogram {
+    bounds: &'static [f64],
+    buckets: Vec<AtomicU64>,
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Self {
+        Histogram {
+            bounds,
+            buckets: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            count: AtomicU64::new(0),
+            sum_micros: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, seconds: f64) {
+        for (bucket, bound) in self.buckets.iter().zip(self.bounds) {
+            if seconds <= *bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_micros
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+    }
+
+    /// Appends the exposition of the histogram `name`.
+    pub fn render(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+        for (bucket, bound) in self.buckets.iter().zip(self.bounds) {
+            let _ = writeln!(
+                out,
+                "{name}_bucket{{le=\"{bound}\"}} {}",
+                bucket.load(Ordering::Relaxed)
+            );
+        }
+        let count = self.count.load(Ordering::Relaxed);
+        let _ = writeln!(
+            out,
+            "{name}_bucket{{le=\"+Inf\"}} {count}\n{name}_sum {}\n{name}_count {count}",
+            self.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        );
+    }
+}
+
+#[derive(Debug)]
 pub struct Metrics {
     reconciles: AtomicU64,
     errors: Mutex<BTreeMap<&'static str, u64>>,
-    duration_buckets: [AtomicU64; BUCKETS.len()],
-    duration_count: AtomicU64,
-    duration_sum_micros: AtomicU64,
+    duration: Histogram,
     leader: AtomicU64,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            reconciles: AtomicU64::new(0),
+            errors: Mutex::default(),
+            duration: Histogram::new(&BUCKETS),
+            leader: AtomicU64::new(0),
+        }
+    }
 }
 
 impl Metrics {
@@ -47,17 +105,6 @@ impl Metrics {
         self.leader.load(Ordering::Relaxed) == 1
     }
 
-    fn observe(&self, seconds: f64) {
-        for (bucket, bound) in self.duration_buckets.iter().zip(BUCKETS) {
-            if seconds <= bound {
-                bucket.fetch_add(1, Ordering::Relaxed);
-            }
-        }
-        self.duration_count.fetch_add(1, Ordering::Relaxed);
-        self.duration_sum_micros
-            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
-    }
-
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -82,22 +129,10 @@ impl Metrics {
                 "shotover_operator_reconcile_errors_total{{kind=\"{kind}\"}} {n}"
             );
         }
-        let _ = writeln!(
-            out,
-            "# HELP shotover_operator_reconcile_duration_seconds Time spent in one reconcile.\n# TYPE shotover_operator_reconcile_duration_seconds histogram"
-        );
-        for (bucket, bound) in self.duration_buckets.iter().zip(BUCKETS) {
-            let _ = writeln!(
-                out,
-                "shotover_operator_reconcile_duration_seconds_bucket{{le=\"{bound}\"}} {}",
-                bucket.load(Ordering::Relaxed)
-            );
-        }
-        let count = self.duration_count.load(Ordering::Relaxed);
-        let _ = writeln!(
-            out,
-            "shotover_operator_reconcile_duration_seconds_bucket{{le=\"+Inf\"}} {count}\nshotover_operator_reconcile_duration_seconds_sum {}\nshotover_operator_reconcile_duration_seconds_count {count}",
-            self.duration_sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+        self.duration.render(
+            &mut out,
+            "shotover_operator_reconcile_duration_seconds",
+            "Time spent in one reconcile.",
         );
         let _ = writeln!(
             out,
@@ -116,7 +151,9 @@ pub struct ReconcileTimer<'a> {
 
 impl Drop for ReconcileTimer<'_> {
     fn drop(&mut self) {
-        self.metrics.observe(self.start.elapsed().as_secs_f64());
+        self.metrics
+            .duration
+            .observe(self.start.elapsed().as_secs_f64());
     }
 }
 

@@ -26,6 +26,7 @@ use shotover_crds::crd::{PAUSED_ANNOTATION, ShotoverTopology, ShotoverTopologySt
 use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
+use crate::pods::PodStores;
 use crate::render::{self, FIELD_MANAGER, Rendered};
 use crate::status::{self, ConfigOutcome, DbSideObservation, Observation, StatefulSetProgress};
 
@@ -84,6 +85,8 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// Consecutive failures per topology, for the error backoff.
     failures: Mutex<HashMap<ObjectRef<ShotoverTopology>, u32>>,
+    /// The application Pods, for the sidecar counts (`None`: not counted).
+    pub pods: Option<PodStores>,
 }
 
 impl Context {
@@ -93,7 +96,14 @@ impl Context {
             recorder,
             metrics,
             failures: Mutex::new(HashMap::new()),
+            pods: None,
         }
+    }
+
+    /// Counts the sidecars of each topology from these Pod caches.
+    pub fn with_pods(mut self, pods: PodStores) -> Self {
+        self.pods = Some(pods);
+        self
     }
 
     fn failures(&self) -> std::sync::MutexGuard<'_, HashMap<ObjectRef<ShotoverTopology>, u32>> {
@@ -129,6 +139,7 @@ pub async fn reconcile(
 
     let mut obs = Observation {
         generation,
+        pods: ctx.pods.as_ref().map(|p| p.observe(&namespace, &name)),
         ..Observation::default()
     };
     let mut failure = None;
@@ -375,8 +386,8 @@ async fn publish(ctx: &Context, topology: &ShotoverTopology, transitions: &[stat
     }
 }
 
-/// Event notes are limited to 1 kB.
-fn truncate_note(note: &str) -> String {
+/// Event notes are limited to 1 kB: longer ones are cut, with `...`.
+pub fn truncate_note(note: &str) -> String {
     if note.len() <= 1000 {
         return note.to_owned();
     }

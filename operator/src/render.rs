@@ -12,8 +12,8 @@ use std::fmt::Write as _;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, SeccompProfile, SecurityContext, Service,
-    ServicePort, ServiceSpec, Volume, VolumeMount,
+    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
+    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -21,8 +21,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 use sha2::{Digest, Sha256};
 use shotover_crds::crd::{
-    CONFIG_FILE, CONFIG_HASH_ANNOTATION, DbSideSpec, ShotoverTopology, TOPOLOGY_FILE,
-    TOPOLOGY_LABEL, names,
+    CONFIG_FILE, CONFIG_HASH_ANNOTATION, DbSideSpec, ShotoverTopology, ShotoverTopologySpec,
+    TOPOLOGY_FILE, TOPOLOGY_LABEL, names,
 };
 use shotover_crds::{ConfigError, ProxyConfig, TopologyErrors, load_topology};
 
@@ -34,6 +34,8 @@ pub const CONFIG_DIR: &str = "/etc/shotover";
 pub const CONTAINER: &str = "shotover";
 /// Name of the observability port of the proxy container.
 pub const OBSERVABILITY_PORT_NAME: &str = "observability";
+/// Name of the volume holding the ConfigMap.
+pub const CONFIG_VOLUME: &str = "shotover-config";
 
 /// Everything rendered from one valid topology.
 #[derive(Debug, Clone, PartialEq)]
@@ -168,16 +170,17 @@ fn spec_path(e: ConfigError, prefix: &str) -> ConfigError {
 
 /// One source as the pod sees it.
 #[derive(Debug, Clone, PartialEq)]
-struct SourcePort {
-    source: String,
+pub struct SourcePort {
+    pub source: String,
     /// Name of the container and Service port: the source's name when it is a valid port name.
-    port_name: String,
+    pub port_name: String,
     /// `None` when the listen address has no port (validation reports it).
-    port: Option<i32>,
-    host: String,
+    pub port: Option<i32>,
+    pub host: String,
 }
 
-fn source_ports(topology: &ShotoverTopology) -> Vec<SourcePort> {
+/// The listen address of every source, with a port name unique in the pod.
+pub fn source_ports(topology: &ShotoverTopology) -> Vec<SourcePort> {
     let mut used = std::collections::HashSet::new();
     topology
         .spec
@@ -345,57 +348,16 @@ fn render_db_side(
     let mut pod_labels = labels(name, "db-side-proxy");
     pod_labels.extend(selector(name));
 
-    let mut container_ports: Vec<ContainerPort> = sources
-        .iter()
-        .filter_map(|s| {
-            Some(ContainerPort {
-                name: Some(s.port_name.clone()),
-                container_port: s.port?,
-                protocol: Some("TCP".to_owned()),
-                ..ContainerPort::default()
-            })
-        })
-        .collect();
-    container_ports.push(ContainerPort {
-        name: Some(OBSERVABILITY_PORT_NAME.to_owned()),
-        container_port: spec.observability_port,
-        protocol: Some("TCP".to_owned()),
-        ..ContainerPort::default()
-    });
-    let probe = |path: &str, failure_threshold: i32| Probe {
-        http_get: Some(HTTPGetAction {
-            path: Some(path.to_owned()),
-            port: IntOrString::String(OBSERVABILITY_PORT_NAME.to_owned()),
-            ..HTTPGetAction::default()
-        }),
-        period_seconds: Some(5),
-        failure_threshold: Some(failure_threshold),
-        ..Probe::default()
-    };
-    let container = Container {
-        name: CONTAINER.to_owned(),
-        image: Some(spec.image.clone()),
-        image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_owned()),
-        args: Some(vec![
-            "--topology-file".to_owned(),
-            format!("{CONFIG_DIR}/{TOPOLOGY_FILE}"),
-            "--config-file".to_owned(),
-            format!("{CONFIG_DIR}/{CONFIG_FILE}"),
-        ]),
-        ports: Some(container_ports),
-        readiness_probe: Some(probe("/ready", 2)),
-        liveness_probe: Some(probe("/live", 6)),
-        resources: spec.resources.clone(),
-        volume_mounts: Some(vec![VolumeMount {
-            name: "config".to_owned(),
-            mount_path: CONFIG_DIR.to_owned(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        }]),
-        security_context: Some(hardened_security_context()),
-        termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
-        ..Container::default()
-    };
+    let container = proxy_container(
+        spec,
+        sources,
+        &ProxySettings {
+            image: &spec.image,
+            resources: spec.resources.clone(),
+            log_level: None,
+            port_names: true,
+        },
+    );
     let pod = PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(pod_labels),
@@ -408,7 +370,7 @@ fn render_db_side(
         spec: Some(PodSpec {
             containers: vec![container],
             volumes: Some(vec![Volume {
-                name: "config".to_owned(),
+                name: CONFIG_VOLUME.to_owned(),
                 config_map: Some(ConfigMapVolumeSource {
                     name: names::config_map(name),
                     ..ConfigMapVolumeSource::default()
@@ -514,6 +476,88 @@ fn render_db_side(
         headless_service,
         client_service,
         pod_disruption_budget,
+    }
+}
+
+/// What differs between the DB-side proxy and an injected sidecar.
+#[derive(Debug, Clone)]
+pub struct ProxySettings<'a> {
+    pub image: &'a str,
+    pub resources: Option<ResourceRequirements>,
+    /// Overrides the topology's `logLevel` (`--log-level`).
+    pub log_level: Option<&'a str>,
+    /// Name the container ports (a sidecar leaves them unnamed: port names must be unique in
+    /// the pod, and the application's containers may use any name).
+    pub port_names: bool,
+}
+
+/// The proxy container: one port per source and the observability port, the config mounted
+/// read-only, `/ready` and `/live` probes, a hardened securityContext.
+pub fn proxy_container(
+    spec: &ShotoverTopologySpec,
+    sources: &[SourcePort],
+    settings: &ProxySettings<'_>,
+) -> Container {
+    let name = |n: &str| settings.port_names.then(|| n.to_owned());
+    let mut container_ports: Vec<ContainerPort> = sources
+        .iter()
+        .filter_map(|s| {
+            Some(ContainerPort {
+                name: name(&s.port_name),
+                container_port: s.port?,
+                protocol: Some("TCP".to_owned()),
+                ..ContainerPort::default()
+            })
+        })
+        .collect();
+    container_ports.push(ContainerPort {
+        name: name(OBSERVABILITY_PORT_NAME),
+        container_port: spec.observability_port,
+        protocol: Some("TCP".to_owned()),
+        ..ContainerPort::default()
+    });
+    let port = if settings.port_names {
+        IntOrString::String(OBSERVABILITY_PORT_NAME.to_owned())
+    } else {
+        IntOrString::Int(spec.observability_port)
+    };
+    let probe = |path: &str, failure_threshold: i32| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: port.clone(),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(5),
+        failure_threshold: Some(failure_threshold),
+        ..Probe::default()
+    };
+    let mut args = vec![
+        "--topology-file".to_owned(),
+        format!("{CONFIG_DIR}/{TOPOLOGY_FILE}"),
+        "--config-file".to_owned(),
+        format!("{CONFIG_DIR}/{CONFIG_FILE}"),
+    ];
+    if let Some(level) = settings.log_level {
+        args.extend(["--log-level".to_owned(), level.to_owned()]);
+    }
+    Container {
+        name: CONTAINER.to_owned(),
+        image: Some(settings.image.to_owned()),
+        image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_owned()),
+        args: Some(args),
+        ports: Some(container_ports),
+        readiness_probe: Some(probe("/ready", 2)),
+        liveness_probe: Some(probe("/live", 6)),
+        resources: settings.resources.clone(),
+        volume_mounts: Some(vec![VolumeMount {
+            name: CONFIG_VOLUME.to_owned(),
+            mount_path: CONFIG_DIR.to_owned(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        }]),
+        security_context: Some(hardened_security_context()),
+        termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
+        ..Container::default()
     }
 }
 

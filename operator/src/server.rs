@@ -11,9 +11,11 @@ use axum::routing::get;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::Metrics;
+/// Renders the Prometheus text exposition.
+pub type RenderMetrics = Arc<dyn Fn() -> String + Send + Sync>;
 
-pub fn router(metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -> Router {
+/// `/metrics`, `/healthz` and `/readyz` (also used by the webhook).
+pub fn router(metrics: RenderMetrics, ready: Arc<AtomicBool>) -> Router {
     Router::new()
         .route(
             "/metrics",
@@ -25,7 +27,7 @@ pub fn router(metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -> Router {
                             header::CONTENT_TYPE,
                             "text/plain; version=0.0.4; charset=utf-8",
                         )],
-                        metrics.render(),
+                        metrics(),
                     )
                 }
             }),
@@ -48,7 +50,7 @@ pub fn router(metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -> Router {
 
 pub async fn serve(
     listener: TcpListener,
-    metrics: Arc<Metrics>,
+    metrics: RenderMetrics,
     ready: Arc<AtomicBool>,
     shutdown: CancellationToken,
 ) {

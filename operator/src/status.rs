@@ -3,13 +3,14 @@
 //! condition's status changes, `observedGeneration`, and the transitions to announce as Events.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
-use shotover_crds::crd::ShotoverTopologyStatus;
+use shotover_crds::crd::{ShotoverTopologyStatus, SidecarStatus};
 
 pub const READY: &str = "Ready";
 pub const CONFIG_VALID: &str = "ConfigValid";
 pub const PROGRESSING: &str = "Progressing";
 pub const DEGRADED: &str = "Degraded";
 pub const PAUSED: &str = "ReconciliationPaused";
+pub const SIDECARS: &str = "SidecarsUpToDate";
 
 /// What one reconcile saw and did.
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -22,6 +23,16 @@ pub struct Observation {
     pub apply_error: Option<String>,
     /// DB-side mode: the StatefulSet as last seen.
     pub db_side: Option<DbSideObservation>,
+    /// The live application Pods that name this topology (`None` when Pods are not watched).
+    pub pods: Option<Vec<PodObservation>>,
+}
+
+/// One live Pod that names the topology.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PodObservation {
+    pub name: String,
+    /// The config hash its sidecar was injected with; `None` when it has no sidecar.
+    pub injected_hash: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -203,6 +214,13 @@ pub fn reconciled(
         "reconciling (set the annotation shotover.io/paused: \"true\" to pause)",
     );
 
+    let (sidecars, sidecar_condition) = match &obs.pods {
+        Some(pods) => {
+            let (counts, condition) = sidecars(pods, config_hash.as_deref());
+            (Some(counts), Some(condition))
+        }
+        None => (previous.and_then(|p| p.sidecars.clone()), None),
+    };
     let stateful_set = obs.db_side.as_ref().and_then(|d| d.stateful_set.as_ref());
     let status = ShotoverTopologyStatus {
         observed_generation: obs.generation,
@@ -211,14 +229,83 @@ pub fn reconciled(
         config_map,
         replicas: stateful_set.map(|s| s.replicas),
         ready_replicas: stateful_set.map(|s| s.ready_replicas),
+        sidecars,
     };
-    merge(
-        previous,
-        status,
-        [ready, config_valid, progressing, degraded, paused],
-        obs.generation,
-        now,
-    )
+    let mut wanted = vec![ready, config_valid, progressing, degraded, paused];
+    wanted.extend(sidecar_condition);
+    merge(previous, status, wanted, obs.generation, now)
+}
+
+/// At most this many Pod names in a message.
+const NAMES_SHOWN: usize = 5;
+
+fn some_names<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let names: Vec<&str> = names.collect();
+    let mut text = names
+        .iter()
+        .take(NAMES_SHOWN)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > NAMES_SHOWN {
+        text.push_str(&format!(" and {} more", names.len() - NAMES_SHOWN));
+    }
+    text
+}
+
+/// The sidecar counts and the `SidecarsUpToDate` condition.
+fn sidecars(pods: &[PodObservation], hash: Option<&str>) -> (SidecarStatus, Want) {
+    let injected: Vec<&PodObservation> =
+        pods.iter().filter(|p| p.injected_hash.is_some()).collect();
+    let outdated: Vec<&PodObservation> = injected
+        .iter()
+        .copied()
+        .filter(|p| hash.is_some() && p.injected_hash.as_deref() != hash)
+        .collect();
+    let missing: Vec<&PodObservation> = pods.iter().filter(|p| p.injected_hash.is_none()).collect();
+    let counts = SidecarStatus {
+        injected: injected.len() as i32,
+        outdated: outdated.len() as i32,
+        not_injected: missing.len() as i32,
+    };
+    let condition = if !missing.is_empty() {
+        want(
+            SIDECARS,
+            false,
+            "NotInjected",
+            format!(
+                "{} Pods asked for the sidecar but run without it (created while the webhook was unreachable, with failurePolicy Ignore): {}; delete them to have them recreated with it",
+                missing.len(),
+                some_names(missing.iter().map(|p| p.name.as_str()))
+            ),
+        )
+    } else if !outdated.is_empty() {
+        want(
+            SIDECARS,
+            false,
+            "Outdated",
+            format!(
+                "{} of {} injected Pods run an older configuration than {}: {}; restart them (kubectl rollout restart) to pick it up",
+                outdated.len(),
+                injected.len(),
+                hash.unwrap_or_default(),
+                some_names(outdated.iter().map(|p| p.name.as_str()))
+            ),
+        )
+    } else {
+        want(
+            SIDECARS,
+            true,
+            "UpToDate",
+            match hash {
+                Some(hash) if !injected.is_empty() => {
+                    format!("{} injected Pods run configuration {hash}", injected.len())
+                }
+                _ => "no Pods run this topology as a sidecar".to_owned(),
+            },
+        )
+    };
+    (counts, condition)
 }
 
 /// The status while `shotover.io/paused` is `"true"`: everything as before, plus
@@ -235,15 +322,15 @@ pub fn paused(
         "PausedByAnnotation",
         "the annotation shotover.io/paused is \"true\": changes to this topology are not rendered or applied until it is removed",
     );
-    merge(previous, status, [condition], generation, now)
+    merge(previous, status, vec![condition], generation, now)
 }
 
 /// Sets `wanted` on `status` (keeping conditions not in `wanted` from `previous`), with
 /// `lastTransitionTime` kept wherever the status did not change.
-fn merge<const N: usize>(
+fn merge(
     previous: Option<&ShotoverTopologyStatus>,
     mut status: ShotoverTopologyStatus,
-    wanted: [Want; N],
+    wanted: Vec<Want>,
     generation: Option<i64>,
     now: &Time,
 ) -> (ShotoverTopologyStatus, Vec<Transition>) {
@@ -258,21 +345,25 @@ fn merge<const N: usize>(
         let status_text = if w.status { "True" } else { "False" };
         let old = before.iter().find(|c| c.type_ == w.type_);
         let changed = old.is_none_or(|c| c.status != status_text);
+        // For the sidecars, a different reason is news too (outdated, then not injected).
+        let announce =
+            changed || (w.type_ == SIDECARS && old.is_some_and(|c| c.reason != w.reason));
         let last_transition_time = match old {
             Some(c) if !changed => c.last_transition_time.clone(),
             _ => now.clone(),
         };
         // A condition appearing in its quiet state (not paused, not degraded, not
         // progressing) is not news.
-        let quiet_start =
-            old.is_none() && matches!(w.type_, PAUSED | DEGRADED | PROGRESSING) && !w.status;
-        if changed && !quiet_start {
+        let quiet_start = old.is_none()
+            && ((matches!(w.type_, PAUSED | DEGRADED | PROGRESSING) && !w.status)
+                || (w.type_ == SIDECARS && w.status));
+        if announce && !quiet_start {
             transitions.push(Transition {
                 type_: w.type_.to_owned(),
                 status: status_text.to_owned(),
                 reason: w.reason.clone(),
                 message: w.message.clone(),
-                warning: bad(w.type_, w.status),
+                warning: bad(&w),
             });
         }
         conditions.push(Condition {
@@ -290,16 +381,19 @@ fn merge<const N: usize>(
 }
 
 /// Whether a condition in this state means something is wrong.
-fn bad(type_: &str, status: bool) -> bool {
-    match type_ {
-        CONFIG_VALID => !status,
-        DEGRADED => status,
+fn bad(w: &Want) -> bool {
+    match w.type_ {
+        CONFIG_VALID => !w.status,
+        DEGRADED => w.status,
+        // Pods without their sidecar are worth a Warning; outdated ones are expected after
+        // every change.
+        SIDECARS => w.reason == "NotInjected",
         _ => false,
     }
 }
 
 fn condition_order(type_: &str) -> usize {
-    [READY, CONFIG_VALID, PROGRESSING, DEGRADED, PAUSED]
+    [READY, CONFIG_VALID, PROGRESSING, DEGRADED, PAUSED, SIDECARS]
         .iter()
         .position(|t| *t == type_)
         .unwrap_or(usize::MAX)

@@ -60,11 +60,60 @@ pub struct Opts {
     /// On SIGTERM/SIGINT, how long in-flight requests may take before the process exits.
     #[arg(long, default_value_t = 25)]
     pub shutdown_grace_seconds: u64,
+    /// Overrides `main_log_level` of the config file (a filter such as `info` or
+    /// `shotover=debug,warn`).
+    #[arg(long, env = "SHOTOVER_LOG_LEVEL")]
+    pub log_level: Option<String>,
+    /// Do not run the proxy: wait until the proxy whose observability server listens on
+    /// ADDR (host:port) answers `/ready` with 200, then exit 0 (or 1 after
+    /// `--await-timeout-seconds`). An injected sidecar uses this as its postStart hook, so the
+    /// application starts after its proxy on clusters without native sidecars.
+    #[arg(long, value_name = "ADDR")]
+    pub await_ready: Option<String>,
+    /// How long `--await-ready` waits.
+    #[arg(long, default_value_t = 120)]
+    pub await_timeout_seconds: u64,
+}
+
+/// `--await-ready`: polls `GET /ready` on `addr` every 100 ms until it answers 200.
+pub async fn await_ready(addr: &str, timeout: Duration) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        let attempt = async {
+            let mut stream = tokio::net::TcpStream::connect(addr).await?;
+            stream
+                .write_all(
+                    format!("GET /ready HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")
+                        .as_bytes(),
+                )
+                .await?;
+            let mut head = [0u8; 12];
+            stream.read_exact(&mut head).await?;
+            std::io::Result::Ok(String::from_utf8_lossy(&head).into_owned())
+        };
+        let last = match tokio::time::timeout(Duration::from_secs(1), attempt).await {
+            Ok(Ok(head)) if head.starts_with("HTTP/1.1 200") => return Ok(()),
+            Ok(Ok(head)) => format!("answered `{}`", head.trim()),
+            Ok(Err(e)) => e.to_string(),
+            Err(_) => "no answer within 1 s".to_owned(),
+        };
+        if tokio::time::Instant::now() >= deadline {
+            return Err(anyhow!(
+                "the proxy at {addr} was not ready within {} s (last attempt: {last})",
+                timeout.as_secs()
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Reads both files, validates everything, binds every listener, then serves until
 /// SIGTERM or SIGINT and drains. Errors here are fatal and name what failed.
 pub async fn run(opts: Opts) -> Result<()> {
+    if let Some(addr) = &opts.await_ready {
+        return await_ready(addr, Duration::from_secs(opts.await_timeout_seconds)).await;
+    }
     let config_text = std::fs::read_to_string(&opts.config_file)
         .with_context(|| format!("reading the config file {}", opts.config_file.display()))?;
     let config = ProxyConfig::from_yaml(&config_text)
@@ -73,7 +122,8 @@ pub async fn run(opts: Opts) -> Result<()> {
         .with_context(|| format!("reading the topology file {}", opts.topology_file.display()))?;
     let topology = shotover_crds::load_topology(&topology_text)
         .map_err(|e| anyhow!("{}: {e}", opts.topology_file.display()))?;
-    let filter = telemetry::init(&config.main_log_level, opts.log_format)?;
+    let level = opts.log_level.as_deref().unwrap_or(&config.main_log_level);
+    let filter = telemetry::init(level, opts.log_format)?;
 
     // Build every chain and TLS acceptor before binding any source, so that a bad TLS file
     // fails the start cleanly. (A Tee's switch API port is bound while its chain is built.)

@@ -14,6 +14,7 @@ fn valid(generation: i64) -> Observation {
         },
         apply_error: None,
         db_side: None,
+        pods: None,
     }
 }
 
@@ -25,6 +26,7 @@ fn invalid(generation: i64) -> Observation {
         },
         apply_error: None,
         db_side: None,
+        pods: None,
     }
 }
 
@@ -284,4 +286,89 @@ fn long_messages_are_cut_to_what_the_api_accepts() {
     let message = &condition(&status, CONFIG_VALID).message;
     assert!(message.len() <= 32 * 1024);
     assert!(message.ends_with("..."));
+}
+
+fn pod(name: &str, hash: Option<&str>) -> PodObservation {
+    PodObservation {
+        name: name.to_owned(),
+        injected_hash: hash.map(str::to_owned),
+    }
+}
+
+#[test]
+fn sidecars_are_counted_and_outdated_ones_reported_after_a_change() {
+    // Generation 1: two Pods injected with hash1, quietly up to date.
+    let mut obs = valid(1);
+    obs.pods = Some(vec![
+        pod("web-a", Some("hash1")),
+        pod("web-b", Some("hash1")),
+    ]);
+    let (s1, t1) = reconciled(None, &obs, &at(0));
+    assert_eq!(
+        s1.sidecars,
+        Some(SidecarStatus {
+            injected: 2,
+            outdated: 0,
+            not_injected: 0
+        })
+    );
+    assert_eq!(condition(&s1, SIDECARS).status, "True");
+    assert!(!t1.iter().any(|t| t.type_ == SIDECARS), "{t1:?}");
+
+    // Generation 2 changes the config: both Pods run the old one.
+    let mut obs = valid(2);
+    obs.pods = Some(vec![
+        pod("web-a", Some("hash1")),
+        pod("web-b", Some("hash1")),
+    ]);
+    let (s2, t2) = reconciled(Some(&s1), &obs, &at(10));
+    assert_eq!(s2.sidecars.as_ref().map(|s| s.outdated), Some(2));
+    let c = condition(&s2, SIDECARS);
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "Outdated")
+    );
+    assert!(
+        c.message
+            .contains("2 of 2 injected Pods run an older configuration than hash2: web-a, web-b"),
+        "{}",
+        c.message
+    );
+    let t = t2.iter().find(|t| t.type_ == SIDECARS).expect("an Event");
+    assert!(!t.warning, "outdated sidecars are expected after a change");
+
+    // One Pod restarted: one outdated.
+    let mut obs = valid(2);
+    obs.pods = Some(vec![
+        pod("web-a", Some("hash1")),
+        pod("web-c", Some("hash2")),
+    ]);
+    let (s3, _) = reconciled(Some(&s2), &obs, &at(20));
+    assert_eq!(
+        s3.sidecars.as_ref().map(|s| (s.injected, s.outdated)),
+        Some((2, 1))
+    );
+}
+
+#[test]
+fn pods_created_without_their_sidecar_are_a_warning() {
+    let mut obs = valid(1);
+    obs.pods = Some(vec![pod("web-a", Some("hash1"))]);
+    let (s1, _) = reconciled(None, &obs, &at(0));
+    let mut obs = valid(1);
+    obs.pods = Some(vec![
+        pod("web-a", Some("hash1")),
+        pod("web-b", None),
+        pod("web-c", None),
+    ]);
+    let (s2, t2) = reconciled(Some(&s1), &obs, &at(5));
+    assert_eq!(s2.sidecars.as_ref().map(|s| s.not_injected), Some(2));
+    let c = condition(&s2, SIDECARS);
+    assert_eq!(c.reason, "NotInjected");
+    assert!(c.message.contains("web-b, web-c"), "{}", c.message);
+    let t = t2.iter().find(|t| t.type_ == SIDECARS).expect("an Event");
+    assert!(t.warning);
+    // Without a Pod cache the counts stay as they were and no condition is set.
+    let (s3, _) = reconciled(Some(&s2), &valid(1), &at(9));
+    assert_eq!(s3.sidecars, s2.sidecars);
 }

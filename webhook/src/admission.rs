@@ -1,0 +1,397 @@
+//! `POST /inject`: reads an `AdmissionReview`, decides with [`crate::inject`], answers with a
+//! JSON patch, a refusal or nothing, and records why in metrics and Events. Dry-run requests
+//! get the same answer without Events.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, State as AxumState};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use k8s_openapi::api::core::v1::{Namespace, ObjectReference, Pod};
+use kube::api::{Api, PartialObjectMeta};
+use kube::core::DynamicObject;
+use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::{Client, Resource};
+use shotover_crds::crd::ShotoverTopology;
+use shotover_operator::reconcile::truncate_note;
+use shotover_operator::render::{render, source_ports};
+use tokio::sync::mpsc;
+use tracing::{debug, info, warn};
+
+use crate::inject::{self, NamespaceMeta, Refusal, Refuse, RenderedTopology, Settings, Skip};
+use crate::metrics::{Metrics, Outcome};
+
+/// Largest admission request read (a Pod is at most about 1.5 MiB in etcd).
+const BODY_LIMIT: usize = 4 * 1024 * 1024;
+
+type RenderCache = HashMap<(String, String), (String, Lookup)>;
+
+/// What the handler reads.
+pub struct State {
+    pub client: Client,
+    pub own_namespace: String,
+    pub native_sidecar: Arc<AtomicBool>,
+    pub topologies: Store<ShotoverTopology>,
+    pub namespaces: Store<PartialObjectMeta<Namespace>>,
+    /// Rendered topologies by (namespace, name), with the resourceVersion they came from.
+    pub rendered: Mutex<RenderCache>,
+    pub metrics: Arc<Metrics>,
+    pub events: mpsc::Sender<PendingEvent>,
+}
+
+pub fn router(state: Arc<State>) -> Router {
+    Router::new()
+        .route("/inject", post(admit))
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+async fn admit(AxumState(state): AxumState<Arc<State>>, body: Bytes) -> Response {
+    let start = Instant::now();
+    let review: AdmissionReview<Pod> = match serde_json::from_slice(&body) {
+        Ok(review) => review,
+        Err(e) => {
+            // Maybe a valid review of something that is not a Pod: answer it, untouched.
+            return match serde_json::from_slice::<AdmissionReview<DynamicObject>>(&body)
+                .ok()
+                .and_then(|r| TryInto::<AdmissionRequest<DynamicObject>>::try_into(r).ok())
+            {
+                Some(req) => {
+                    state.metrics.admission(
+                        Outcome::Skipped(Skip::NotPodCreate),
+                        req.dry_run,
+                        start.elapsed().as_secs_f64(),
+                    );
+                    json(AdmissionResponse::from(&req).into_review())
+                }
+                None => (
+                    StatusCode::BAD_REQUEST,
+                    format!("not an AdmissionReview: {e}"),
+                )
+                    .into_response(),
+            };
+        }
+    };
+    let req: AdmissionRequest<Pod> = match review.try_into() {
+        Ok(req) => req,
+        Err(_) => {
+            return (
+                StatusCode::BAD_REQUEST,
+                "the AdmissionReview has no request",
+            )
+                .into_response();
+        }
+    };
+    let decision = decide(&state, &req).await;
+    let elapsed = start.elapsed().as_secs_f64();
+    state
+        .metrics
+        .admission(decision.outcome, req.dry_run, elapsed);
+    let pod_name = pod_display_name(&req);
+    let namespace = req.namespace.clone().unwrap_or_default();
+    match decision.outcome {
+        Outcome::Injected => {
+            info!(pod = %pod_name, %namespace, dry_run = req.dry_run, micros = (elapsed * 1e6) as u64, "{}", decision.message)
+        }
+        Outcome::Refused(reason) => {
+            info!(pod = %pod_name, %namespace, dry_run = req.dry_run, reason = reason.as_str(), "refused: {}", decision.message)
+        }
+        Outcome::Skipped(skip) if skip.asked() => {
+            info!(pod = %pod_name, %namespace, reason = skip.as_str(), "{}", decision.message)
+        }
+        Outcome::Skipped(skip) => {
+            debug!(pod = %pod_name, %namespace, reason = skip.as_str(), "skipped")
+        }
+    }
+    if !req.dry_run
+        && let Some(event) = decision.event
+        && state.events.try_send(event).is_err()
+    {
+        debug!("the Event queue is full: Event dropped");
+    }
+    json(decision.response.into_review())
+}
+
+fn json<T: serde::Serialize>(value: T) -> Response {
+    match serde_json::to_vec(&value) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+/// The Pod's name, or its `generateName` with `*` (a Deployment's Pods have no name yet).
+fn pod_display_name(req: &AdmissionRequest<Pod>) -> String {
+    let meta = req.object.as_ref().map(|p| &p.metadata);
+    meta.and_then(|m| m.name.clone())
+        .filter(|n| !n.is_empty())
+        .or_else(|| {
+            meta.and_then(|m| m.generate_name.clone())
+                .map(|g| format!("{g}*"))
+        })
+        .unwrap_or_else(|| req.name.clone())
+}
+
+struct Decision {
+    response: AdmissionResponse,
+    outcome: Outcome,
+    message: String,
+    event: Option<PendingEvent>,
+}
+
+async fn decide(state: &State, req: &AdmissionRequest<Pod>) -> Decision {
+    let allow = AdmissionResponse::from(req);
+    let skip = |skip: Skip| Decision {
+        response: AdmissionResponse::from(req),
+        outcome: Outcome::Skipped(skip),
+        message: skip.message().to_owned(),
+        event: None,
+    };
+    let Some(pod) = req.object.as_ref() else {
+        return skip(Skip::NotPodCreate);
+    };
+    if req.operation != Operation::Create || req.kind.kind != "Pod" || req.sub_resource.is_some() {
+        return skip(Skip::NotPodCreate);
+    }
+    let namespace = req.namespace.clone().unwrap_or_default();
+    let ns = state.namespace_meta(&namespace).await;
+    let settings = Settings {
+        own_namespace: state.own_namespace.clone(),
+        native_sidecar_default: state.native_sidecar.load(Ordering::Relaxed),
+    };
+    let pod_name = pod_display_name(req);
+    let owner = owner_reference(pod, &namespace);
+    let refuse = |refusal: Refusal, topology: Option<ObjectReference>| {
+        let event = owner.clone().or(topology).map(|reference| PendingEvent {
+            reference,
+            warning: true,
+            reason: "SidecarInjectionRefused",
+            note: format!("Pod {pod_name} refused: {}", refusal.message),
+        });
+        let mut response = AdmissionResponse::from(req).deny(&refusal.message);
+        response.result.code = 403;
+        response.result.reason = refusal.reason.as_str().to_owned();
+        Decision {
+            response,
+            outcome: Outcome::Refused(refusal.reason),
+            message: refusal.message,
+            event,
+        }
+    };
+    let selected = match inject::select(pod, &namespace, &ns, &settings) {
+        Err(refusal) => return refuse(refusal, None),
+        Ok(Err(s)) => {
+            let mut decision = skip(s);
+            if s.asked() {
+                decision.response.warnings = Some(vec![s.message().to_owned()]);
+                decision.event = owner.clone().map(|reference| PendingEvent {
+                    reference,
+                    warning: true,
+                    reason: "SidecarNotInjected",
+                    note: format!("Pod {pod_name}: {}", s.message()),
+                });
+            }
+            return decision;
+        }
+        Ok(Ok(selected)) => selected,
+    };
+    let rendered = match state.topology(&namespace, &selected.topology).await {
+        None => {
+            return refuse(
+                Refusal::new(
+                    Refuse::TopologyNotFound,
+                    format!(
+                        "ShotoverTopology {namespace}/{} (named by the annotation shotover.io/topology) does not exist",
+                        selected.topology
+                    ),
+                ),
+                None,
+            );
+        }
+        Some(rendered) => rendered,
+    };
+    let rendered = match rendered.as_ref() {
+        Err((message, reference)) => {
+            return refuse(
+                Refusal::new(
+                    Refuse::TopologyInvalid,
+                    format!(
+                        "ShotoverTopology {namespace}/{} is invalid: {message}",
+                        selected.topology
+                    ),
+                ),
+                Some(reference.clone()),
+            );
+        }
+        Ok(rendered) => rendered,
+    };
+    match inject::inject(pod, &ns, rendered, &settings) {
+        Err(refusal) => refuse(refusal, Some(rendered.topology.object_ref(&()))),
+        Ok(injection) => {
+            let message = format!(
+                "injected the shotover sidecar (ShotoverTopology {}, config {}, {})",
+                selected.topology,
+                injection.hash,
+                if injection.native_sidecar {
+                    "native sidecar"
+                } else {
+                    "first container"
+                }
+            );
+            let response = match serde_json::from_value::<json_patch::Patch>(
+                serde_json::Value::Array(injection.patch),
+            )
+            .map_err(|e| e.to_string())
+            .and_then(|patch| allow.with_patch(patch).map_err(|e| e.to_string()))
+            {
+                Ok(mut response) => {
+                    if !injection.warnings.is_empty() {
+                        response.warnings = Some(injection.warnings);
+                    }
+                    response
+                }
+                Err(e) => {
+                    return refuse(
+                        Refusal::new(Refuse::Malformed, format!("cannot build the patch: {e}")),
+                        None,
+                    );
+                }
+            };
+            Decision {
+                response,
+                outcome: Outcome::Injected,
+                event: owner.map(|reference| PendingEvent {
+                    reference,
+                    warning: false,
+                    reason: "SidecarInjected",
+                    note: format!("Pod {pod_name}: {message}"),
+                }),
+                message,
+            }
+        }
+    }
+}
+
+/// The Pod's controller (ReplicaSet, Job, StatefulSet...), which Events are about: the Pod
+/// itself does not exist yet.
+fn owner_reference(pod: &Pod, namespace: &str) -> Option<ObjectReference> {
+    let owner = pod
+        .metadata
+        .owner_references
+        .iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))?;
+    Some(ObjectReference {
+        api_version: Some(owner.api_version.clone()),
+        kind: Some(owner.kind.clone()),
+        name: Some(owner.name.clone()),
+        namespace: Some(namespace.to_owned()),
+        uid: Some(owner.uid.clone()),
+        ..ObjectReference::default()
+    })
+}
+
+/// A rendered topology, or why it is invalid (with a reference for the Event).
+type Lookup = Arc<Result<RenderedTopology, (String, ObjectReference)>>;
+
+impl State {
+    async fn namespace_meta(&self, namespace: &str) -> NamespaceMeta {
+        let meta = match self.namespaces.get(&ObjectRef::new(namespace)) {
+            Some(ns) => Some(ns.metadata.clone()),
+            // Created a moment ago and not in the cache yet: ask.
+            None => Api::<Namespace>::all(self.client.clone())
+                .get_metadata_opt(namespace)
+                .await
+                .ok()
+                .flatten()
+                .map(|ns| ns.metadata),
+        };
+        let meta = meta.unwrap_or_default();
+        NamespaceMeta {
+            labels: meta.labels.unwrap_or_default(),
+            annotations: meta.annotations.unwrap_or_default(),
+        }
+    }
+
+    /// The topology, rendered (once per resourceVersion); `None` when it does not exist.
+    async fn topology(&self, namespace: &str, name: &str) -> Option<Lookup> {
+        let topology = match self.topologies.get(&ObjectRef::new(name).within(namespace)) {
+            Some(t) => t,
+            // Created a moment ago and not in the cache yet: ask.
+            None => match Api::<ShotoverTopology>::namespaced(self.client.clone(), namespace)
+                .get_opt(name)
+                .await
+            {
+                Ok(Some(t)) => Arc::new(t),
+                Ok(None) => return None,
+                Err(e) => {
+                    warn!(error = %e, %namespace, %name, "cannot read the ShotoverTopology");
+                    return None;
+                }
+            },
+        };
+        let version = topology
+            .metadata
+            .resource_version
+            .clone()
+            .unwrap_or_default();
+        let key = (namespace.to_owned(), name.to_owned());
+        let mut cache = self.rendered.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((v, rendered)) = cache.get(&key)
+            && *v == version
+        {
+            return Some(rendered.clone());
+        }
+        let rendered: Lookup = Arc::new(match render(&topology) {
+            Ok(r) => Ok(RenderedTopology {
+                sources: source_ports(&topology),
+                hash: r.hash,
+                topology: (*topology).clone(),
+            }),
+            Err(e) => Err((e.to_string(), topology.object_ref(&()))),
+        });
+        cache.insert(key, (version, rendered.clone()));
+        Some(rendered)
+    }
+}
+
+/// An Event to publish off the request path.
+#[derive(Debug, Clone)]
+pub struct PendingEvent {
+    pub reference: ObjectReference,
+    pub warning: bool,
+    pub reason: &'static str,
+    pub note: String,
+}
+
+/// Publishes Events one at a time from a bounded queue (a burst of Pods drops Events rather
+/// than slowing admission).
+pub fn spawn_event_sender(recorder: Recorder) -> mpsc::Sender<PendingEvent> {
+    let (tx, mut rx) = mpsc::channel::<PendingEvent>(1024);
+    tokio::spawn(async move {
+        while let Some(pending) = rx.recv().await {
+            let event = Event {
+                type_: if pending.warning {
+                    EventType::Warning
+                } else {
+                    EventType::Normal
+                },
+                reason: pending.reason.to_owned(),
+                note: Some(truncate_note(&pending.note)),
+                action: "InjectSidecar".to_owned(),
+                secondary: None,
+            };
+            if let Err(e) = recorder.publish(&event, &pending.reference).await {
+                debug!(error = %e, reason = pending.reason, "cannot publish an Event");
+            }
+        }
+    });
+    tx
+}
