@@ -262,7 +262,7 @@ async fn check_crd(client: &Client, namespace: Option<&str>) -> anyhow::Result<(
             "the ShotoverTopology CRD (shotovertopologies.shotover.io) is not installed in this cluster; install it with\n  kubectl apply --server-side -f crds/shotovertopology.yaml\nor\n  shotover-operator crd | kubectl apply --server-side -f -"
         ),
         Err(kube::Error::Api(status)) if status.code == 403 => bail!(
-            "not allowed to list ShotoverTopologies ({}): apply the operator's RBAC (operator/rbac.yaml) or run with --namespace to watch one namespace",
+            "not allowed to list ShotoverTopologies ({}): apply the operator's RBAC (install.yaml, or the chart charts/shotover) or run with --namespace to watch one namespace",
             status.message
         ),
         Err(e) => Err(e).context("cannot list ShotoverTopologies"),
@@ -412,6 +412,6 @@ mod tests {
             .expect("no panic")
             .expect_err("fails")
             .to_string();
-        assert!(message.contains("operator/rbac.yaml"), "{message}");
+        assert!(message.contains("install.yaml"), "{message}");
     }
 }

@@ -58,7 +58,8 @@ pub struct Material {
     pub ca_key: String,
     pub cert: String,
     pub key: String,
-    /// Unix seconds.
+    /// When the serving certificate was issued (Unix seconds; it is valid from a minute
+    /// before, for clocks a little behind).
     pub not_before: i64,
     pub not_after: i64,
     pub sans: Vec<String>,
@@ -138,10 +139,9 @@ pub fn issue(
     ];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
     params.use_authority_key_identifier_extension = true;
-    let now = now_unix();
-    let not_before = now - 60;
-    let not_after = now + lifetime.as_secs() as i64;
-    params.not_before = offset(not_before)?;
+    let not_before = now_unix();
+    let not_after = not_before + lifetime.as_secs() as i64;
+    params.not_before = offset(not_before - 60)?;
     params.not_after = offset(not_after)?;
     let key = KeyPair::generate().context("generating the serving key")?;
     let cert = params
@@ -158,8 +158,8 @@ pub fn issue(
     })
 }
 
-/// Whether a certificate valid from `not_before` to `not_after` is due for renewal at `now`:
-/// in the last third of its life.
+/// Whether a certificate issued at `not_before` and valid until `not_after` is due for
+/// renewal at `now`: in the last third of its life.
 pub fn needs_renewal(not_before: i64, not_after: i64, now: i64) -> bool {
     let life = (not_after - not_before).max(0);
     now >= not_after - life / 3
@@ -505,7 +505,7 @@ mod tests {
             Duration::from_secs(3600),
         )
         .expect("leaf");
-        assert_eq!(material.not_after - material.not_before, 3660);
+        assert_eq!(material.not_after - material.not_before, 3600);
         let mut roots = rustls::RootCertStore::empty();
         for cert in CertificateDer::pem_slice_iter(ca_cert.as_bytes()) {
             roots.add(cert.expect("pem")).expect("root");

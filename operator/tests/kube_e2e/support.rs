@@ -229,7 +229,7 @@ pub struct Operator {
 impl Operator {
     pub fn start(ns: &str, identity: &str) -> Operator {
         let http = format!("127.0.0.1:{}", free_port());
-        let mut child = Command::new(env!("CARGO_BIN_EXE_shotover-operator"))
+        let mut child = Command::new(workspace_binary("shotover-operator", "shotover-operator"))
             .args([
                 "run",
                 "--namespace",
@@ -339,26 +339,28 @@ pub fn get(addr: &str, path: &str) -> Option<String> {
 
 /// The `shotover` proxy binary of this build (built if it is not there yet).
 pub fn shotover_binary() -> PathBuf {
+    workspace_binary("shotover", "shotover")
+}
+
+/// A binary of this workspace, from this build's target directory (built if it is not there:
+/// `cargo test --workspace` builds every binary first).
+pub fn workspace_binary(package: &str, bin: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test binary path");
     let dir = exe
         .parent()
         .and_then(|deps| deps.parent())
         .expect("target directory");
-    let binary = dir.join("shotover");
+    let binary = dir.join(bin);
     if !binary.exists() {
         let profile_release = dir.ends_with("release");
         let mut cargo = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
-        cargo.args(["build", "-p", "shotover", "--bin", "shotover"]);
+        cargo.args(["build", "-p", package, "--bin", bin]);
         if profile_release {
             cargo.arg("--release");
         }
         let status = cargo.status().expect("cargo runs");
-        assert!(status.success(), "cannot build the shotover binary");
+        assert!(status.success(), "cannot build the {bin} binary");
     }
-    assert!(
-        binary.exists(),
-        "no shotover binary at {}",
-        binary.display()
-    );
+    assert!(binary.exists(), "no {bin} binary at {}", binary.display());
     binary
 }

@@ -1,0 +1,925 @@
+//! The webhook and the operator on the real control plane (`eval "$(e2e/services up kube helm)"`):
+//! the chart rendered with `helm template` for a URL webhook and applied, the webhook and the
+//! operator run as local processes, Deployments whose Pods kube-controller-manager creates.
+//! Each test has its own namespaces, release and webhook configuration, which only matches
+//! the test's namespace, so the tests run in parallel.
+
+#[path = "../../../operator/tests/kube_e2e/support.rs"]
+#[allow(dead_code)]
+mod support;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{DeleteParams, ListParams, PostParams};
+use kube::{Api, ResourceExt};
+use serde_json::{Value, json};
+use shotover_crds::crd::{CONFIG_HASH_ANNOTATION, STATUS_ANNOTATION, SidecarStatus};
+use support::{Cluster, Operator, free_port, get, wait_for, workspace_binary};
+
+const LONG: Duration = Duration::from_secs(60);
+
+fn helm() -> String {
+    std::env::var("HELM").unwrap_or_else(|_| {
+        panic!("HELM is not set: build helm with\n  eval \"$(e2e/services up helm)\"")
+    })
+}
+
+fn repo() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo")
+        .to_path_buf()
+}
+
+/// Runs `cmd`, failing the test with its output when it fails; returns stdout.
+fn run(cmd: &mut Command, input: Option<&str>) -> String {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
+    if let Some(input) = input {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+    } else {
+        drop(child.stdin.take());
+    }
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed:\n{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A process whose output is kept.
+struct Process {
+    child: Child,
+    logs: Arc<Mutex<String>>,
+    name: String,
+}
+
+impl Process {
+    fn start(name: &str, cmd: &mut Command) -> Process {
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        let logs = Arc::new(Mutex::new(String::new()));
+        for stream in [
+            Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
+            Box::new(child.stderr.take().expect("stderr")),
+        ] {
+            let logs = logs.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                    let mut logs = logs.lock().unwrap_or_else(|e| e.into_inner());
+                    logs.push_str(&line);
+                    logs.push('\n');
+                }
+            });
+        }
+        Process {
+            child,
+            logs,
+            name: name.to_owned(),
+        }
+    }
+
+    fn logs(&self) -> String {
+        self.logs.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- {} logs:\n{}", self.name, self.logs());
+        }
+        self.stop();
+    }
+}
+
+/// The webhook process and how to reach it.
+struct Webhook {
+    process: Process,
+    http: String,
+}
+
+impl Webhook {
+    fn metric(&self, series: &str) -> f64 {
+        get(&self.http, "/metrics")
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix(series)?
+                    .strip_prefix(' ')?
+                    .trim()
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0.0)
+    }
+}
+
+/// One test's world: an application namespace (`cluster.ns`), a system namespace for the
+/// release, the chart applied, the webhook and the operator running.
+struct Setup {
+    cluster: Cluster,
+    sys: String,
+    release: String,
+    port: u16,
+    webhook: Option<Webhook>,
+    operator: Operator,
+}
+
+impl Setup {
+    async fn new(test: &str, failure_policy: &str, webhook_args: &[&str]) -> Setup {
+        let cluster = Cluster::new(test).await;
+        static N: AtomicUsize = AtomicUsize::new(0);
+        let release = format!(
+            "w{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
+        let sys = format!("{release}-system");
+        let ns: Namespace =
+            serde_json::from_value(json!({"metadata": {"name": sys}})).expect("namespace");
+        Api::<Namespace>::all(cluster.client.clone())
+            .create(&PostParams::default(), &ns)
+            .await
+            .unwrap_or_else(|e| panic!("cannot create namespace {sys}: {e}"));
+        let port = free_port();
+        let selector = json!([{
+            "key": "kubernetes.io/metadata.name", "operator": "In", "values": [cluster.ns]
+        }]);
+        let rendered = run(
+            Command::new(helm()).args([
+                "template",
+                &release,
+                repo().join("charts/shotover").to_str().expect("path"),
+                "--namespace",
+                &sys,
+                "--set",
+                &format!("webhook.url=https://127.0.0.1:{port}/inject"),
+                "--set",
+                &format!("webhook.failurePolicy={failure_policy}"),
+                "--set",
+                &format!("operator.watchNamespace={}", cluster.ns),
+                "--set",
+                "webhook.certificate.names={127.0.0.1}",
+                "--set-json",
+                &format!("webhook.namespaceSelector={selector}"),
+            ]),
+            None,
+        );
+        assert!(rendered.contains("kind: MutatingWebhookConfiguration"));
+        run(
+            Command::new("kubectl").args([
+                "apply",
+                "--server-side",
+                "--force-conflicts",
+                "-f",
+                "-",
+            ]),
+            Some(&rendered),
+        );
+        let mut setup = Setup {
+            operator: Operator::start(&cluster.ns, &format!("{release}-operator")),
+            cluster,
+            sys,
+            release,
+            port,
+            webhook: None,
+        };
+        setup.start_webhook(webhook_args).await;
+        setup
+    }
+
+    fn config_name(&self) -> String {
+        format!("{}-sidecar-injector", self.release)
+    }
+
+    async fn start_webhook(&mut self, extra: &[&str]) {
+        let http = format!("127.0.0.1:{}", free_port());
+        let mut cmd = Command::new(workspace_binary("shotover-webhook", "shotover-webhook"));
+        cmd.args([
+            "--addr",
+            &format!("127.0.0.1:{}", self.port),
+            "--http-addr",
+            &http,
+            "--namespace",
+            &self.sys,
+            "--watch-namespace",
+            &self.cluster.ns,
+            "--secret-name",
+            &format!("{}-webhook-tls", self.release),
+            "--webhook-config-name",
+            &self.config_name(),
+            "--cert-name",
+            "127.0.0.1",
+            "--shutdown-delay",
+            "1s",
+        ])
+        .args(extra)
+        .env("RUST_LOG", "info");
+        let process = Process::start("webhook", &mut cmd);
+        wait_for("the webhook to be ready", LONG, || async {
+            get(&http, "/readyz").map(|_| ())
+        })
+        .await;
+        let configs: Api<MutatingWebhookConfiguration> = Api::all(self.cluster.client.clone());
+        let name = self.config_name();
+        wait_for("the caBundle to be set", LONG, || async {
+            let config = configs.get(&name).await.ok()?;
+            config
+                .webhooks?
+                .iter()
+                .all(|w| w.client_config.ca_bundle.is_some())
+                .then_some(())
+        })
+        .await;
+        self.webhook = Some(Webhook { process, http });
+    }
+
+    fn webhook(&self) -> &Webhook {
+        self.webhook.as_ref().expect("the webhook runs")
+    }
+
+    async fn topology(&self, name: &str, redis_port: u16) {
+        self.cluster
+            .create(
+                name,
+                json!({"sources": [{"Redis": {
+                    "name": "redis",
+                    "listenAddr": format!("127.0.0.1:{redis_port}"),
+                    "chain": [{"RedisSinkSingle": {"remoteAddress": "redis.db:6379"}}]
+                }}]}),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("cannot create topology {name}: {e}"));
+    }
+
+    async fn deployment(&self, name: &str, replicas: i32, labels: Value, annotations: Value) {
+        let mut pod_labels = json!({"app": name});
+        if let (Value::Object(a), Value::Object(b)) = (&mut pod_labels, labels) {
+            a.extend(b);
+        }
+        let deployment: Deployment = serde_json::from_value(json!({
+            "metadata": {"name": name},
+            "spec": {
+                "replicas": replicas,
+                "selector": {"matchLabels": {"app": name}},
+                "template": {
+                    "metadata": {"labels": pod_labels, "annotations": annotations},
+                    "spec": {"containers": [{"name": "app", "image": "app:1", "ports": [{"containerPort": 8080}]}]},
+                },
+            },
+        }))
+        .expect("deployment");
+        self.cluster
+            .api::<Deployment>()
+            .create(&PostParams::default(), &deployment)
+            .await
+            .unwrap_or_else(|e| panic!("cannot create deployment {name}: {e}"));
+    }
+
+    /// Waits until `n` Pods of Deployment `app` exist (created by kube-controller-manager).
+    async fn pods(&self, app: &str, n: usize) -> Vec<Pod> {
+        let api = self.cluster.api::<Pod>();
+        wait_for(&format!("{n} pods of {app}"), LONG, || async {
+            let pods = api
+                .list(&ListParams::default().labels(&format!("app={app}")))
+                .await
+                .ok()?;
+            (pods.items.len() == n).then_some(pods.items)
+        })
+        .await
+    }
+
+    /// How many times Events with `reason` were recorded (identical Events are one Event
+    /// with a series count).
+    async fn event_count(&self, reason: &str) -> i32 {
+        self.events(reason)
+            .await
+            .iter()
+            .map(|e| e.series.as_ref().map_or(1, |s| s.count.max(1)))
+            .sum()
+    }
+
+    async fn events(&self, reason: &str) -> Vec<Event> {
+        self.cluster
+            .api::<Event>()
+            .list(&ListParams::default())
+            .await
+            .expect("events")
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some(reason))
+            .collect()
+    }
+
+    async fn sidecars_where(
+        &self,
+        topology: &str,
+        what: &str,
+        check: impl Fn(&SidecarStatus) -> bool,
+    ) -> shotover_crds::crd::ShotoverTopologyStatus {
+        self.cluster
+            .status_where(topology, what, |s| s.sidecars.as_ref().is_some_and(&check))
+            .await
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        // The webhook configuration is cluster-scoped: remove it with the test.
+        let _ = Command::new("kubectl")
+            .args([
+                "delete",
+                "mutatingwebhookconfiguration",
+                &self.config_name(),
+                "--ignore-not-found",
+                "--wait=false",
+            ])
+            .output();
+        let _ = Command::new("kubectl")
+            .args(["delete", "namespace", &self.sys, "--wait=false"])
+            .output();
+    }
+}
+
+fn sidecar(pod: &Pod) -> Option<&k8s_openapi::api::core::v1::Container> {
+    pod.spec
+        .as_ref()?
+        .init_containers
+        .as_ref()?
+        .first()
+        .filter(|c| c.name == "shotover")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn annotated_deployment_pods_are_injected_and_others_untouched() {
+    let setup = Setup::new("injects_deployments", "Fail", &[]).await;
+    setup.topology("cache", 6379).await;
+    let status = setup
+        .cluster
+        .status_where("cache", "a config hash", |s| s.config_hash.is_some())
+        .await;
+    let hash = status.config_hash.expect("hash");
+    setup
+        .deployment(
+            "web",
+            2,
+            json!({"shotover.io/inject": "true"}),
+            json!({"shotover.io/topology": "cache", "shotover.io/proxy-memory-limit": "64Mi"}),
+        )
+        .await;
+    setup.deployment("plain", 1, json!({}), json!({})).await;
+
+    for pod in setup.pods("web", 2).await {
+        let name = pod.name_any();
+        let c = sidecar(&pod).unwrap_or_else(|| panic!("{name} has no sidecar: {pod:?}"));
+        assert_eq!(c.restart_policy.as_deref(), Some("Always"), "{name}");
+        let startup = c.startup_probe.as_ref().expect("startup probe");
+        assert_eq!(
+            startup.http_get.as_ref().and_then(|h| h.path.as_deref()),
+            Some("/ready")
+        );
+        assert!(c.readiness_probe.is_some() && c.liveness_probe.is_some());
+        let sc = c.security_context.as_ref().expect("securityContext");
+        assert_eq!(sc.run_as_non_root, Some(true));
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(sc.allow_privilege_escalation, Some(false));
+        assert_eq!(
+            sc.seccomp_profile.as_ref().map(|s| s.type_.as_str()),
+            Some("RuntimeDefault")
+        );
+        let limits = c
+            .resources
+            .as_ref()
+            .and_then(|r| r.limits.clone())
+            .unwrap_or_default();
+        assert_eq!(limits.get("memory").map(|q| q.0.as_str()), Some("64Mi"));
+        let volumes = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.volumes.clone())
+            .unwrap_or_default();
+        assert!(
+            volumes.iter().any(|v| v
+                .config_map
+                .as_ref()
+                .is_some_and(|c| c.name == "cache-shotover-config")),
+            "{volumes:?}"
+        );
+        let annotations = pod.annotations();
+        assert_eq!(annotations.get(CONFIG_HASH_ANNOTATION), Some(&hash));
+        assert!(annotations.contains_key(STATUS_ANNOTATION));
+        assert_eq!(
+            pod.spec.as_ref().map(|s| s.containers[0].name.as_str()),
+            Some("app")
+        );
+    }
+    for pod in setup.pods("plain", 1).await {
+        assert!(sidecar(&pod).is_none());
+        assert!(!pod.annotations().contains_key(STATUS_ANNOTATION));
+        let spec = pod.spec.as_ref().expect("spec");
+        assert_eq!(spec.containers.len(), 1);
+        assert!(spec.init_containers.is_none());
+    }
+    setup
+        .sidecars_where("cache", "2 sidecars", |s| {
+            s.injected == 2 && s.outdated == 0 && s.not_injected == 0
+        })
+        .await;
+    wait_for("the SidecarInjected Events", LONG, || async {
+        (setup.event_count("SidecarInjected").await >= 2).then_some(())
+    })
+    .await;
+    assert_eq!(
+        setup
+            .webhook()
+            .metric("shotover_webhook_admissions_total{result=\"injected\",reason=\"injected\"}"),
+        2.0
+    );
+
+    // A dry run gets the same answer and leaves no Event and no injection count behind.
+    let events_before = setup.event_count("SidecarInjected").await;
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "dry", "labels": {"shotover.io/inject": "true"},
+                     "annotations": {"shotover.io/topology": "cache"}},
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]},
+    }))
+    .expect("pod");
+    let dry = setup
+        .cluster
+        .api::<Pod>()
+        .create(
+            &PostParams {
+                dry_run: true,
+                ..PostParams::default()
+            },
+            &pod,
+        )
+        .await
+        .expect("a dry run is admitted");
+    assert!(sidecar(&dry).is_some(), "the dry run shows the sidecar");
+    assert!(
+        setup
+            .cluster
+            .api::<Pod>()
+            .get_opt("dry")
+            .await
+            .expect("get")
+            .is_none(),
+        "nothing was created"
+    );
+    assert_eq!(
+        setup
+            .webhook()
+            .metric("shotover_webhook_dry_run_requests_total"),
+        1.0
+    );
+    assert_eq!(
+        setup
+            .webhook()
+            .metric("shotover_webhook_admissions_total{result=\"injected\",reason=\"injected\"}"),
+        2.0
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(setup.event_count("SidecarInjected").await, events_before);
+    setup.operator.assert_quiet(&[]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_asking_for_a_missing_or_invalid_topology_are_refused_saying_why() {
+    let setup = Setup::new("refuses", "Fail", &[]).await;
+    // Accepted by the CRD, refused by the proxy's own validation: the source listens on the
+    // observability port.
+    setup
+        .cluster
+        .create(
+            "broken",
+            json!({"sources": [{"Redis": {
+                "name": "redis", "listenAddr": "127.0.0.1:9001",
+                "chain": [{"RedisSinkSingle": {"remoteAddress": "redis.db:6379"}}]
+            }}]}),
+        )
+        .await
+        .expect("the CRD accepts it");
+    setup.topology("cache", 6379).await;
+    let pods = setup.cluster.api::<Pod>();
+    let create = |name: &str, annotations: Value, extra_spec: Value| {
+        let mut spec = json!({"containers": [{"name": "app", "image": "app:1"}]});
+        if let (Value::Object(a), Value::Object(b)) = (&mut spec, extra_spec) {
+            a.extend(b);
+        }
+        let pod: Pod = serde_json::from_value(json!({
+            "metadata": {"name": name, "labels": {"shotover.io/inject": "true"}, "annotations": annotations},
+            "spec": spec,
+        }))
+        .expect("pod");
+        let pods = pods.clone();
+        async move { pods.create(&PostParams::default(), &pod).await }
+    };
+    let refused = |result: Result<Pod, kube::Error>| match result {
+        Err(kube::Error::Api(status)) => status.message,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let ns = &setup.cluster.ns;
+    let message = refused(create("a", json!({"shotover.io/topology": "nope"}), json!({})).await);
+    assert!(
+        message.contains(&format!("ShotoverTopology {ns}/nope (named by the annotation shotover.io/topology) does not exist")),
+        "{message}"
+    );
+    let message = refused(create("b", json!({"shotover.io/topology": "broken"}), json!({})).await);
+    assert!(
+        message.contains(&format!("ShotoverTopology {ns}/broken is invalid"))
+            && message.contains("observabilityPort"),
+        "{message}"
+    );
+    let message = refused(
+        create(
+            "c",
+            json!({"shotover.io/topology": "cache", "shotover.io/proxy-cpu-limit": "fast"}),
+            json!({}),
+        )
+        .await,
+    );
+    assert!(
+        message.contains("shotover.io/proxy-cpu-limit: `fast`"),
+        "{message}"
+    );
+    let message = refused(create("d", json!({}), json!({})).await);
+    assert!(message.contains("names a ShotoverTopology"), "{message}");
+
+    // hostNetwork Pods are not even sent (matchConditions), and never injected.
+    let host = create(
+        "e",
+        json!({"shotover.io/topology": "nope"}),
+        json!({"hostNetwork": true}),
+    )
+    .await
+    .expect("a hostNetwork Pod is created");
+    assert!(sidecar(&host).is_none());
+    assert_eq!(
+        setup.webhook().metric(
+            "shotover_webhook_admissions_total{result=\"refused\",reason=\"topology-not-found\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        setup.webhook().metric(
+            "shotover_webhook_admissions_total{result=\"refused\",reason=\"topology-invalid\"}"
+        ),
+        1.0
+    );
+    // The refusal reaches the topology's Events when it is the topology's fault.
+    wait_for("the refusal Event", LONG, || async {
+        (!setup.events("SidecarInjectionRefused").await.is_empty()).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_webhook_down_and_failure_policy_ignore_pods_run_uninjected_and_status_says_so() {
+    let mut setup = Setup::new("webhook_down", "Ignore", &[]).await;
+    setup.topology("cache", 6379).await;
+    setup
+        .cluster
+        .status_where("cache", "a config hash", |s| s.config_hash.is_some())
+        .await;
+    setup
+        .deployment(
+            "before",
+            1,
+            json!({"shotover.io/inject": "true"}),
+            json!({"shotover.io/topology": "cache"}),
+        )
+        .await;
+    assert!(sidecar(&setup.pods("before", 1).await[0]).is_some());
+
+    let mut webhook = setup.webhook.take().expect("webhook");
+    webhook.process.stop();
+    setup
+        .deployment(
+            "during",
+            2,
+            json!({"shotover.io/inject": "true"}),
+            json!({"shotover.io/topology": "cache"}),
+        )
+        .await;
+    for pod in setup.pods("during", 2).await {
+        assert!(sidecar(&pod).is_none(), "created without the webhook");
+    }
+    let status = setup
+        .sidecars_where("cache", "2 not injected", |s| {
+            s.injected == 1 && s.not_injected == 2
+        })
+        .await;
+    let condition = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "SidecarsUpToDate")
+        .expect("condition");
+    assert_eq!(
+        (condition.status.as_str(), condition.reason.as_str()),
+        ("False", "NotInjected")
+    );
+    assert!(
+        condition.message.contains("during-"),
+        "{}",
+        condition.message
+    );
+    wait_for("the NotInjected Warning", LONG, || async {
+        setup
+            .events("NotInjected")
+            .await
+            .iter()
+            .any(|e| e.type_.as_deref() == Some("Warning"))
+            .then_some(())
+    })
+    .await;
+
+    // Back up: recreate the Pods and they come back with the sidecar.
+    setup.start_webhook(&[]).await;
+    setup
+        .cluster
+        .api::<Pod>()
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels("app=during"),
+        )
+        .await
+        .expect("delete pods");
+    setup
+        .sidecars_where("cache", "all 3 injected", |s| {
+            s.injected == 3 && s.not_injected == 0
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_certificate_rotates_under_load_with_no_failed_admission() {
+    // A 6 s certificate renewed in its last third, checked every second.
+    let setup = Setup::new(
+        "cert_rotation",
+        "Fail",
+        &["--cert-lifetime", "6s", "--cert-check-interval", "1s"],
+    )
+    .await;
+    setup.topology("cache", 6379).await;
+    let secrets = Api::<Secret>::namespaced(setup.cluster.client.clone(), &setup.sys);
+    let secret_name = format!("{}-webhook-tls", setup.release);
+    let tls_crt = |s: Secret| s.data.and_then(|d| d.get("tls.crt").cloned());
+    let first_cert = tls_crt(secrets.get(&secret_name).await.expect("secret"));
+    let configs: Api<MutatingWebhookConfiguration> = Api::all(setup.cluster.client.clone());
+    let bundle = || async {
+        configs
+            .get(&setup.config_name())
+            .await
+            .expect("config")
+            .webhooks
+            .expect("webhooks")[0]
+            .client_config
+            .ca_bundle
+            .clone()
+    };
+    let first_bundle = bundle().await;
+
+    let pods = setup.cluster.api::<Pod>();
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"generateName": "load-", "labels": {"shotover.io/inject": "true"},
+                     "annotations": {"shotover.io/topology": "cache"}},
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]},
+    }))
+    .expect("pod");
+    let start = std::time::Instant::now();
+    let mut admitted = 0;
+    while start.elapsed() < Duration::from_secs(15) {
+        let created = pods
+            .create(&PostParams::default(), &pod)
+            .await
+            .unwrap_or_else(|e| panic!("admission failed after {admitted} Pods: {e}"));
+        assert!(sidecar(&created).is_some());
+        admitted += 1;
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let renewals = setup
+        .webhook()
+        .metric("shotover_webhook_certificate_renewals_total");
+    let reloads = setup
+        .webhook()
+        .metric("shotover_webhook_certificate_reloads_total");
+    assert!(renewals >= 2.0, "renewals {renewals}");
+    assert!(reloads >= 2.0, "reloads {reloads}");
+    assert_ne!(
+        tls_crt(secrets.get(&secret_name).await.expect("secret")),
+        first_cert,
+        "the Secret holds a new certificate"
+    );
+    assert_eq!(bundle().await, first_bundle, "the caBundle never changed");
+    assert!(admitted > 50, "{admitted}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_topology_change_shows_up_as_outdated_sidecars_until_pods_restart() {
+    let setup = Setup::new("outdated", "Fail", &[]).await;
+    setup.topology("cache", 6379).await;
+    setup
+        .cluster
+        .status_where("cache", "a config hash", |s| s.config_hash.is_some())
+        .await;
+    setup
+        .deployment(
+            "web",
+            2,
+            json!({"shotover.io/inject": "true"}),
+            json!({"shotover.io/topology": "cache"}),
+        )
+        .await;
+    setup.pods("web", 2).await;
+    let before = setup
+        .sidecars_where("cache", "2 up to date", |s| {
+            s.injected == 2 && s.outdated == 0
+        })
+        .await;
+    setup
+        .cluster
+        .patch(
+            "cache",
+            json!({"spec": {"sources": [{"Redis": {
+                "name": "redis", "listenAddr": "127.0.0.1:6379",
+                "chain": [{"RedisSinkSingle": {"remoteAddress": "redis.other:6379"}}]
+            }}]}}),
+        )
+        .await;
+    let after = setup
+        .sidecars_where("cache", "2 outdated", |s| {
+            s.injected == 2 && s.outdated == 2
+        })
+        .await;
+    assert_ne!(after.config_hash, before.config_hash);
+    let condition = after
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "SidecarsUpToDate")
+        .expect("condition");
+    assert_eq!(condition.reason, "Outdated");
+    // The ConfigMap (still mounted by the running Pods) holds the new configuration.
+    let cm = setup
+        .cluster
+        .api::<k8s_openapi::api::core::v1::ConfigMap>()
+        .get("cache-shotover-config")
+        .await
+        .expect("configmap");
+    assert!(
+        cm.data
+            .unwrap_or_default()
+            .get("topology.yaml")
+            .is_some_and(|t| t.contains("redis.other")),
+    );
+    // Restarted Pods are injected with the new hash.
+    setup
+        .cluster
+        .api::<Pod>()
+        .delete_collection(
+            &DeleteParams::default(),
+            &ListParams::default().labels("app=web"),
+        )
+        .await
+        .expect("delete pods");
+    setup
+        .sidecars_where("cache", "2 up to date again", |s| {
+            s.injected == 2 && s.outdated == 0
+        })
+        .await;
+    let hashes: BTreeMap<String, String> = setup
+        .pods("web", 2)
+        .await
+        .iter()
+        .map(|p| {
+            (
+                p.name_any(),
+                p.annotations()
+                    .get(CONFIG_HASH_ANNOTATION)
+                    .cloned()
+                    .unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert!(
+        hashes
+            .values()
+            .all(|h| Some(h) == after.config_hash.as_ref()),
+        "{hashes:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn install_yaml_is_the_rendered_chart_and_the_apiserver_accepts_it() {
+    let cluster = Cluster::new("install_yaml").await;
+    let repo = repo();
+    let rendered = run(
+        Command::new(helm()).args([
+            "template",
+            "shotover",
+            repo.join("charts/shotover").to_str().expect("path"),
+            "--namespace",
+            "shotover-system",
+            "--include-crds",
+            "--set",
+            "createNamespace=true",
+        ]),
+        None,
+    );
+    let checked_in = std::fs::read_to_string(repo.join("install.yaml")).expect("install.yaml");
+    let body: String = checked_in
+        .lines()
+        .skip_while(|l| l.starts_with('#'))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    assert!(
+        body == rendered,
+        "install.yaml is stale: run charts/render-install"
+    );
+    let chart_crd =
+        std::fs::read_to_string(repo.join("charts/shotover/crds/shotovertopology.yaml"))
+            .expect("chart CRD");
+    assert_eq!(
+        chart_crd,
+        shotover_crds::crd::crd_yaml(),
+        "the chart's CRD is stale: run charts/render-install"
+    );
+    for kind in [
+        "CustomResourceDefinition",
+        "MutatingWebhookConfiguration",
+        "PodDisruptionBudget",
+        "ClusterRole",
+        "Deployment",
+        "Service",
+    ] {
+        assert!(rendered.contains(&format!("kind: {kind}\n")), "{kind}");
+    }
+    assert!(rendered.contains("resourceNames: [shotover-sidecar-injector]"));
+    assert!(rendered.contains("failurePolicy: Fail"));
+    assert!(rendered.contains("timeoutSeconds: 5"));
+    // The apiserver accepts every object (server-side dry run, in the namespace it names).
+    let _ = Command::new("kubectl")
+        .args(["create", "namespace", "shotover-system"])
+        .output();
+    run(
+        Command::new("kubectl").args([
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--dry-run=server",
+            "-f",
+            repo.join("install.yaml").to_str().expect("path"),
+        ]),
+        None,
+    );
+    // The cert-manager variant: a Certificate and the CA injection annotation instead.
+    let cert_manager = run(
+        Command::new(helm()).args([
+            "template",
+            "shotover",
+            repo.join("charts/shotover").to_str().expect("path"),
+            "--namespace",
+            "shotover-system",
+            "--set",
+            "webhook.certManager.enabled=true",
+        ]),
+        None,
+    );
+    assert!(cert_manager.contains("kind: Certificate\n"));
+    assert!(
+        cert_manager.contains("cert-manager.io/inject-ca-from: shotover-system/shotover-webhook")
+    );
+    assert!(cert_manager.contains("--cert-mode=files"));
+    assert!(!cert_manager.contains("mutatingwebhookconfigurations"));
+    drop(cluster);
+}
