@@ -132,14 +132,14 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         "d" => n * 86400,
         _ => return Err(format!("`{text}`: the unit must be s, m, h or d")),
     };
-    if seconds == 0 {
-        return Err("a duration must be positive".to_owned());
-    }
     Ok(Duration::from_secs(seconds))
 }
 
 /// Runs the webhook until SIGTERM/SIGINT.
 pub async fn run(opts: Opts) -> anyhow::Result<()> {
+    if opts.cert_lifetime < Duration::from_secs(3) || opts.cert_check_interval.is_zero() {
+        bail!("--cert-lifetime must be at least 3s and --cert-check-interval more than 0s");
+    }
     let client = Client::try_default()
         .await
         .context("cannot reach the Kubernetes API (in-cluster service account, or KUBECONFIG)")?;
@@ -403,7 +403,7 @@ mod tests {
         assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(43200)));
         assert_eq!(parse_duration("30d"), Ok(Duration::from_secs(2_592_000)));
         assert_eq!(parse_duration("7"), Ok(Duration::from_secs(7)));
-        assert!(parse_duration("0s").is_err());
+        assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
         assert!(parse_duration("1w").is_err());
         assert!(parse_duration("h").is_err());
     }
