@@ -44,6 +44,15 @@ def rss_mib(pid):
     return float("nan")
 
 
+def proc_status_mib(pid, field):
+    """A field of /proc/PID/status in MiB (VmRSS now, VmHWM the peak)."""
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def wait_port(port, timeout=20):
     deadline = time.time() + timeout
     while time.time() < deadline:

@@ -31,7 +31,7 @@ import tempfile
 import time
 import urllib.request
 
-from common import ROOT, cpu_seconds, free_port, services_env
+from common import ROOT, cpu_seconds, free_port, proc_status_mib, services_env
 
 POLL_SECONDS = 0.5
 MANAGED = "app.kubernetes.io/managed-by=shotover-operator"
@@ -98,12 +98,6 @@ def condition(obj, type_):
     return None
 
 
-def proc_status_mib(pid, field):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def scrape(port):

@@ -33,7 +33,7 @@ import threading
 import time
 import urllib.request
 
-from common import ROOT, cpu_seconds, free_port, services_env
+from common import ROOT, cpu_seconds, free_port, proc_status_mib, services_env
 
 
 def percentile(values, p):
@@ -156,12 +156,6 @@ def apiserver_webhook_histogram(api):
     return count, le5
 
 
-def proc_status_mib(pid, field):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def main():

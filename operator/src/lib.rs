@@ -43,6 +43,20 @@ use crate::metrics::Metrics;
 use crate::pods::PodStores;
 use crate::reconcile::Context;
 
+/// Logs to stdout, human-readable or JSON, at the level of `RUST_LOG` (default `info`).
+pub fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
 /// Settings of `shotover-operator run`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RunOpts {

@@ -218,32 +218,20 @@ pub fn free_port() -> u16 {
         .expect("no free port")
 }
 
-/// The operator binary, run as a process watching one namespace.
-pub struct Operator {
+/// A process whose stdout and stderr are kept (and printed if the test fails).
+pub struct Process {
     child: Child,
     logs: Arc<Mutex<String>>,
-    pub http: String,
-    pub identity: String,
+    name: String,
 }
 
-impl Operator {
-    pub fn start(ns: &str, identity: &str) -> Operator {
-        let http = format!("127.0.0.1:{}", free_port());
-        let mut child = Command::new(workspace_binary("shotover-operator", "shotover-operator"))
-            .args([
-                "run",
-                "--namespace",
-                ns,
-                "--http-addr",
-                &http,
-                "--identity",
-                identity,
-            ])
-            .env("RUST_LOG", "info")
+impl Process {
+    pub fn start(name: &str, cmd: &mut Command) -> Process {
+        let mut child = cmd
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .expect("the operator starts");
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
         let logs = Arc::new(Mutex::new(String::new()));
         for stream in [
             Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
@@ -258,11 +246,10 @@ impl Operator {
                 }
             });
         }
-        Operator {
+        Process {
             child,
             logs,
-            http,
-            identity: identity.to_owned(),
+            name: name.to_owned(),
         }
     }
 
@@ -270,31 +257,19 @@ impl Operator {
         self.logs.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    /// `/metrics`, or an empty string while the listener is not up.
-    pub fn metrics(&self) -> String {
-        get(&self.http, "/metrics").unwrap_or_default()
-    }
-
-    pub fn metric(&self, series: &str) -> Option<f64> {
-        self.metrics().lines().find_map(|l| {
-            l.strip_prefix(series)?
-                .strip_prefix(' ')?
-                .trim()
-                .parse()
-                .ok()
-        })
-    }
-
-    pub fn is_leader(&self) -> bool {
-        self.metric("shotover_operator_leader") == Some(1.0)
-    }
-
+    /// SIGTERM.
     pub fn terminate(&self) {
         let status = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status()
             .expect("kill");
         assert!(status.success());
+    }
+
+    /// SIGKILL, and wait.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 
     /// Fails on WARN or ERROR lines not matching `allowed`.
@@ -305,21 +280,89 @@ impl Operator {
             if loud && !allowed.iter().any(|a| line.contains(a)) {
                 panic!(
                     "unexpected log line from {}:\n{line}\n--- all logs:\n{logs}",
-                    self.identity
+                    self.name
                 );
             }
         }
     }
 }
 
-impl Drop for Operator {
+impl Drop for Process {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("--- operator {} logs:\n{}", self.identity, self.logs());
+            eprintln!("--- {} logs:\n{}", self.name, self.logs());
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.stop();
     }
+}
+
+/// The operator binary, run as a process watching one namespace.
+pub struct Operator {
+    process: Process,
+    pub http: String,
+    pub identity: String,
+}
+
+impl Operator {
+    pub fn start(ns: &str, identity: &str) -> Operator {
+        let http = format!("127.0.0.1:{}", free_port());
+        let process = Process::start(
+            &format!("operator {identity}"),
+            Command::new(workspace_binary("shotover-operator", "shotover-operator"))
+                .args([
+                    "run",
+                    "--namespace",
+                    ns,
+                    "--http-addr",
+                    &http,
+                    "--identity",
+                    identity,
+                ])
+                .env("RUST_LOG", "info"),
+        );
+        Operator {
+            process,
+            http,
+            identity: identity.to_owned(),
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        self.process.logs()
+    }
+
+    /// `/metrics`, or an empty string while the listener is not up.
+    pub fn metrics(&self) -> String {
+        get(&self.http, "/metrics").unwrap_or_default()
+    }
+
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        metric(&self.metrics(), series)
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.metric("shotover_operator_leader") == Some(1.0)
+    }
+
+    pub fn terminate(&self) {
+        self.process.terminate()
+    }
+
+    /// Fails on WARN or ERROR lines not matching `allowed`.
+    pub fn assert_quiet(&self, allowed: &[&str]) {
+        self.process.assert_quiet(allowed)
+    }
+}
+
+/// The value of `series` in a Prometheus exposition.
+pub fn metric(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
 }
 
 /// A plain HTTP/1.1 GET; the body on 200.

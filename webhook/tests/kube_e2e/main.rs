@@ -9,10 +9,9 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::io::Write;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
@@ -23,7 +22,7 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 use shotover_crds::crd::{CONFIG_HASH_ANNOTATION, STATUS_ANNOTATION, SidecarStatus};
-use support::{Cluster, Operator, free_port, get, wait_for, workspace_binary};
+use support::{Cluster, Operator, Process, free_port, get, metric, wait_for, workspace_binary};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -31,6 +30,18 @@ fn helm() -> String {
     std::env::var("HELM").unwrap_or_else(|_| {
         panic!("HELM is not set: build helm with\n  eval \"$(e2e/services up helm)\"")
     })
+}
+
+/// `helm template RELEASE charts/shotover --namespace NS ARGS...`.
+fn helm_template(release: &str, namespace: &str, args: &[&str]) -> String {
+    let chart = repo().join("charts/shotover");
+    run(
+        Command::new(helm())
+            .args(["template", release, chart.to_str().expect("path")])
+            .args(["--namespace", namespace])
+            .args(args),
+        None,
+    )
 }
 
 fn repo() -> std::path::PathBuf {
@@ -66,60 +77,6 @@ fn run(cmd: &mut Command, input: Option<&str>) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// A process whose output is kept.
-struct Process {
-    child: Child,
-    logs: Arc<Mutex<String>>,
-    name: String,
-}
-
-impl Process {
-    fn start(name: &str, cmd: &mut Command) -> Process {
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        let logs = Arc::new(Mutex::new(String::new()));
-        for stream in [
-            Box::new(child.stdout.take().expect("stdout")) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().expect("stderr")),
-        ] {
-            let logs = logs.clone();
-            std::thread::spawn(move || {
-                for line in BufReader::new(stream).lines().map_while(Result::ok) {
-                    let mut logs = logs.lock().unwrap_or_else(|e| e.into_inner());
-                    logs.push_str(&line);
-                    logs.push('\n');
-                }
-            });
-        }
-        Process {
-            child,
-            logs,
-            name: name.to_owned(),
-        }
-    }
-
-    fn logs(&self) -> String {
-        self.logs.lock().unwrap_or_else(|e| e.into_inner()).clone()
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("--- {} logs:\n{}", self.name, self.logs());
-        }
-        self.stop();
-    }
 }
 
 /// The webhook process and how to reach it.
@@ -175,13 +132,10 @@ impl Setup {
         let selector = json!([{
             "key": "kubernetes.io/metadata.name", "operator": "In", "values": [cluster.ns]
         }]);
-        let rendered = run(
-            Command::new(helm()).args([
-                "template",
-                &release,
-                repo().join("charts/shotover").to_str().expect("path"),
-                "--namespace",
-                &sys,
+        let rendered = helm_template(
+            &release,
+            &sys,
+            &[
                 "--set",
                 &format!("webhook.url=https://127.0.0.1:{port}/inject"),
                 "--set",
@@ -192,8 +146,7 @@ impl Setup {
                 "webhook.certificate.names={127.0.0.1}",
                 "--set-json",
                 &format!("webhook.namespaceSelector={selector}"),
-            ]),
-            None,
+            ],
         );
         assert!(rendered.contains("kind: MutatingWebhookConfiguration"));
         run(
@@ -843,18 +796,10 @@ async fn a_topology_change_shows_up_as_outdated_sidecars_until_pods_restart() {
 async fn install_yaml_is_the_rendered_chart_and_the_apiserver_accepts_it() {
     let cluster = Cluster::new("install_yaml").await;
     let repo = repo();
-    let rendered = run(
-        Command::new(helm()).args([
-            "template",
-            "shotover",
-            repo.join("charts/shotover").to_str().expect("path"),
-            "--namespace",
-            "shotover-system",
-            "--include-crds",
-            "--set",
-            "createNamespace=true",
-        ]),
-        None,
+    let rendered = helm_template(
+        "shotover",
+        "shotover-system",
+        &["--include-crds", "--set", "createNamespace=true"],
     );
     let checked_in = std::fs::read_to_string(repo.join("install.yaml")).expect("install.yaml");
     let body: String = checked_in
@@ -903,17 +848,10 @@ async fn install_yaml_is_the_rendered_chart_and_the_apiserver_accepts_it() {
         None,
     );
     // The cert-manager variant: a Certificate and the CA injection annotation instead.
-    let cert_manager = run(
-        Command::new(helm()).args([
-            "template",
-            "shotover",
-            repo.join("charts/shotover").to_str().expect("path"),
-            "--namespace",
-            "shotover-system",
-            "--set",
-            "webhook.certManager.enabled=true",
-        ]),
-        None,
+    let cert_manager = helm_template(
+        "shotover",
+        "shotover-system",
+        &["--set", "webhook.certManager.enabled=true"],
     );
     assert!(cert_manager.contains("kind: Certificate\n"));
     assert!(
