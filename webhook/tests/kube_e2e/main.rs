@@ -87,17 +87,7 @@ struct Webhook {
 
 impl Webhook {
     fn metric(&self, series: &str) -> f64 {
-        get(&self.http, "/metrics")
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| {
-                l.strip_prefix(series)?
-                    .strip_prefix(' ')?
-                    .trim()
-                    .parse()
-                    .ok()
-            })
-            .unwrap_or(0.0)
+        metric(&get(&self.http, "/metrics").unwrap_or_default(), series).unwrap_or(0.0)
     }
 }
 
@@ -280,6 +270,19 @@ impl Setup {
             .iter()
             .map(|e| e.series.as_ref().map_or(1, |s| s.count.max(1)))
             .sum()
+    }
+
+    /// Deletes the Pods of Deployment `app`; its ReplicaSet creates them again (through the
+    /// webhook). Unscheduled Pods go at once: there is no kubelet to wait for.
+    async fn recreate_pods(&self, app: &str) {
+        self.cluster
+            .api::<Pod>()
+            .delete_collection(
+                &DeleteParams::default(),
+                &ListParams::default().labels(&format!("app={app}")),
+            )
+            .await
+            .expect("delete pods");
     }
 
     async fn events(&self, reason: &str) -> Vec<Event> {
@@ -619,15 +622,7 @@ async fn with_the_webhook_down_and_failure_policy_ignore_pods_run_uninjected_and
 
     // Back up: recreate the Pods and they come back with the sidecar.
     setup.start_webhook(&[]).await;
-    setup
-        .cluster
-        .api::<Pod>()
-        .delete_collection(
-            &DeleteParams::default(),
-            &ListParams::default().labels("app=during"),
-        )
-        .await
-        .expect("delete pods");
+    setup.recreate_pods("during").await;
     setup
         .sidecars_where("cache", "all 3 injected", |s| {
             s.injected == 3 && s.not_injected == 0
@@ -756,15 +751,7 @@ async fn a_topology_change_shows_up_as_outdated_sidecars_until_pods_restart() {
             .is_some_and(|t| t.contains("redis.other")),
     );
     // Restarted Pods are injected with the new hash.
-    setup
-        .cluster
-        .api::<Pod>()
-        .delete_collection(
-            &DeleteParams::default(),
-            &ListParams::default().labels("app=web"),
-        )
-        .await
-        .expect("delete pods");
+    setup.recreate_pods("web").await;
     setup
         .sidecars_where("cache", "2 up to date again", |s| {
             s.injected == 2 && s.outdated == 0
