@@ -9,6 +9,7 @@ pub mod admission;
 pub mod certs;
 pub mod inject;
 pub mod metrics;
+pub mod offline;
 pub mod overrides;
 pub mod tls;
 
@@ -51,13 +52,31 @@ pub enum NativeSidecar {
     Never,
 }
 
-/// Settings of `shotover-webhook`.
-#[derive(Debug, Clone, clap::Parser)]
+/// The command line: `serve` (the default) or `inject`.
+#[derive(Debug, clap::Parser)]
 #[command(
     name = "shotover-webhook",
     version,
     about = "Injects the Shotover proxy as a sidecar into Pods that opt in"
 )]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: Opts,
+}
+
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Answer admission requests (the default).
+    Serve(Box<Opts>),
+    /// Print manifests with the sidecar injected, as the webhook would inject it, without a
+    /// cluster: `shotover-webhook inject -t topology.yaml -f deployment.yaml`.
+    Inject(offline::InjectOpts),
+}
+
+/// Settings of `shotover-webhook serve`.
+#[derive(Debug, Clone, clap::Args)]
 pub struct Opts {
     /// HTTPS address of the admission endpoint (`POST /inject`).
     #[arg(long, default_value = "0.0.0.0:8443")]
