@@ -305,21 +305,34 @@ pub struct Operator {
 
 impl Operator {
     pub fn start(ns: &str, identity: &str) -> Operator {
+        Operator::start_with(ns, identity, None, &[])
+    }
+
+    /// With another KUBECONFIG (for example one that impersonates the chart's
+    /// ServiceAccount) and more flags.
+    pub fn start_with(
+        ns: &str,
+        identity: &str,
+        kubeconfig: Option<&str>,
+        extra: &[&str],
+    ) -> Operator {
         let http = format!("127.0.0.1:{}", free_port());
-        let process = Process::start(
-            &format!("operator {identity}"),
-            Command::new(workspace_binary("shotover-operator", "shotover-operator"))
-                .args([
-                    "run",
-                    "--namespace",
-                    ns,
-                    "--http-addr",
-                    &http,
-                    "--identity",
-                    identity,
-                ])
-                .env("RUST_LOG", "info"),
-        );
+        let mut cmd = Command::new(workspace_binary("shotover-operator", "shotover-operator"));
+        cmd.args([
+            "run",
+            "--namespace",
+            ns,
+            "--http-addr",
+            &http,
+            "--identity",
+            identity,
+        ])
+        .args(extra)
+        .env("RUST_LOG", "info");
+        if let Some(kubeconfig) = kubeconfig {
+            cmd.env("KUBECONFIG", kubeconfig);
+        }
+        let process = Process::start(&format!("operator {identity}"), &mut cmd);
         Operator {
             process,
             http,
@@ -352,6 +365,25 @@ impl Operator {
     pub fn assert_quiet(&self, allowed: &[&str]) {
         self.process.assert_quiet(allowed)
     }
+}
+
+/// A copy of `KUBECONFIG` that acts as ServiceAccount `namespace/name` (impersonation), so a
+/// process run with it has exactly the ServiceAccount's RBAC. Returns its path.
+#[allow(dead_code)] // used by webhook/tests/kube_e2e, which includes this file
+pub fn service_account_kubeconfig(namespace: &str, name: &str) -> String {
+    let admin = std::env::var("KUBECONFIG").expect("KUBECONFIG");
+    let text = std::fs::read_to_string(&admin).expect("read KUBECONFIG");
+    let acting = text.replacen(
+        "  user:\n",
+        &format!(
+            "  user:\n    as: system:serviceaccount:{namespace}:{name}\n    as-groups: [system:serviceaccounts, \"system:serviceaccounts:{namespace}\", system:authenticated]\n"
+        ),
+        1,
+    );
+    assert_ne!(acting, text, "no `user:` entry in {admin}");
+    let path = std::env::temp_dir().join(format!("{namespace}-{name}.kubeconfig"));
+    std::fs::write(&path, acting).expect("write kubeconfig");
+    path.to_string_lossy().into_owned()
 }
 
 /// The value of `series` in a Prometheus exposition.

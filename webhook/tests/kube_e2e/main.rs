@@ -22,7 +22,10 @@ use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 use shotover_crds::crd::{CONFIG_HASH_ANNOTATION, STATUS_ANNOTATION, SidecarStatus};
-use support::{Cluster, Operator, Process, free_port, get, metric, wait_for, workspace_binary};
+use support::{
+    Cluster, Operator, Process, free_port, get, metric, service_account_kubeconfig, wait_for,
+    workspace_binary,
+};
 
 const LONG: Duration = Duration::from_secs(60);
 
@@ -149,8 +152,21 @@ impl Setup {
             ]),
             Some(&rendered),
         );
+        // Both processes act as the chart's ServiceAccounts: the tests run on its RBAC.
+        let operator_kubeconfig = service_account_kubeconfig(&sys, &format!("{release}-operator"));
+        let operator = Operator::start_with(
+            &cluster.ns,
+            &format!("{release}-operator"),
+            Some(&operator_kubeconfig),
+            &[
+                "--lease-namespace",
+                &sys,
+                "--lease-name",
+                &format!("{release}-operator"),
+            ],
+        );
         let mut setup = Setup {
-            operator: Operator::start(&cluster.ns, &format!("{release}-operator")),
+            operator,
             cluster,
             sys,
             release,
@@ -206,7 +222,11 @@ impl Setup {
             "1s",
         ])
         .args(extra)
-        .env("RUST_LOG", "info");
+        .env("RUST_LOG", "info")
+        .env(
+            "KUBECONFIG",
+            service_account_kubeconfig(&self.sys, &format!("{}-webhook", self.release)),
+        );
         let process = Process::start(&format!("webhook :{port}"), &mut cmd);
         wait_for("the webhook to be ready", LONG, || async {
             get(&http, "/readyz").map(|_| ())
@@ -332,6 +352,12 @@ impl Drop for Setup {
         let _ = Command::new("kubectl")
             .args(["delete", "namespace", &self.sys, "--wait=false"])
             .output();
+        for component in ["operator", "webhook"] {
+            let _ = std::fs::remove_file(std::env::temp_dir().join(format!(
+                "{}-{}-{component}.kubeconfig",
+                self.sys, self.release
+            )));
+        }
     }
 }
 
