@@ -239,18 +239,37 @@ impl Setup {
         self.webhook.as_ref().expect("the webhook runs")
     }
 
-    async fn topology(&self, name: &str, redis_port: u16) {
+    async fn topology(&self, name: &str) {
         self.cluster
             .create(
                 name,
                 json!({"sources": [{"Redis": {
                     "name": "redis",
-                    "listenAddr": format!("127.0.0.1:{redis_port}"),
+                    "listenAddr": "127.0.0.1:6379",
                     "chain": [{"RedisSinkSingle": {"remoteAddress": "redis.db:6379"}}]
                 }}]}),
             )
             .await
             .unwrap_or_else(|e| panic!("cannot create topology {name}: {e}"));
+    }
+
+    /// Creates topology `name` and waits until the operator rendered it.
+    async fn rendered_topology(&self, name: &str) -> shotover_crds::crd::ShotoverTopologyStatus {
+        self.topology(name).await;
+        self.cluster
+            .status_where(name, "a config hash", |s| s.config_hash.is_some())
+            .await
+    }
+
+    /// A Deployment whose Pods opt in for topology `cache`.
+    async fn opted_in_deployment(&self, name: &str, replicas: i32) {
+        self.deployment(
+            name,
+            replicas,
+            json!({"shotover.io/inject": "true"}),
+            json!({"shotover.io/topology": "cache"}),
+        )
+        .await;
     }
 
     async fn deployment(&self, name: &str, replicas: i32, labels: Value, annotations: Value) {
@@ -373,12 +392,11 @@ fn sidecar(pod: &Pod) -> Option<&k8s_openapi::api::core::v1::Container> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn annotated_deployment_pods_are_injected_and_others_untouched() {
     let setup = Setup::new("injects_deployments", "Fail", &[]).await;
-    setup.topology("cache", 6379).await;
-    let status = setup
-        .cluster
-        .status_where("cache", "a config hash", |s| s.config_hash.is_some())
-        .await;
-    let hash = status.config_hash.expect("hash");
+    let hash = setup
+        .rendered_topology("cache")
+        .await
+        .config_hash
+        .expect("hash");
     setup
         .deployment(
             "web",
@@ -520,7 +538,7 @@ async fn pods_asking_for_a_missing_or_invalid_topology_are_refused_saying_why() 
         )
         .await
         .expect("the CRD accepts it");
-    setup.topology("cache", 6379).await;
+    setup.topology("cache").await;
     let pods = setup.cluster.api::<Pod>();
     let create = |name: &str, annotations: Value, extra_spec: Value| {
         let mut spec = json!({"containers": [{"name": "app", "image": "app:1"}]});
@@ -597,31 +615,13 @@ async fn pods_asking_for_a_missing_or_invalid_topology_are_refused_saying_why() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_the_webhook_down_and_failure_policy_ignore_pods_run_uninjected_and_status_says_so() {
     let mut setup = Setup::new("webhook_down", "Ignore", &[]).await;
-    setup.topology("cache", 6379).await;
-    setup
-        .cluster
-        .status_where("cache", "a config hash", |s| s.config_hash.is_some())
-        .await;
-    setup
-        .deployment(
-            "before",
-            1,
-            json!({"shotover.io/inject": "true"}),
-            json!({"shotover.io/topology": "cache"}),
-        )
-        .await;
+    setup.rendered_topology("cache").await;
+    setup.opted_in_deployment("before", 1).await;
     assert!(sidecar(&setup.pods("before", 1).await[0]).is_some());
 
     let mut webhook = setup.webhook.take().expect("webhook");
     webhook.process.stop();
-    setup
-        .deployment(
-            "during",
-            2,
-            json!({"shotover.io/inject": "true"}),
-            json!({"shotover.io/topology": "cache"}),
-        )
-        .await;
+    setup.opted_in_deployment("during", 2).await;
     for pod in setup.pods("during", 2).await {
         assert!(sidecar(&pod).is_none(), "created without the webhook");
     }
@@ -671,7 +671,7 @@ async fn the_certificate_rotates_under_load_with_no_failed_admission() {
     let cert_args = ["--cert-lifetime", "6s", "--cert-check-interval", "1s"];
     let setup = Setup::new("cert_rotation", "Fail", &cert_args).await;
     let replica = setup.spawn_webhook(free_port(), &cert_args).await;
-    setup.topology("cache", 6379).await;
+    setup.topology("cache").await;
     let secrets = Api::<Secret>::namespaced(setup.cluster.client.clone(), &setup.sys);
     let secret_name = format!("{}-webhook-tls", setup.release);
     let tls_crt = |s: Secret| s.data.and_then(|d| d.get("tls.crt").cloned());
@@ -740,19 +740,8 @@ async fn the_certificate_rotates_under_load_with_no_failed_admission() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_topology_change_shows_up_as_outdated_sidecars_until_pods_restart() {
     let setup = Setup::new("outdated", "Fail", &[]).await;
-    setup.topology("cache", 6379).await;
-    setup
-        .cluster
-        .status_where("cache", "a config hash", |s| s.config_hash.is_some())
-        .await;
-    setup
-        .deployment(
-            "web",
-            2,
-            json!({"shotover.io/inject": "true"}),
-            json!({"shotover.io/topology": "cache"}),
-        )
-        .await;
+    setup.rendered_topology("cache").await;
+    setup.opted_in_deployment("web", 2).await;
     setup.pods("web", 2).await;
     let before = setup
         .sidecars_where("cache", "2 up to date", |s| {
