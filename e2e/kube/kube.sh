@@ -15,16 +15,19 @@
 # a healthy control plane is left alone and only the exports are printed. Each fresh start
 # begins with an empty etcd (the certificates under $STATE/kube/pki are kept).
 #
-# What runs (all bound to 127.0.0.1, nothing else is reachable):
+# What runs (etcd and the controller-manager on 127.0.0.1, the apiserver on the cluster
+# address: a /32 on the interface shotover-e2e0 that `up` adds and `down` removes):
 #   etcd                     http://127.0.0.1:${KUBE_ETCD_PORT:-12379} (peer port 12380),
 #                            data in $STATE/kube/run/etcd, --unsafe-no-fsync
-#   kube-apiserver           https://127.0.0.1:${KUBE_APISERVER_PORT:-16443}, authorization
-#                            Node,RBAC, admission webhooks on, service CIDR 10.0.0.0/24
+#   kube-apiserver           https://${KUBE_NODE_IP:-10.245.0.1}:${KUBE_APISERVER_PORT:-16443},
+#                            authorization Node,RBAC, admission webhooks on, service CIDR
+#                            10.0.0.0/24; the `kubernetes` Service's endpoint is that address
 #   kube-controller-manager  https://127.0.0.1:${KUBE_CM_PORT:-10257}, no leader election,
 #                            controllers: $KUBE_CONTROLLERS (default list below)
 # Versions: Kubernetes from e2e/kube/K8S_VERSION, etcd as that release requires (go.mod).
+# `build` also builds the node's kubelet, kube-scheduler and kube-proxy (e2e/node/node.sh).
 #
-# THERE IS NO KUBELET, NO SCHEDULER, NO CONTAINER RUNTIME, NO KUBE-PROXY.
+# ON ITS OWN THIS CONTROL PLANE HAS NO NODE (`e2e/services up kube-node` adds one):
 #   * Pods are created (and go through the admission webhooks, which is what the injector
 #     tests need) and the StatefulSet/ReplicaSet controllers create them, but they never
 #     run: no node, no IP, phase Pending forever, unless a test says otherwise.
@@ -40,12 +43,10 @@
 #   * Pods are never bound to a node. Keep it so: an unscheduled Pod is deleted at once, while a
 #     Pod with spec.nodeName waits for a kubelet that never confirms the deletion, until the
 #     pod GC controller removes it about a minute later (measured: ~60 s).
-#   * Service ClusterIPs (10.0.0.0/24) are allocated but nothing routes them: never dial them.
-#     The `kubernetes` Service has no Endpoints (--endpoint-reconciler-type=none: Endpoints
-#     may not hold a loopback address, and nothing in the cluster could use them).
-#     Register webhooks with clientConfig.url: https://127.0.0.1:PORT/... plus caBundle
-#     (as envtest does). A service reference would be resolved to the Service's endpoints
-#     (--enable-aggregator-routing), never to the ClusterIP, and Pods have no IPs: use url.
+#   * Service ClusterIPs (10.0.0.0/24) are allocated but without the node nothing routes
+#     them. Register webhooks with clientConfig.url: https://127.0.0.1:PORT/... plus caBundle
+#     (as envtest does). A service reference is resolved to the Service's endpoints
+#     (--enable-aggregator-routing), never to the ClusterIP, so it needs Pods that run.
 #   * The `default` ServiceAccount of a new namespace is created by the controller-manager
 #     a moment after the namespace; the ServiceAccount admission plugin waits ~1-2 s for it, so
 #     a Pod can be created right after its namespace (checked).
@@ -76,8 +77,14 @@ ETCD_PEER_PORT="${KUBE_ETCD_PEER_PORT:-12380}"
 API_PORT="${KUBE_APISERVER_PORT:-16443}"
 CM_PORT="${KUBE_CM_PORT:-10257}"
 SERVICE_CIDR="10.0.0.0/24"
+# The cluster's own address: on an interface this script adds (and removes on `down`), so
+# that Pods on the node (e2e/node) reach the apiserver through the `kubernetes` Service
+# (kube-proxy cannot send Pod traffic to loopback) and the kubelet has an InternalIP.
+NODE_IP="${KUBE_NODE_IP:-10.245.0.1}"
+NODE_LINK="shotover-e2e0"
+NODE_NETNS="shotover-e2e"
 SERVICE_IP="10.0.0.1" # first IP of SERVICE_CIDR: the `kubernetes` Service
-DEFAULT_CONTROLLERS="serviceaccount-token-controller,serviceaccount-controller,namespace-controller,garbage-collector-controller,statefulset-controller,replicaset-controller,deployment-controller,endpoints-controller,endpointslice-controller,root-ca-certificate-publisher-controller,disruption-controller,pod-garbage-collector-controller,clusterrole-aggregation-controller"
+DEFAULT_CONTROLLERS="node-lifecycle-controller,serviceaccount-token-controller,serviceaccount-controller,namespace-controller,garbage-collector-controller,statefulset-controller,replicaset-controller,deployment-controller,endpoints-controller,endpointslice-controller,root-ca-certificate-publisher-controller,disruption-controller,pod-garbage-collector-controller,clusterrole-aggregation-controller"
 CONTROLLERS="${KUBE_CONTROLLERS:-$DEFAULT_CONTROLLERS}"
 ADMIN_KUBECONFIG="$KDIR/admin.kubeconfig"
 
@@ -106,7 +113,7 @@ build_key() {
 
 built() {
   [ -f "$BIN/.built" ] && [ "$(cat "$BIN/.built")" = "$(build_key)" ] || return 1
-  local b; for b in etcd kube-apiserver kube-controller-manager kubectl; do [ -x "$BIN/$b" ] || return 1; done
+  local b; for b in etcd kube-apiserver kube-controller-manager kubectl kubelet kube-scheduler kube-proxy; do [ -x "$BIN/$b" ] || return 1; done
 }
 
 cmd_build() {
@@ -120,10 +127,11 @@ cmd_build() {
     ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
   done
   pkgs=(k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kube-controller-manager
-        k8s.io/kubernetes/cmd/kubectl ./cmd/etcd)
+        k8s.io/kubernetes/cmd/kubectl k8s.io/kubernetes/cmd/kubelet k8s.io/kubernetes/cmd/kube-scheduler
+        k8s.io/kubernetes/cmd/kube-proxy ./cmd/etcd)
   mkdir -p "$KDIR"
   local tmp; tmp="$(mktemp -d "$KDIR/bin.tmp.XXXXXX")"; chmod 755 "$tmp"
-  log "building Kubernetes $K8S_VERSION (kube-apiserver, kube-controller-manager, kubectl) and etcd"
+  log "building Kubernetes $K8S_VERSION (kube-apiserver, kube-controller-manager, kubectl, and the node's kubelet, kube-scheduler, kube-proxy) and etcd"
   log "  with $(go version | cut -d' ' -f3); modules in $(go env GOMODCACHE), build cache in $(go env GOCACHE)"
   (cd "$HERE" && CGO_ENABLED=0 nice -n 10 go build -mod=readonly -buildvcs=false -trimpath -ldflags "$ldflags" -o "$tmp/" "${pkgs[@]}") \
     || { rm -rf "$tmp"; die "go build failed"; }
@@ -151,9 +159,11 @@ gen_cert() {
 ensure_pki() {
   command -v openssl >/dev/null || die "openssl is not installed"
   local f complete=yes
-  for f in ca.crt apiserver.crt admin.crt controller-manager.crt front-proxy-ca.crt front-proxy-client.crt sa.key sa.pub .complete; do
+  for f in ca.crt apiserver.crt admin.crt controller-manager.crt kubelet-client.crt front-proxy-ca.crt front-proxy-client.crt sa.key sa.pub .complete; do
     [ -f "$PKI/$f" ] || complete=
   done
+  # Made for another cluster address: make them again.
+  [ "$(cat "$PKI/.complete" 2>/dev/null)" = "$NODE_IP" ] || complete=
   [ -n "$complete" ] && return 0
   log "making a CA, serving and client certificates and a service-account key in $PKI"
   rm -rf "$PKI"; mkdir -p "$PKI"; chmod 700 "$PKI"
@@ -167,8 +177,10 @@ extendedKeyUsage=clientAuth"
   gen_cert apiserver "/CN=kube-apiserver" "basicConstraints=CA:FALSE
 keyUsage=critical,digitalSignature,keyEncipherment
 extendedKeyUsage=serverAuth
-subjectAltName=IP:127.0.0.1,IP:$SERVICE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
+subjectAltName=IP:127.0.0.1,IP:$NODE_IP,IP:$SERVICE_IP,DNS:localhost,DNS:kubernetes,DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local"
   gen_cert admin "/O=system:masters/CN=admin" "$client"
+  # The apiserver's identity towards kubelets (logs, exec, port-forward).
+  gen_cert kubelet-client "/O=system:masters/CN=kube-apiserver-kubelet-client" "$client"
   # The request-header (front-proxy) CA the apiserver announces in
   # kube-system/extension-apiserver-authentication; delegating servers (the controller-manager,
   # aggregated API servers) read it from there.
@@ -185,7 +197,7 @@ subjectAltName=IP:127.0.0.1,IP:$SERVICE_IP,DNS:localhost,DNS:kubernetes,DNS:kube
   gen_cert controller-manager "/CN=system:kube-controller-manager" "$client"
   gen_key "$PKI/sa.key"
   openssl pkey -in "$PKI/sa.key" -pubout -out "$PKI/sa.pub" 2>/dev/null
-  touch "$PKI/.complete"
+  echo "$NODE_IP" > "$PKI/.complete"
 }
 
 # write_kubeconfig FILE USER: a kubeconfig for the apiserver with USER's client certificate.
@@ -197,7 +209,7 @@ kind: Config
 clusters:
 - name: shotover-e2e
   cluster:
-    server: https://127.0.0.1:$API_PORT
+    server: https://$NODE_IP:$API_PORT
     certificate-authority-data: $(base64 -w0 < "$PKI/ca.crt")
 users:
 - name: $user
@@ -262,8 +274,35 @@ wait_alive() {
   log "$what is up"
 }
 
+link_up() { ip -br addr show dev "$NODE_LINK" 2>/dev/null | grep -q "$NODE_IP/32"; }
+
+# The cluster address on its own interface: one end of a veth pair whose other end lives in
+# a network namespace of its own (this kernel has no dummy interfaces); nothing is routed
+# through it, the address is simply local to this machine.
+ensure_link() {
+  link_up && return 0
+  command -v ip >/dev/null || die "the ip command (Debian iproute2) is missing"
+  ip -br addr | grep -q " $NODE_IP/" && die "$NODE_IP is already used by another interface (set KUBE_NODE_IP)"
+  remove_link quiet
+  ip netns add "$NODE_NETNS" || die "cannot add the network namespace $NODE_NETNS (needs root and CAP_SYS_ADMIN)"
+  ip link add "$NODE_LINK" type veth peer name "${NODE_LINK%0}1" \
+    || die "cannot add the veth pair $NODE_LINK (needs root and CAP_NET_ADMIN)"
+  ip link set "${NODE_LINK%0}1" netns "$NODE_NETNS" || die "cannot move ${NODE_LINK%0}1 into $NODE_NETNS"
+  ip -n "$NODE_NETNS" link set "${NODE_LINK%0}1" up || die "cannot bring ${NODE_LINK%0}1 up"
+  ip addr add "$NODE_IP/32" dev "$NODE_LINK" || die "cannot add $NODE_IP to $NODE_LINK"
+  ip link set "$NODE_LINK" up || die "cannot bring $NODE_LINK up"
+  log "cluster address $NODE_IP on $NODE_LINK"
+}
+
+remove_link() {
+  if ip link show "$NODE_LINK" >/dev/null 2>&1; then
+    ip link delete "$NODE_LINK" && { [ -n "${1:-}" ] || log "removed $NODE_LINK ($NODE_IP)"; }
+  fi
+  if [ -e "/run/netns/$NODE_NETNS" ]; then ip netns delete "$NODE_NETNS" || true; fi
+}
+
 healthy() {
-  pid_ours "$RUN/etcd.pid" && pid_ours "$RUN/kube-apiserver.pid" && pid_ours "$RUN/kube-controller-manager.pid" \
+  link_up && pid_ours "$RUN/etcd.pid" && pid_ours "$RUN/kube-apiserver.pid" && pid_ours "$RUN/kube-controller-manager.pid" \
     && [ -f "$ADMIN_KUBECONFIG" ] && apiserver_ready && cm_healthy && default_sa_exists
 }
 
@@ -278,16 +317,18 @@ print_exports() {
 cmd_up() {
   cmd_build
   if healthy; then
-    log "control plane already up on https://127.0.0.1:$API_PORT"
+    log "control plane already up on https://$NODE_IP:$API_PORT"
     print_exports
     return 0
   fi
   local start; start=$(now)
   stop_all quiet
   ensure_pki
-  local p; for p in "$ETCD_PORT" "$ETCD_PEER_PORT" "$API_PORT" "$CM_PORT"; do
+  local p; for p in "$ETCD_PORT" "$ETCD_PEER_PORT" "$CM_PORT"; do
     port_in_use "$p" && die "127.0.0.1:$p is in use by another process (set KUBE_*_PORT, see kube.sh)"
   done
+  ensure_link
+  (exec 3<>"/dev/tcp/$NODE_IP/$API_PORT") 2>/dev/null && die "$NODE_IP:$API_PORT is in use by another process"
   rm -rf "$RUN"; mkdir -p "$RUN/etcd" "$RUN/cm-certs"; chmod 700 "$RUN/etcd"
   write_kubeconfig "$ADMIN_KUBECONFIG" admin
   write_kubeconfig "$RUN/controller-manager.kubeconfig" controller-manager
@@ -302,7 +343,7 @@ cmd_up() {
 
   start kube-apiserver kube-apiserver \
     --etcd-servers="http://127.0.0.1:$ETCD_PORT" \
-    --bind-address=127.0.0.1 --advertise-address=127.0.0.1 --secure-port="$API_PORT" \
+    --bind-address="$NODE_IP" --advertise-address="$NODE_IP" --secure-port="$API_PORT" \
     --cert-dir="$RUN" --tls-cert-file="$PKI/apiserver.crt" --tls-private-key-file="$PKI/apiserver.key" \
     --client-ca-file="$PKI/ca.crt" \
     --requestheader-client-ca-file="$PKI/front-proxy-ca.crt" --requestheader-allowed-names=front-proxy-client \
@@ -315,10 +356,11 @@ cmd_up() {
     --enable-admission-plugins=NodeRestriction,MutatingAdmissionWebhook,ValidatingAdmissionWebhook \
     --service-cluster-ip-range="$SERVICE_CIDR" \
     --enable-aggregator-routing=true \
-    --endpoint-reconciler-type=none \
+    --kubelet-client-certificate="$PKI/kubelet-client.crt" --kubelet-client-key="$PKI/kubelet-client.key" \
+    --kubelet-preferred-address-types=InternalIP \
     --allow-privileged=true \
     --profiling=false
-  wait_alive 60 kube-apiserver "kube-apiserver on https://127.0.0.1:$API_PORT (/readyz)" apiserver_ready
+  wait_alive 60 kube-apiserver "kube-apiserver on https://$NODE_IP:$API_PORT (/readyz)" apiserver_ready
 
   start kube-controller-manager kube-controller-manager \
     --kubeconfig="$RUN/controller-manager.kubeconfig" \
@@ -334,7 +376,7 @@ cmd_up() {
   wait_alive 30 kube-controller-manager "kube-controller-manager on https://127.0.0.1:$CM_PORT (/healthz)" cm_healthy
   wait_alive 30 kube-controller-manager "the default ServiceAccount in namespace default" default_sa_exists
 
-  log "control plane $K8S_VERSION up in $(since "$start") s (logs in $RUN)"
+  log "control plane $K8S_VERSION up on https://$NODE_IP:$API_PORT in $(since "$start") s (logs in $RUN)"
   print_exports
 }
 
@@ -366,6 +408,7 @@ stop_all() {
   # The apiserver and the controller-manager together, etcd once the apiserver is gone.
   stop kube-controller-manager kube-apiserver
   stop etcd
+  [ -n "$QUIET_STOP" ] || remove_link
 }
 
 cmd_status() {

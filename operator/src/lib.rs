@@ -34,7 +34,9 @@ use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, ObjectRef, reflector};
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, ResourceExt};
-use shotover_crds::crd::{INJECT_LABEL, SIDECAR_LABEL, ShotoverTopology, TOPOLOGY_ANNOTATION};
+use shotover_crds::crd::{
+    INJECT_LABEL, SIDECAR_LABEL, ShotoverTopology, TOPOLOGY_ANNOTATION, TOPOLOGY_LABEL,
+};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -73,8 +75,8 @@ pub struct RunOpts {
     /// Name of the leader Lease.
     #[arg(long, default_value = "shotover-operator")]
     pub lease_name: String,
-    /// Namespace of the leader Lease (default: `--namespace`, else `POD_NAMESPACE`, else
-    /// `default`).
+    /// Namespace of the leader Lease (default: `POD_NAMESPACE`, the operator's own namespace
+    /// where its Lease Role is, else `--namespace`, else `default`).
     #[arg(long)]
     pub lease_namespace: Option<String>,
     /// This replica's name in the Lease and in Events (default: `POD_NAME`, else host name and
@@ -115,8 +117,8 @@ pub async fn run(opts: RunOpts) -> anyhow::Result<()> {
     let lease_namespace = opts
         .lease_namespace
         .clone()
-        .or_else(|| opts.namespace.clone())
         .or_else(|| std::env::var("POD_NAMESPACE").ok())
+        .or_else(|| opts.namespace.clone())
         .unwrap_or_else(|| "default".to_owned());
     let mut lock = opts.leader_election.then(|| {
         LeaseLock::new(
@@ -180,13 +182,32 @@ pub async fn run(opts: RunOpts) -> anyhow::Result<()> {
     )
     .default_backoff()
     .touched_objects();
+    // The DB-side proxy Pods, to say why they do not run.
+    let (proxies, proxies_writer) = reflector::store();
+    let proxy_pods = reflector(
+        proxies_writer,
+        watcher(
+            scoped::<Pod>(&client, opts.namespace.as_deref()),
+            watcher::Config::default().labels(&format!(
+                "app.kubernetes.io/component=db-side-proxy,app.kubernetes.io/managed-by={},{TOPOLOGY_LABEL}",
+                render::FIELD_MANAGER
+            )),
+        )
+        .modify(pods::strip_proxy),
+    )
+    .default_backoff()
+    .touched_objects();
     let ctx = Arc::new(
         Context::new(
             client.clone(),
             Recorder::new(client.clone(), reporter),
             metrics.clone(),
         )
-        .with_pods(PodStores { injected, opted_in }),
+        .with_pods(PodStores {
+            injected,
+            opted_in,
+            proxies,
+        }),
     );
     Controller::new(topologies, watcher::Config::default().any_semantic())
         .watches_stream(injected_pods, |pod| {
@@ -195,6 +216,10 @@ pub async fn run(opts: RunOpts) -> anyhow::Result<()> {
         })
         .watches_stream(opted_in_pods, |pod| {
             let topology = pod.annotations().get(TOPOLOGY_ANNOTATION)?.clone();
+            Some(ObjectRef::new(&topology).within(&pod.namespace()?))
+        })
+        .watches_stream(proxy_pods, |pod| {
+            let topology = pod.labels().get(TOPOLOGY_LABEL)?.clone();
             Some(ObjectRef::new(&topology).within(&pod.namespace()?))
         })
         .owns(

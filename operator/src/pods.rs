@@ -1,7 +1,9 @@
 //! The application Pods that name a topology, for the sidecar counts in its status: a cache
 //! of Pods the webhook injected (label `shotover.io/sidecar-of`) and one of Pods that asked for
 //! injection (label `shotover.io/inject: "true"`), the latter to find those created without
-//! their sidecar. Only metadata and phase are kept.
+//! their sidecar. Only metadata and phase are kept. A third cache holds the DB-side proxy
+//! Pods with their conditions and container states, to say in the status why a proxy does
+//! not run (an image that cannot be pulled, a crash loop, no node to run on).
 
 use std::collections::HashSet;
 
@@ -9,16 +11,104 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use kube::runtime::reflector::Store;
 use shotover_crds::crd::{
-    CONFIG_HASH_ANNOTATION, SIDECAR_LABEL, STATUS_ANNOTATION, TOPOLOGY_ANNOTATION,
+    CONFIG_HASH_ANNOTATION, SIDECAR_LABEL, STATUS_ANNOTATION, TOPOLOGY_ANNOTATION, TOPOLOGY_LABEL,
 };
 
 use crate::status::PodObservation;
 
-/// The two Pod caches.
+/// The Pod caches.
 #[derive(Clone)]
 pub struct PodStores {
     pub injected: Store<Pod>,
     pub opted_in: Store<Pod>,
+    /// The DB-side proxy Pods (label `shotover.io/topology`).
+    pub proxies: Store<Pod>,
+}
+
+/// Most characters of a container's termination message kept in a problem.
+const MESSAGE_CHARS: usize = 300;
+
+/// Drops what [`pod_problem`] does not need.
+pub fn strip_proxy(pod: &mut Pod) {
+    pod.spec = None;
+    pod.metadata.managed_fields = None;
+}
+
+/// What keeps one DB-side proxy Pod from running, if anything: not scheduled (and why), a
+/// container waiting for a reason other than starting (an image it cannot pull, a crash
+/// loop, with the last exit and the end of its log), or not Ready for a reason of the node.
+pub fn pod_problem(pod: &Pod) -> Option<String> {
+    let status = pod.status.as_ref()?;
+    let conditions = status.conditions.as_deref().unwrap_or_default();
+    if let Some(c) = conditions
+        .iter()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+    {
+        return Some(format!(
+            "not scheduled ({}): {}",
+            c.reason.as_deref().unwrap_or("Unschedulable"),
+            c.message.as_deref().unwrap_or_default()
+        ));
+    }
+    let containers = status
+        .init_container_statuses
+        .iter()
+        .flatten()
+        .chain(status.container_statuses.iter().flatten());
+    for c in containers {
+        let Some(waiting) = c.state.as_ref().and_then(|s| s.waiting.as_ref()) else {
+            continue;
+        };
+        let reason = waiting.reason.as_deref().unwrap_or_default();
+        if matches!(reason, "" | "ContainerCreating" | "PodInitializing") {
+            continue;
+        }
+        let mut problem = format!("container {} {reason}", c.name);
+        if let Some(last) = c.last_state.as_ref().and_then(|s| s.terminated.as_ref()) {
+            // The back-off message changes with every restart; the last exit says more.
+            write_exit(&mut problem, last);
+        } else if let Some(message) = waiting.message.as_deref().filter(|m| !m.is_empty()) {
+            problem.push_str(": ");
+            problem.push_str(&shorten(message));
+        }
+        return Some(problem);
+    }
+    if let Some(c) = conditions.iter().find(|c| {
+        c.type_ == "Ready"
+            && c.status == "False"
+            && c.reason.as_deref().is_some_and(|r| r != "ContainersNotReady" && r != "PodCompleted")
+    }) {
+        return Some(format!(
+            "not ready ({}): {}",
+            c.reason.as_deref().unwrap_or_default(),
+            c.message.as_deref().unwrap_or_default()
+        ));
+    }
+    None
+}
+
+fn write_exit(out: &mut String, t: &k8s_openapi::api::core::v1::ContainerStateTerminated) {
+    use std::fmt::Write as _;
+    let _ = write!(
+        out,
+        ": last exit code {} ({})",
+        t.exit_code,
+        t.reason.as_deref().unwrap_or("Error")
+    );
+    if let Some(message) = t.message.as_deref().map(str::trim).filter(|m| !m.is_empty()) {
+        let _ = write!(out, ": {}", shorten(message));
+    }
+}
+
+/// One line, at most [`MESSAGE_CHARS`] characters, from the end (where errors are).
+fn shorten(message: &str) -> String {
+    let line = message.split_whitespace().collect::<Vec<_>>().join(" ");
+    let chars: Vec<char> = line.chars().collect();
+    if chars.len() <= MESSAGE_CHARS {
+        line
+    } else {
+        format!("...{}", chars[chars.len() - MESSAGE_CHARS..].iter().collect::<String>())
+    }
 }
 
 /// Drops what the counts do not need (a Pod's spec is most of its size).
@@ -84,4 +174,24 @@ impl PodStores {
         pods.sort_by(|a, b| a.name.cmp(&b.name));
         pods
     }
+
+    /// Why the live DB-side proxy Pods of `topology` do not run: `pod: problem`, by name.
+    pub fn proxy_problems(&self, namespace: &str, topology: &str) -> Vec<String> {
+        let mut problems: Vec<String> = self
+            .proxies
+            .state()
+            .iter()
+            .filter(|pod| {
+                pod.namespace().as_deref() == Some(namespace)
+                    && pod.labels().get(TOPOLOGY_LABEL).map(String::as_str) == Some(topology)
+                    && live(pod)
+            })
+            .filter_map(|pod| Some(format!("{}: {}", pod.name_any(), pod_problem(pod)?)))
+            .collect();
+        problems.sort();
+        problems
+    }
 }
+
+#[cfg(test)]
+mod tests;

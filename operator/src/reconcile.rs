@@ -169,6 +169,7 @@ pub async fn reconcile(
                         obs.db_side = Some(DbSideObservation {
                             desired: db_side.replicas,
                             stateful_set: sts.as_ref().map(StatefulSetProgress::from_stateful_set),
+                            problems: proxy_problems(&ctx, &namespace, &name),
                         })
                     }
                     Err(source) => {
@@ -269,7 +270,15 @@ async fn apply_all(
     Ok(Some(DbSideObservation {
         desired,
         stateful_set: Some(StatefulSetProgress::from_stateful_set(&sts)),
+        problems: proxy_problems(ctx, namespace, &name),
     }))
+}
+
+fn proxy_problems(ctx: &Context, namespace: &str, name: &str) -> Vec<String> {
+    ctx.pods
+        .as_ref()
+        .map(|p| p.proxy_problems(namespace, name))
+        .unwrap_or_default()
 }
 
 /// Server-side apply with the operator's field manager, taking over conflicting fields.

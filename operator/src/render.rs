@@ -21,7 +21,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 use sha2::{Digest, Sha256};
 use shotover_crds::crd::{
-    CONFIG_FILE, CONFIG_HASH_ANNOTATION, DbSideSpec, ShotoverTopology, ShotoverTopologySpec,
+    CONFIG_FILE, CONFIG_HASH_ANNOTATION, DbSideSpec, INJECT_LABEL, ShotoverTopology, ShotoverTopologySpec,
     TOPOLOGY_FILE, TOPOLOGY_LABEL, names,
 };
 use shotover_crds::{ConfigError, ProxyConfig, TopologyErrors, load_topology};
@@ -347,6 +347,9 @@ fn render_db_side(
     };
     let mut pod_labels = labels(name, "db-side-proxy");
     pod_labels.extend(selector(name));
+    // The DB-side proxy is the proxy: never inject another one into it, whatever the
+    // namespace opts in to.
+    pod_labels.insert(INJECT_LABEL.to_owned(), "false".to_owned());
 
     let container = proxy_container(
         spec,
@@ -377,6 +380,9 @@ fn render_db_side(
                 }),
                 ..Volume::default()
             }]),
+            termination_grace_period_seconds: Some(30),
+            // The proxy never talks to the Kubernetes API.
+            automount_service_account_token: Some(false),
             security_context: Some(PodSecurityContext {
                 run_as_non_root: Some(true),
                 // Any image runs as a non-root user, whatever its USER says.
@@ -479,6 +485,12 @@ fn render_db_side(
     }
 }
 
+/// How long a proxy in a Pod keeps serving after SIGTERM with `/ready` failing, so that
+/// kube-proxy and the Service's clients stop choosing it before it drains.
+pub const SHUTDOWN_DELAY_SECONDS: u64 = 5;
+/// How long in-flight requests may then take; with the delay, inside the Pod's 30 s.
+pub const SHUTDOWN_GRACE_SECONDS: u64 = 20;
+
 /// What differs between the DB-side proxy and an injected sidecar.
 #[derive(Debug, Clone)]
 pub struct ProxySettings<'a> {
@@ -536,6 +548,12 @@ pub fn proxy_container(
         format!("{CONFIG_DIR}/{TOPOLOGY_FILE}"),
         "--config-file".to_owned(),
         format!("{CONFIG_DIR}/{CONFIG_FILE}"),
+        // On SIGTERM: fail /ready and keep serving while the endpoints go away, then drain,
+        // all within the Pod's default 30 s termination grace period.
+        "--shutdown-delay-seconds".to_owned(),
+        SHUTDOWN_DELAY_SECONDS.to_string(),
+        "--shutdown-grace-seconds".to_owned(),
+        SHUTDOWN_GRACE_SECONDS.to_string(),
     ];
     if let Some(level) = settings.log_level {
         args.extend(["--log-level".to_owned(), level.to_owned()]);

@@ -56,6 +56,8 @@ pub struct DbSideObservation {
     pub desired: i32,
     /// `None` while the StatefulSet does not exist.
     pub stateful_set: Option<StatefulSetProgress>,
+    /// Why proxy Pods do not run, `pod: problem` each (from `pods::pod_problem`).
+    pub problems: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -180,9 +182,12 @@ pub fn reconciled(
                 None => "the topology is invalid (see ConfigValid) and no valid configuration was ever rendered".to_owned(),
             },
         ),
-        (ConfigOutcome::Valid { .. }, None) => {
-            want(DEGRADED, false, "AsExpected", "nothing is failing")
-        }
+        (ConfigOutcome::Valid { .. }, None) => match obs.db_side.as_ref().map(|d| &d.problems) {
+            Some(problems) if !problems.is_empty() => {
+                want(DEGRADED, true, "ProxiesFailing", summary(problems))
+            }
+            _ => want(DEGRADED, false, "AsExpected", "nothing is failing"),
+        },
     };
 
     let ready = match (&obs.config, &obs.apply_error, &rollout) {
@@ -238,6 +243,15 @@ pub fn reconciled(
 
 /// At most this many Pod names in a message.
 const NAMES_SHOWN: usize = 5;
+
+/// The first problems, and how many more.
+fn summary(problems: &[String]) -> String {
+    let mut out = problems[..problems.len().min(NAMES_SHOWN)].join("; ");
+    if problems.len() > NAMES_SHOWN {
+        out.push_str(&format!("; and {} more", problems.len() - NAMES_SHOWN));
+    }
+    out
+}
 
 fn some_names<'a>(names: impl Iterator<Item = &'a str>) -> String {
     let names: Vec<&str> = names.collect();
@@ -449,9 +463,13 @@ fn rollout_state(db_side: &DbSideObservation) -> Rollout {
         };
     }
     if sts.ready_replicas < desired {
+        let mut message = format!("{} of {desired} proxies ready", sts.ready_replicas);
+        if !db_side.problems.is_empty() {
+            message.push_str(" (see Degraded)");
+        }
         return Rollout::Pending {
             reason: "WaitingForProxies",
-            message: format!("{} of {desired} proxies ready", sts.ready_replicas),
+            message,
         };
     }
     Rollout::Done {

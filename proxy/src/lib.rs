@@ -60,6 +60,11 @@ pub struct Opts {
     /// On SIGTERM/SIGINT, how long in-flight requests may take before the process exits.
     #[arg(long, default_value_t = 25)]
     pub shutdown_grace_seconds: u64,
+    /// On SIGTERM, how long to keep serving (and accepting) with `/ready` failing before the
+    /// drain starts, so that Services and kube-proxy stop sending new connections first. A
+    /// second signal ends the delay at once.
+    #[arg(long, default_value_t = 0)]
+    pub shutdown_delay_seconds: u64,
     /// Overrides `main_log_level` of the config file (a filter such as `info` or
     /// `shotover=debug,warn`).
     #[arg(long, env = "SHOTOVER_LOG_LEVEL")]
@@ -166,15 +171,27 @@ pub async fn run(opts: Opts) -> Result<()> {
     for source in sources {
         accept_loops.push(tokio::spawn(source.run(shutdown.clone(), tracker.clone())));
     }
+    let mut signals = Signals::new()?;
     ready.store(true, Ordering::Relaxed);
     tracing::info!("shotover is ready");
 
-    wait_for_signal().await?;
+    signals.next().await;
+    ready.store(false, Ordering::Relaxed);
+    if opts.shutdown_delay_seconds > 0 {
+        tracing::info!(
+            delay_seconds = opts.shutdown_delay_seconds,
+            "shutting down: /ready fails, still serving until the endpoints are gone"
+        );
+        let delay = tokio::time::sleep(Duration::from_secs(opts.shutdown_delay_seconds));
+        tokio::select! {
+            _ = delay => {}
+            _ = signals.next() => tracing::info!("second signal: ending the shutdown delay"),
+        }
+    }
     tracing::info!(
         grace_seconds = opts.shutdown_grace_seconds,
         "shutting down: no new connections, finishing in-flight requests"
     );
-    ready.store(false, Ordering::Relaxed);
     shutdown.cancel();
     for accept_loop in accept_loops {
         let _ = accept_loop.await;
@@ -195,13 +212,25 @@ pub async fn run(opts: Opts) -> Result<()> {
     Ok(())
 }
 
-async fn wait_for_signal() -> Result<()> {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
+/// SIGTERM and SIGINT, installed once, so that a second signal is seen too.
+struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn new() -> Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            int: signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        })
     }
-    Ok(())
+
+    async fn next(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }

@@ -32,6 +32,41 @@ capabilities:
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
+{{/* Spread replicas over nodes and zones (preferred, so a one-node cluster still runs them),
+     unless the values give an affinity of their own. Call with (list $ "operator"). */}}
+{{- define "shotover.scheduling" -}}
+{{- $root := index . 0 }}{{- $component := index . 1 }}
+{{- $values := index $root.Values $component }}
+{{- $selector := dict "app.kubernetes.io/instance" $root.Release.Name "app.kubernetes.io/component" $component }}
+{{- with $values.nodeSelector }}
+nodeSelector: {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with $values.tolerations }}
+tolerations: {{- toYaml . | nindent 2 }}
+{{- end }}
+affinity:
+{{- if $values.affinity }}
+  {{- toYaml $values.affinity | nindent 2 }}
+{{- else }}
+  podAntiAffinity:
+    preferredDuringSchedulingIgnoredDuringExecution:
+      - weight: 100
+        podAffinityTerm:
+          topologyKey: kubernetes.io/hostname
+          labelSelector:
+            matchLabels: {{- toYaml $selector | nindent 14 }}
+{{- end }}
+topologySpreadConstraints:
+{{- if $values.topologySpreadConstraints }}
+  {{- toYaml $values.topologySpreadConstraints | nindent 2 }}
+{{- else }}
+  - maxSkew: 1
+    topologyKey: topology.kubernetes.io/zone
+    whenUnsatisfiable: ScheduleAnyway
+    labelSelector:
+      matchLabels: {{- toYaml $selector | nindent 8 }}
+{{- end }}
+{{- end -}}
 {{- define "shotover.clientConfig" -}}
 {{- if .Values.webhook.url }}
 url: {{ .Values.webhook.url }}
@@ -53,7 +88,8 @@ rules:
     resources: [pods]
     scope: Namespaced
 admissionReviewVersions: [v1]
-sideEffects: None
+# The webhook writes Events, except for dry runs.
+sideEffects: NoneOnDryRun
 failurePolicy: {{ .Values.webhook.failurePolicy }}
 timeoutSeconds: {{ .Values.webhook.timeoutSeconds }}
 reinvocationPolicy: {{ .Values.webhook.reinvocationPolicy }}

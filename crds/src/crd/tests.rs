@@ -89,3 +89,30 @@ fn the_example_topologies_are_valid_resources() {
     }
     assert!(seen > 0, "no ShotoverTopology in {dir}");
 }
+
+#[test]
+fn the_default_image_the_chart_and_cargo_agree_on_the_version() {
+    // images/build tags the images with the Cargo version; the chart pulls its appVersion;
+    // the CRD defaults spec.image to the proxy's. All three must name the same release.
+    let version = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        DEFAULT_IMAGE,
+        format!("ghcr.io/shotover-k8s/shotover:{version}")
+    );
+    let chart = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../charts/shotover/Chart.yaml"
+    ))
+    .expect("Chart.yaml");
+    let chart: serde_json::Value = serde_yaml::from_str(&chart).expect("Chart.yaml is YAML");
+    assert_eq!(chart["appVersion"], version, "charts/shotover/Chart.yaml appVersion");
+    assert_eq!(chart["version"], version, "charts/shotover/Chart.yaml version");
+    let values = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../charts/shotover/values.yaml"
+    ))
+    .expect("values.yaml");
+    let values: serde_json::Value = serde_yaml::from_str(&values).expect("values.yaml is YAML");
+    assert_eq!(values["image"]["registry"], "ghcr.io/shotover-k8s");
+    assert_eq!(values["image"]["tag"], "", "the tag defaults to appVersion");
+}

@@ -152,7 +152,11 @@ fn the_stateful_set_runs_the_proxy_on_the_config_map() {
                 "--topology-file".to_owned(),
                 "/etc/shotover/topology.yaml".to_owned(),
                 "--config-file".to_owned(),
-                "/etc/shotover/config.yaml".to_owned()
+                "/etc/shotover/config.yaml".to_owned(),
+                "--shutdown-delay-seconds".to_owned(),
+                "5".to_owned(),
+                "--shutdown-grace-seconds".to_owned(),
+                "20".to_owned(),
             ][..]
         )
     );

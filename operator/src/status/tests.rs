@@ -166,6 +166,7 @@ fn db_side_readiness_comes_from_the_stateful_set() {
     obs.db_side = Some(DbSideObservation {
         desired: 2,
         stateful_set: Some(sts(2, 0, 2, "r1", "r1")),
+        ..DbSideObservation::default()
     });
     let (waiting, _) = reconciled(None, &obs, &at(0));
     assert_eq!(waiting.replicas, Some(2));
@@ -183,6 +184,7 @@ fn db_side_readiness_comes_from_the_stateful_set() {
     obs.db_side = Some(DbSideObservation {
         desired: 2,
         stateful_set: Some(sts(2, 2, 2, "r1", "r1")),
+        ..DbSideObservation::default()
     });
     let (ready, transitions) = reconciled(Some(&waiting), &obs, &at(30));
     assert_eq!(ready.ready_replicas, Some(2));
@@ -211,6 +213,7 @@ fn a_rollout_in_progress_is_progressing_until_every_pod_is_updated() {
         obs.db_side = Some(DbSideObservation {
             desired: 2,
             stateful_set: Some(progress.clone()),
+            ..DbSideObservation::default()
         });
         let (status, _) = reconciled(None, &obs, &at(0));
         let progressing = condition(&status, PROGRESSING);
@@ -226,6 +229,7 @@ fn an_invalid_topology_with_nothing_deployed_is_not_progressing() {
     obs.db_side = Some(DbSideObservation {
         desired: 2,
         stateful_set: None,
+        ..DbSideObservation::default()
     });
     let (status, _) = reconciled(None, &obs, &at(0));
     assert_eq!(condition(&status, PROGRESSING).status, "False");
@@ -371,4 +375,44 @@ fn pods_created_without_their_sidecar_are_a_warning() {
     // Without a Pod cache the counts stay as they were and no condition is set.
     let (s3, _) = reconciled(Some(&s2), &valid(1), &at(9));
     assert_eq!(s3.sidecars, s2.sidecars);
+}
+
+#[test]
+fn proxies_that_do_not_run_make_the_topology_degraded_saying_why() {
+    let mut obs = valid(2);
+    obs.db_side = Some(DbSideObservation {
+        desired: 2,
+        stateful_set: Some(sts(2, 0, 2, "r1", "r1")),
+        problems: vec![
+            "cache-shotover-0: container shotover ErrImageNeverPull: no image".to_owned(),
+            "cache-shotover-1: container shotover ErrImageNeverPull: no image".to_owned(),
+        ],
+    });
+    let (status, transitions) = reconciled(None, &obs, &at(0));
+    let degraded = condition(&status, DEGRADED);
+    assert_eq!(degraded.status, "True");
+    assert_eq!(degraded.reason, "ProxiesFailing");
+    assert_eq!(
+        degraded.message,
+        "cache-shotover-0: container shotover ErrImageNeverPull: no image; cache-shotover-1: container shotover ErrImageNeverPull: no image"
+    );
+    assert_eq!(
+        condition(&status, READY).message,
+        "0 of 2 proxies ready (see Degraded)"
+    );
+    let warning = transitions
+        .iter()
+        .find(|t| t.type_ == DEGRADED)
+        .expect("a Degraded transition");
+    assert!(warning.warning, "announced as a Warning Event");
+
+    // Fixed: no longer degraded, and that is announced too.
+    obs.db_side = Some(DbSideObservation {
+        desired: 2,
+        stateful_set: Some(sts(2, 2, 2, "r1", "r1")),
+        problems: Vec::new(),
+    });
+    let (fixed, transitions) = reconciled(Some(&status), &obs, &at(10));
+    assert_eq!(condition(&fixed, DEGRADED).status, "False");
+    assert!(transitions.iter().any(|t| t.type_ == DEGRADED));
 }

@@ -302,6 +302,10 @@ fn overrides_set_image_resources_and_log_level() {
             "/etc/shotover/topology.yaml",
             "--config-file",
             "/etc/shotover/config.yaml",
+            "--shutdown-delay-seconds",
+            "5",
+            "--shutdown-grace-seconds",
+            "20",
             "--log-level",
             "info,shotover=debug"
         ]

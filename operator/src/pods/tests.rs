@@ -1,0 +1,59 @@
+use k8s_openapi::api::core::v1::Pod;
+use serde_json::json;
+
+use super::pod_problem;
+
+fn pod(status: serde_json::Value) -> Pod {
+    serde_json::from_value(json!({"metadata": {"name": "db-shotover-0"}, "status": status}))
+        .expect("pod")
+}
+
+#[test]
+fn a_running_or_starting_proxy_has_no_problem() {
+    assert_eq!(pod_problem(&pod(json!({"phase": "Running", "conditions": [
+        {"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}],
+        "containerStatuses": [{"name": "shotover", "image": "i", "imageID": "", "ready": true,
+            "restartCount": 0, "state": {"running": {}}}]}))), None);
+    assert_eq!(pod_problem(&pod(json!({"phase": "Pending", "conditions": [
+        {"type": "Ready", "status": "False", "reason": "ContainersNotReady"}],
+        "containerStatuses": [{"name": "shotover", "image": "i", "imageID": "", "ready": false,
+            "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}}}]}))), None);
+}
+
+#[test]
+fn an_image_that_cannot_be_pulled_is_named_with_the_kubelets_message() {
+    let problem = pod_problem(&pod(json!({"phase": "Pending",
+        "containerStatuses": [{"name": "shotover", "image": "i", "imageID": "", "ready": false,
+            "restartCount": 0, "state": {"waiting": {"reason": "ErrImageNeverPull",
+            "message": "Container image \"example/shotover:9\" is not present with pull policy of Never"}}}]})));
+    assert_eq!(
+        problem.as_deref(),
+        Some("container shotover ErrImageNeverPull: Container image \"example/shotover:9\" is not present with pull policy of Never")
+    );
+}
+
+#[test]
+fn a_crash_loop_shows_the_last_exit_and_the_end_of_its_log() {
+    let log = format!("{}shotover: topology.yaml: source `redis`: bad", "x".repeat(400));
+    let problem = pod_problem(&pod(json!({"phase": "Running",
+        "containerStatuses": [{"name": "shotover", "image": "i", "imageID": "", "ready": false,
+            "restartCount": 4, "state": {"waiting": {"reason": "CrashLoopBackOff",
+            "message": "back-off 40s restarting failed container"}},
+            "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": log}}}]})))
+    .expect("a problem");
+    assert!(problem.starts_with("container shotover CrashLoopBackOff: last exit code 1 (Error): ..."), "{problem}");
+    assert!(problem.ends_with("source `redis`: bad"), "{problem}");
+    assert!(!problem.contains("back-off"), "{problem}");
+    assert!(problem.len() < 400, "{problem}");
+}
+
+#[test]
+fn an_unschedulable_proxy_says_why() {
+    let problem = pod_problem(&pod(json!({"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+         "message": "0/1 nodes are available: 1 node(s) had untolerated taint {node.kubernetes.io/not-ready: }."}]})));
+    assert_eq!(
+        problem.as_deref(),
+        Some("not scheduled (Unschedulable): 0/1 nodes are available: 1 node(s) had untolerated taint {node.kubernetes.io/not-ready: }.")
+    );
+}
