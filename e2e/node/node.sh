@@ -115,10 +115,11 @@ cmd_build() {
   fi
 
   # The test image: a shell and Redis from Debian.
-  key="tools $(key_of /bin/busybox /usr/bin/redis-server /usr/bin/redis-cli "$ROOT/images/oci.py")"
+  key="tools 2 $(key_of /bin/busybox /usr/bin/redis-server /usr/bin/redis-cli "$ROOT/images/oci.py")"
   if [ ! -f "$IMAGES/tools.oci.tar" ] || [ "$(cat "$IMAGES/.tools" 2>/dev/null)" != "$key" ]; then
     local links=() applet
-    for applet in sh cat echo env grep hostname ls nc nslookup ps seq sleep sort test timeout wc wget; do
+    for applet in awk cat cp date echo env expr grep head hostname kill ls mkdir mv nc nslookup ps rm \
+        sed seq sh sleep sort tail test timeout touch tr wc wget; do
       links+=(--link "/usr/local/bin/busybox:/bin/$applet")
     done
     python3 "$ROOT/images/oci.py" --name "$TOOLS_IMAGE" --out "$IMAGES/tools.oci.tar" \

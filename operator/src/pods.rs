@@ -76,7 +76,9 @@ pub fn pod_problem(pod: &Pod) -> Option<String> {
     if let Some(c) = conditions.iter().find(|c| {
         c.type_ == "Ready"
             && c.status == "False"
-            && c.reason.as_deref().is_some_and(|r| r != "ContainersNotReady" && r != "PodCompleted")
+            && c.reason
+                .as_deref()
+                .is_some_and(|r| r != "ContainersNotReady" && r != "PodCompleted")
     }) {
         return Some(format!(
             "not ready ({}): {}",
@@ -95,7 +97,12 @@ fn write_exit(out: &mut String, t: &k8s_openapi::api::core::v1::ContainerStateTe
         t.exit_code,
         t.reason.as_deref().unwrap_or("Error")
     );
-    if let Some(message) = t.message.as_deref().map(str::trim).filter(|m| !m.is_empty()) {
+    if let Some(message) = t
+        .message
+        .as_deref()
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+    {
         let _ = write!(out, ": {}", shorten(message));
     }
 }
@@ -107,7 +114,12 @@ fn shorten(message: &str) -> String {
     if chars.len() <= MESSAGE_CHARS {
         line
     } else {
-        format!("...{}", chars[chars.len() - MESSAGE_CHARS..].iter().collect::<String>())
+        format!(
+            "...{}",
+            chars[chars.len() - MESSAGE_CHARS..]
+                .iter()
+                .collect::<String>()
+        )
     }
 }
 

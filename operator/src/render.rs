@@ -21,8 +21,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 use sha2::{Digest, Sha256};
 use shotover_crds::crd::{
-    CONFIG_FILE, CONFIG_HASH_ANNOTATION, DbSideSpec, INJECT_LABEL, ShotoverTopology, ShotoverTopologySpec,
-    TOPOLOGY_FILE, TOPOLOGY_LABEL, names,
+    CONFIG_FILE, CONFIG_HASH_ANNOTATION, DbSideSpec, INJECT_LABEL, ShotoverTopology,
+    ShotoverTopologySpec, TOPOLOGY_FILE, TOPOLOGY_LABEL, names,
 };
 use shotover_crds::{ConfigError, ProxyConfig, TopologyErrors, load_topology};
 

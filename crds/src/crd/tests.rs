@@ -105,8 +105,14 @@ fn the_default_image_the_chart_and_cargo_agree_on_the_version() {
     ))
     .expect("Chart.yaml");
     let chart: serde_json::Value = serde_yaml::from_str(&chart).expect("Chart.yaml is YAML");
-    assert_eq!(chart["appVersion"], version, "charts/shotover/Chart.yaml appVersion");
-    assert_eq!(chart["version"], version, "charts/shotover/Chart.yaml version");
+    assert_eq!(
+        chart["appVersion"], version,
+        "charts/shotover/Chart.yaml appVersion"
+    );
+    assert_eq!(
+        chart["version"], version,
+        "charts/shotover/Chart.yaml version"
+    );
     let values = std::fs::read_to_string(concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../charts/shotover/values.yaml"

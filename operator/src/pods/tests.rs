@@ -10,14 +10,20 @@ fn pod(status: serde_json::Value) -> Pod {
 
 #[test]
 fn a_running_or_starting_proxy_has_no_problem() {
-    assert_eq!(pod_problem(&pod(json!({"phase": "Running", "conditions": [
+    assert_eq!(
+        pod_problem(&pod(json!({"phase": "Running", "conditions": [
         {"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}],
         "containerStatuses": [{"name": "shotover", "image": "i", "imageID": "", "ready": true,
-            "restartCount": 0, "state": {"running": {}}}]}))), None);
-    assert_eq!(pod_problem(&pod(json!({"phase": "Pending", "conditions": [
+            "restartCount": 0, "state": {"running": {}}}]}))),
+        None
+    );
+    assert_eq!(
+        pod_problem(&pod(json!({"phase": "Pending", "conditions": [
         {"type": "Ready", "status": "False", "reason": "ContainersNotReady"}],
         "containerStatuses": [{"name": "shotover", "image": "i", "imageID": "", "ready": false,
-            "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}}}]}))), None);
+            "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}}}]}))),
+        None
+    );
 }
 
 #[test]
@@ -28,20 +34,28 @@ fn an_image_that_cannot_be_pulled_is_named_with_the_kubelets_message() {
             "message": "Container image \"example/shotover:9\" is not present with pull policy of Never"}}}]})));
     assert_eq!(
         problem.as_deref(),
-        Some("container shotover ErrImageNeverPull: Container image \"example/shotover:9\" is not present with pull policy of Never")
+        Some(
+            "container shotover ErrImageNeverPull: Container image \"example/shotover:9\" is not present with pull policy of Never"
+        )
     );
 }
 
 #[test]
 fn a_crash_loop_shows_the_last_exit_and_the_end_of_its_log() {
-    let log = format!("{}shotover: topology.yaml: source `redis`: bad", "x".repeat(400));
+    let log = format!(
+        "{}shotover: topology.yaml: source `redis`: bad",
+        "x".repeat(400)
+    );
     let problem = pod_problem(&pod(json!({"phase": "Running",
         "containerStatuses": [{"name": "shotover", "image": "i", "imageID": "", "ready": false,
             "restartCount": 4, "state": {"waiting": {"reason": "CrashLoopBackOff",
             "message": "back-off 40s restarting failed container"}},
             "lastState": {"terminated": {"exitCode": 1, "reason": "Error", "message": log}}}]})))
     .expect("a problem");
-    assert!(problem.starts_with("container shotover CrashLoopBackOff: last exit code 1 (Error): ..."), "{problem}");
+    assert!(
+        problem.starts_with("container shotover CrashLoopBackOff: last exit code 1 (Error): ..."),
+        "{problem}"
+    );
     assert!(problem.ends_with("source `redis`: bad"), "{problem}");
     assert!(!problem.contains("back-off"), "{problem}");
     assert!(problem.len() < 400, "{problem}");
@@ -54,6 +68,8 @@ fn an_unschedulable_proxy_says_why() {
          "message": "0/1 nodes are available: 1 node(s) had untolerated taint {node.kubernetes.io/not-ready: }."}]})));
     assert_eq!(
         problem.as_deref(),
-        Some("not scheduled (Unschedulable): 0/1 nodes are available: 1 node(s) had untolerated taint {node.kubernetes.io/not-ready: }.")
+        Some(
+            "not scheduled (Unschedulable): 0/1 nodes are available: 1 node(s) had untolerated taint {node.kubernetes.io/not-ready: }."
+        )
     );
 }

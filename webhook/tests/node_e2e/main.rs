@@ -66,7 +66,15 @@ fn apply(namespace: &str, manifest: &Value) {
     let text = serde_json::to_string(manifest).expect("json");
     run(
         "kubectl",
-        &["apply", "--server-side", "--force-conflicts", "-n", namespace, "-f", "-"],
+        &[
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "-n",
+            namespace,
+            "-f",
+            "-",
+        ],
         Some(&text),
     )
     .unwrap_or_else(|e| panic!("{e}"));
@@ -199,11 +207,31 @@ fn install() -> &'static Install {
 /// Prints the state of a namespace (for a failing test).
 fn dump(namespace: &str) {
     for args in [
-        vec!["get", "all,shotovertopologies,pdb,leases,configmaps", "-o", "wide", "-n", namespace],
+        vec![
+            "get",
+            "all,shotovertopologies,pdb,leases,configmaps",
+            "-o",
+            "wide",
+            "-n",
+            namespace,
+        ],
         vec!["get", "events", "--sort-by=.lastTimestamp", "-n", namespace],
-        vec!["logs", "-n", namespace, "--all-containers", "--prefix", "--tail=40", "-l", "app.kubernetes.io/part-of=shotover"],
+        vec![
+            "logs",
+            "-n",
+            namespace,
+            "--all-containers",
+            "--prefix",
+            "--tail=40",
+            "-l",
+            "app.kubernetes.io/part-of=shotover",
+        ],
     ] {
-        eprintln!("$ kubectl {}\n{}", args.join(" "), kubectl(&args).unwrap_or_else(|e| e));
+        eprintln!(
+            "$ kubectl {}\n{}",
+            args.join(" "),
+            kubectl(&args).unwrap_or_else(|e| e)
+        );
     }
 }
 
@@ -231,13 +259,17 @@ fn pods(namespace: &str, selector: &str) -> Vec<Value> {
 }
 
 fn name(object: &Value) -> String {
-    object["metadata"]["name"].as_str().unwrap_or_default().to_owned()
+    object["metadata"]["name"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned()
 }
 
 fn is_ready(pod: &Value) -> bool {
-    pod["status"]["conditions"]
-        .as_array()
-        .is_some_and(|c| c.iter().any(|c| c["type"] == "Ready" && c["status"] == "True"))
+    pod["status"]["conditions"].as_array().is_some_and(|c| {
+        c.iter()
+            .any(|c| c["type"] == "Ready" && c["status"] == "True")
+    })
 }
 
 /// Waits until exactly `count` live Pods match `selector`, all Running and Ready.
@@ -247,8 +279,11 @@ fn ready_pods(namespace: &str, selector: &str, count: usize) -> Vec<Value> {
         LONG,
         || {
             let pods = pods(namespace, selector);
-            (pods.len() == count && pods.iter().all(|p| p["status"]["phase"] == "Running" && is_ready(p)))
-                .then_some(pods)
+            (pods.len() == count
+                && pods
+                    .iter()
+                    .all(|p| p["status"]["phase"] == "Running" && is_ready(p)))
+            .then_some(pods)
         },
     )
 }
@@ -399,7 +434,11 @@ impl Story {
     }
 
     fn db_pods(&self, count: usize) -> Vec<Value> {
-        ready_pods(&self.ns, &format!("shotover.io/topology={}", self.db), count)
+        ready_pods(
+            &self.ns,
+            &format!("shotover.io/topology={}", self.db),
+            count,
+        )
     }
 
     fn app_pod(&self) -> Value {
@@ -440,7 +479,10 @@ fn the_chart_runs_the_operator_and_the_webhook_as_ready_pods() {
         lease["spec"]["holderIdentity"].as_str().map(str::to_owned)
     });
     let names: Vec<String> = operators.iter().map(name).collect();
-    assert!(names.contains(&holder), "Lease holder {holder} is not one of {names:?}");
+    assert!(
+        names.contains(&holder),
+        "Lease holder {holder} is not one of {names:?}"
+    );
     let leaders: f64 = names
         .iter()
         .map(|pod| {
@@ -452,17 +494,26 @@ fn the_chart_runs_the_operator_and_the_webhook_as_ready_pods() {
     for pod in webhooks.iter().map(name) {
         let metrics = pod_http(ns, &pod, 8080, "/metrics").unwrap_or_else(|e| panic!("{e}"));
         assert!(
-            metric(&metrics, "shotover_webhook_certificate_expiry_timestamp_seconds").is_some_and(|s| s > 0.0),
+            metric(
+                &metrics,
+                "shotover_webhook_certificate_expiry_timestamp_seconds"
+            )
+            .is_some_and(|s| s > 0.0),
             "{pod} serves a certificate:\n{metrics}"
         );
     }
 
     // The PDBs allow one voluntary disruption at a time, and see both replicas healthy.
     for component in ["operator", "webhook"] {
-        let pdb = wait_for(&format!("the {component} PDB to see 2 healthy Pods"), LONG, || {
-            let pdb = get_json(&["pdb", &format!("{}-{component}", install.release), "-n", ns])?;
-            (pdb["status"]["currentHealthy"] == 2).then_some(pdb)
-        });
+        let pdb = wait_for(
+            &format!("the {component} PDB to see 2 healthy Pods"),
+            LONG,
+            || {
+                let pdb =
+                    get_json(&["pdb", &format!("{}-{component}", install.release), "-n", ns])?;
+                (pdb["status"]["currentHealthy"] == 2).then_some(pdb)
+            },
+        );
         assert_eq!(pdb["spec"]["maxUnavailable"], 1);
         assert_eq!(pdb["status"]["disruptionsAllowed"], 1);
     }
@@ -490,8 +541,9 @@ fn app_traffic_goes_through_its_sidecar_and_the_db_side_tier_to_redis() {
     story.db_pods(2);
     wait_for("readyReplicas 2 and Ready=True", LONG, || {
         let status = story.status(&story.db);
-        (status["readyReplicas"] == 2 && story.condition(&story.db, "Ready").as_deref() == Some("True"))
-            .then_some(())
+        (status["readyReplicas"] == 2
+            && story.condition(&story.db, "Ready").as_deref() == Some("True"))
+        .then_some(())
     });
 
     // The app's Pod has the native sidecar, Ready, and its own container: 2/2.
@@ -499,7 +551,9 @@ fn app_traffic_goes_through_its_sidecar_and_the_db_side_tier_to_redis() {
     let init = &pod["spec"]["initContainers"][0];
     assert_eq!(init["name"], "shotover");
     assert_eq!(init["restartPolicy"], "Always");
-    let statuses = pod["status"]["initContainerStatuses"].as_array().expect("init statuses");
+    let statuses = pod["status"]["initContainerStatuses"]
+        .as_array()
+        .expect("init statuses");
     assert_eq!(statuses[0]["ready"], true, "{statuses:?}");
     assert_eq!(pod["status"]["containerStatuses"][0]["ready"], true);
     let pod = name(&pod);
@@ -509,22 +563,42 @@ fn app_traffic_goes_through_its_sidecar_and_the_db_side_tier_to_redis() {
     for i in 0..10 {
         let key = format!("path:{i}");
         let value = format!("value-{i}");
-        let set = story.redis_cli(&pod, &["set", &key, &value]).unwrap_or_else(|e| panic!("{e}"));
+        let set = story
+            .redis_cli(&pod, &["set", &key, &value])
+            .unwrap_or_else(|e| panic!("{e}"));
         assert_eq!(set, "OK");
-        assert_eq!(story.redis_cli(&pod, &["get", &key]).unwrap_or_else(|e| panic!("{e}")), value);
+        assert_eq!(
+            story
+                .redis_cli(&pod, &["get", &key])
+                .unwrap_or_else(|e| panic!("{e}")),
+            value
+        );
     }
     // Redis itself holds them (read directly, not through any proxy).
     let redis = format!("{}-redis-0", story.prefix);
-    let direct = exec(&story.ns, &redis, "redis", &["redis-cli", "get", "path:7"]).unwrap_or_else(|e| panic!("{e}"));
+    let direct = exec(&story.ns, &redis, "redis", &["redis-cli", "get", "path:7"])
+        .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(direct.trim(), "value-7");
 
     // The sidecar and the DB-side proxies counted them: the path really went through both.
     let sidecar = pod_http(&story.ns, &pod, 9001, "/metrics").unwrap_or_else(|e| panic!("{e}"));
-    assert_eq!(metric(&sidecar, "shotover_query_count{name=\"edge\",query=\"SET\""), Some(10.0), "{sidecar}");
-    assert_eq!(metric(&sidecar, "shotover_query_count{name=\"edge\",query=\"GET\""), Some(10.0));
-    wait_for("the DB-side proxies to count the 10 SETs", Duration::from_secs(30), || {
-        (story.db_metric("shotover_query_count{name=\"db\",query=\"SET\"") - before >= 10.0).then_some(())
-    });
+    assert_eq!(
+        metric(&sidecar, "shotover_query_count{name=\"edge\",query=\"SET\""),
+        Some(10.0),
+        "{sidecar}"
+    );
+    assert_eq!(
+        metric(&sidecar, "shotover_query_count{name=\"edge\",query=\"GET\""),
+        Some(10.0)
+    );
+    wait_for(
+        "the DB-side proxies to count the 10 SETs",
+        Duration::from_secs(30),
+        || {
+            (story.db_metric("shotover_query_count{name=\"db\",query=\"SET\"") - before >= 10.0)
+                .then_some(())
+        },
+    );
     let injected = story.status(&story.edge)["sidecars"]["injected"].clone();
     assert_eq!(injected, 1, "{}", story.status(&story.edge));
 }
@@ -546,41 +620,68 @@ fn a_chain_change_rolls_the_tier_and_outdates_sidecars_until_the_app_restarts() 
     let new_db = wait_for("the DB-side tier to roll", LONG, || {
         let pods = story.db_pods(2);
         let names: Vec<String> = pods.iter().map(name).collect();
-        let rolled = pods.iter().all(|p| {
-            p["metadata"]["annotations"]["shotover.io/config-hash"] != old_hash
-        });
+        let rolled = pods
+            .iter()
+            .all(|p| p["metadata"]["annotations"]["shotover.io/config-hash"] != old_hash);
         (rolled && names.len() == 2).then_some(pods)
     });
     for pod in &new_db {
         assert!(
-            pod_http(&story.ns, &name(pod), 9001, "/metrics").is_ok_and(|m| !m.contains("name=\"db\"")),
-            "{} runs the new chain", name(pod)
+            pod_http(&story.ns, &name(pod), 9001, "/metrics")
+                .is_ok_and(|m| !m.contains("name=\"db\"")),
+            "{} runs the new chain",
+            name(pod)
         );
     }
     let _ = old_db;
     wait_for("readyReplicas 2 after the roll", LONG, || {
-        (story.status(&story.db)["readyReplicas"] == 2 && story.status(&story.db)["configHash"] != old_hash).then_some(())
+        (story.status(&story.db)["readyReplicas"] == 2
+            && story.status(&story.db)["configHash"] != old_hash)
+            .then_some(())
     });
 
     // A new sidecar chain: the running sidecar is outdated until its Pod is recreated.
     story.apply_edge(install, "edge2");
     wait_for("SidecarsUpToDate=False with 1 outdated", LONG, || {
         let status = story.status(&story.edge);
-        (status["sidecars"]["outdated"] == 1 && story.condition(&story.edge, "SidecarsUpToDate").as_deref() == Some("False"))
-            .then_some(())
+        (status["sidecars"]["outdated"] == 1
+            && story.condition(&story.edge, "SidecarsUpToDate").as_deref() == Some("False"))
+        .then_some(())
     });
-    k(&["rollout", "restart", "-n", &story.ns, &format!("deployment/{}", story.app)]);
-    k(&["rollout", "status", "-n", &story.ns, &format!("deployment/{}", story.app), "--timeout=180s"]);
+    k(&[
+        "rollout",
+        "restart",
+        "-n",
+        &story.ns,
+        &format!("deployment/{}", story.app),
+    ]);
+    k(&[
+        "rollout",
+        "status",
+        "-n",
+        &story.ns,
+        &format!("deployment/{}", story.app),
+        "--timeout=180s",
+    ]);
     wait_for("SidecarsUpToDate=True with none outdated", LONG, || {
         let status = story.status(&story.edge);
-        (status["sidecars"]["outdated"] == 0 && status["sidecars"]["injected"] == 1
+        (status["sidecars"]["outdated"] == 0
+            && status["sidecars"]["injected"] == 1
             && story.condition(&story.edge, "SidecarsUpToDate").as_deref() == Some("True"))
-            .then_some(())
+        .then_some(())
     });
     let pod = name(&story.app_pod());
-    assert_eq!(story.redis_cli(&pod, &["set", "roll:after", "1"]).unwrap_or_else(|e| panic!("{e}")), "OK");
+    assert_eq!(
+        story
+            .redis_cli(&pod, &["set", "roll:after", "1"])
+            .unwrap_or_else(|e| panic!("{e}")),
+        "OK"
+    );
     let sidecar = pod_http(&story.ns, &pod, 9001, "/metrics").unwrap_or_else(|e| panic!("{e}"));
-    assert!(sidecar.contains("name=\"edge2\""), "the new sidecar runs the new chain:\n{sidecar}");
+    assert!(
+        sidecar.contains("name=\"edge2\""),
+        "the new sidecar runs the new chain:\n{sidecar}"
+    );
 }
 
 #[test]
@@ -598,15 +699,25 @@ fn a_rolling_update_of_the_db_side_tier_under_traffic_loses_no_request() {
         case \"$r\" in ''|*[!0-9]*) bad=$((bad + 1)); echo \"$r\" >&2 ;; *) ok=$((ok + 1)) ;; esac; \
         done; echo \"$ok $bad\" > /tmp/result";
     let mut loop_ = Command::new("kubectl")
-        .args(["exec", "-n", &story.ns, &pod, "-c", "app", "--", "sh", "-c", client])
+        .args([
+            "exec", "-n", &story.ns, &pod, "-c", "app", "--", "sh", "-c", client,
+        ])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .expect("start the client");
-    wait_for("the client to have sent requests", Duration::from_secs(30), || {
-        let n: u64 = story.redis_cli(&pod, &["get", "drain:n"]).ok()?.parse().ok()?;
-        (n > 20).then_some(())
-    });
+    wait_for(
+        "the client to have sent requests",
+        Duration::from_secs(30),
+        || {
+            let n: u64 = story
+                .redis_cli(&pod, &["get", "drain:n"])
+                .ok()?
+                .parse()
+                .ok()?;
+            (n > 20).then_some(())
+        },
+    );
 
     // Roll all three proxies (a new chain), one at a time, while the client goes on.
     let old_hash = story.status(&story.db)["configHash"].clone();
@@ -616,19 +727,29 @@ fn a_rolling_update_of_the_db_side_tier_under_traffic_loses_no_request() {
         let pods = pods(&story.ns, &format!("shotover.io/topology={}", story.db));
         (status["configHash"] != old_hash
             && pods.len() == 3
-            && pods.iter().all(|p| is_ready(p) && p["metadata"]["annotations"]["shotover.io/config-hash"] != old_hash))
-            .then_some(())
+            && pods.iter().all(|p| {
+                is_ready(p) && p["metadata"]["annotations"]["shotover.io/config-hash"] != old_hash
+            }))
+        .then_some(())
     });
-    exec(&story.ns, &pod, "app", &["touch", "/tmp/stop"]).unwrap_or_else(|e| panic!("{e}"));
+    exec(&story.ns, &pod, "app", &["sh", "-c", ": > /tmp/stop"]).unwrap_or_else(|e| panic!("{e}"));
     let status = loop_.wait().expect("client");
     assert!(status.success(), "the client loop failed");
     let result = wait_for("the client's result", Duration::from_secs(30), || {
         exec(&story.ns, &pod, "app", &["cat", "/tmp/result"]).ok()
     });
-    let mut fields = result.split_whitespace().map(|f| f.parse::<u64>().expect("count"));
+    let mut fields = result
+        .split_whitespace()
+        .map(|f| f.parse::<u64>().expect("count"));
     let (ok, bad) = (fields.next().expect("ok"), fields.next().expect("bad"));
-    let total: u64 = story.redis_cli(&pod, &["get", "drain:n"]).unwrap_or_else(|e| panic!("{e}")).parse().expect("n");
-    eprintln!("rolling update under traffic: {ok} INCRs answered in order, {bad} failed, Redis counted {total}");
+    let total: u64 = story
+        .redis_cli(&pod, &["get", "drain:n"])
+        .unwrap_or_else(|e| panic!("{e}"))
+        .parse()
+        .expect("n");
+    eprintln!(
+        "rolling update under traffic: {ok} INCRs answered in order, {bad} failed, Redis counted {total}"
+    );
     assert!(ok > 50, "the client kept running through the roll ({ok})");
     // Every request the client saw succeed is in Redis, and none that it saw fail is: no
     // connection was cut with a request in flight, none was refused.
@@ -650,7 +771,14 @@ fn killing_a_webhook_pod_under_a_stream_of_pod_creations_loses_no_admission() {
     let mut created = Vec::new();
     for i in 0..40 {
         if i == 10 {
-            k(&["delete", "pod", "-n", &install.system, &victim, "--wait=false"]);
+            k(&[
+                "delete",
+                "pod",
+                "-n",
+                &install.system,
+                &victim,
+                "--wait=false",
+            ]);
         }
         let pod = format!("hook-stream-{i}");
         let manifest = json!({
@@ -662,17 +790,36 @@ fn killing_a_webhook_pod_under_a_stream_of_pod_creations_loses_no_admission() {
                      "terminationGracePeriodSeconds": 1},
         });
         let text = serde_json::to_string(&manifest).expect("json");
-        run("kubectl", &["create", "--dry-run=server", "-n", &story.ns, "-f", "-"], Some(&text))
-            .unwrap_or_else(|e| panic!("admission {i} failed while a webhook Pod was going: {e}"));
-        let out = run("kubectl", &["create", "-n", &story.ns, "-f", "-", "-o", "json"], Some(&text))
-            .unwrap_or_else(|e| panic!("creation {i} failed while a webhook Pod was going: {e}"));
+        run(
+            "kubectl",
+            &["create", "--dry-run=server", "-n", &story.ns, "-f", "-"],
+            Some(&text),
+        )
+        .unwrap_or_else(|e| panic!("admission {i} failed while a webhook Pod was going: {e}"));
+        let out = run(
+            "kubectl",
+            &["create", "-n", &story.ns, "-f", "-", "-o", "json"],
+            Some(&text),
+        )
+        .unwrap_or_else(|e| panic!("creation {i} failed while a webhook Pod was going: {e}"));
         let pod: Value = serde_json::from_str(&out).expect("pod");
-        assert_eq!(pod["spec"]["initContainers"][0]["name"], "shotover", "Pod {i} was injected");
+        assert_eq!(
+            pod["spec"]["initContainers"][0]["name"], "shotover",
+            "Pod {i} was injected"
+        );
         created.push(name(&pod));
     }
     assert_eq!(created.len(), 40);
     ready_pods(&install.system, "app.kubernetes.io/component=webhook", 2);
-    k(&["delete", "pods", "-n", &story.ns, "-l", "stream=hook", "--wait=false"]);
+    k(&[
+        "delete",
+        "pods",
+        "-n",
+        &story.ns,
+        "-l",
+        "stream=hook",
+        "--wait=false",
+    ]);
 }
 
 #[test]
@@ -684,12 +831,23 @@ fn deleting_a_topology_removes_its_children() {
     k(&["delete", "shotovertopology", "-n", &story.ns, &story.db]);
     for kind in ["statefulset", "service", "configmap", "pdb"] {
         wait_for(&format!("the {kind}s of {} to go", story.db), LONG, || {
-            let list = get_json(&[kind, "-n", &story.ns, "-l", &format!("shotover.io/topology={}", story.db)])?;
-            list["items"].as_array().is_some_and(|i| i.is_empty()).then_some(())
+            let list = get_json(&[
+                kind,
+                "-n",
+                &story.ns,
+                "-l",
+                &format!("shotover.io/topology={}", story.db),
+            ])?;
+            list["items"]
+                .as_array()
+                .is_some_and(|i| i.is_empty())
+                .then_some(())
         });
     }
     wait_for("the proxy Pods to go", LONG, || {
-        pods(&story.ns, &format!("shotover.io/topology={}", story.db)).is_empty().then_some(())
+        pods(&story.ns, &format!("shotover.io/topology={}", story.db))
+            .is_empty()
+            .then_some(())
     });
 }
 
@@ -710,9 +868,15 @@ fn images_are_reproducible_minimal_non_root_and_labelled() {
         run(
             "python3",
             &[
-                &format!("{repo}/images/oci.py"), "--name", "example.com/shotover:test",
-                "--out", out.to_str().expect("path"), "--bin", &binary,
-                "--label", "org.opencontainers.image.version=test",
+                &format!("{repo}/images/oci.py"),
+                "--name",
+                "example.com/shotover:test",
+                "--out",
+                out.to_str().expect("path"),
+                "--bin",
+                &binary,
+                "--label",
+                "org.opencontainers.image.version=test",
             ],
             None,
         )
@@ -722,7 +886,10 @@ fn images_are_reproducible_minimal_non_root_and_labelled() {
     };
     let (first, second) = (build("a.tar"), build("b.tar"));
     assert!(first.starts_with("sha256:"), "{first}");
-    assert_eq!(first, second, "two builds of the same inputs have the same digest");
+    assert_eq!(
+        first, second,
+        "two builds of the same inputs have the same digest"
+    );
     assert_eq!(
         std::fs::read(dir.join("a.tar")).expect("a"),
         std::fs::read(dir.join("b.tar")).expect("b"),
@@ -731,14 +898,21 @@ fn images_are_reproducible_minimal_non_root_and_labelled() {
 
     // The shipped archive: what skopeo reads from it, what is inside.
     let inspect: Value = serde_json::from_str(
-        &run("skopeo", &["inspect", "--config", &format!("oci-archive:{archive}")], None)
-            .unwrap_or_else(|e| panic!("{e}")),
+        &run(
+            "skopeo",
+            &["inspect", "--config", &format!("oci-archive:{archive}")],
+            None,
+        )
+        .unwrap_or_else(|e| panic!("{e}")),
     )
     .expect("skopeo inspect --config");
     let config = &inspect["config"];
     assert_eq!(config["User"], "65532:65532");
     assert_eq!(config["Entrypoint"], json!(["/usr/local/bin/shotover"]));
-    assert_eq!(config["Labels"]["org.opencontainers.image.version"], VERSION);
+    assert_eq!(
+        config["Labels"]["org.opencontainers.image.version"],
+        VERSION
+    );
     assert!(
         config["Labels"]["org.opencontainers.image.revision"]
             .as_str()
@@ -756,7 +930,11 @@ fn images_are_reproducible_minimal_non_root_and_labelled() {
     let unpacked = dir.join("rootfs");
     run(
         "skopeo",
-        &["copy", &format!("oci-archive:{archive}"), &format!("dir:{}", unpacked.display())],
+        &[
+            "copy",
+            &format!("oci-archive:{archive}"),
+            &format!("dir:{}", unpacked.display()),
+        ],
         None,
     )
     .unwrap_or_else(|e| panic!("{e}"));
@@ -765,7 +943,8 @@ fn images_are_reproducible_minimal_non_root_and_labelled() {
     for entry in std::fs::read_dir(&unpacked).expect("dir") {
         let path = entry.expect("entry").path();
         if std::fs::read(&path).is_ok_and(|b| b.starts_with(&[0x1f, 0x8b])) {
-            let listing = run("tar", &["-tvzf", path.to_str().expect("path")], None).unwrap_or_else(|e| panic!("{e}"));
+            let listing = run("tar", &["-tvzf", path.to_str().expect("path")], None)
+                .unwrap_or_else(|e| panic!("{e}"));
             for line in listing.lines() {
                 let fields: Vec<&str> = line.split_whitespace().collect();
                 if line.starts_with('-') {
@@ -783,9 +962,74 @@ fn images_are_reproducible_minimal_non_root_and_labelled() {
             "unexpected file {file} in the image: {files:?}"
         );
     }
-    assert!(files.iter().any(|f| f == "usr/local/bin/shotover"), "{files:?}");
-    assert!(files.iter().any(|f| f == "etc/ssl/certs/ca-certificates.crt"), "{files:?}");
+    assert!(
+        files.iter().any(|f| f == "usr/local/bin/shotover"),
+        "{files:?}"
+    );
+    assert!(
+        files
+            .iter()
+            .any(|f| f == "etc/ssl/certs/ca-certificates.crt"),
+        "{files:?}"
+    );
     assert!(files.iter().any(|f| f.contains("libc.so")), "{files:?}");
-    eprintln!("shotover image: {} files, {:.1} MB uncompressed", files.len(), bytes as f64 / 1e6);
+    eprintln!(
+        "shotover image: {} files, {:.1} MB uncompressed",
+        files.len(),
+        bytes as f64 / 1e6
+    );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_proxy_image_the_node_cannot_get_shows_in_the_status_and_an_event() {
+    let install = install();
+    let _dump = DumpOnFailure(install);
+    let ns = &install.apps;
+    let topology = "missing-image";
+    apply(
+        ns,
+        &json!({
+            "apiVersion": "shotover.io/v1alpha1", "kind": "ShotoverTopology",
+            "metadata": {"name": topology},
+            "spec": {
+                "image": "example.invalid/shotover:absent", "imagePullPolicy": "Never",
+                "sources": [{"Redis": {"name": "redis", "listenAddr": "0.0.0.0:6380",
+                    "chain": [{"RedisSinkSingle": {"remoteAddress": "nowhere:6379"}}]}}],
+                "dbSide": {"replicas": 1},
+            },
+        }),
+    );
+    let message = wait_for("Degraded=True naming the image", LONG, || {
+        let status = get_json(&["shotovertopology", topology, "-n", ns])?["status"].clone();
+        let degraded = status["conditions"]
+            .as_array()?
+            .iter()
+            .find(|c| {
+                c["type"] == "Degraded" && c["status"] == "True" && c["reason"] == "ProxiesFailing"
+            })?
+            .clone();
+        Some(degraded["message"].as_str()?.to_owned())
+    });
+    assert_eq!(
+        message,
+        format!(
+            "{topology}-shotover-0: container shotover ErrImageNeverPull: Container image \"example.invalid/shotover:absent\" is not present with pull policy of Never"
+        )
+    );
+    wait_for("a Warning Event ProxiesFailing", LONG, || {
+        let events = get_json(&[
+            "events",
+            "-n",
+            ns,
+            "--field-selector",
+            &format!("involvedObject.name={topology},reason=ProxiesFailing"),
+        ])?;
+        events["items"]
+            .as_array()?
+            .iter()
+            .any(|e| e["type"] == "Warning")
+            .then_some(())
+    });
+    k(&["delete", "shotovertopology", "-n", ns, topology]);
 }
