@@ -27,7 +27,7 @@
 # Pod traffic stays on this node: a filter chain (SHOTOVER-E2E-NODE) drops whatever a Pod
 # sends that would leave the bridge, other than to the cluster address and the bridge itself.
 #
-# Images: no registry. `up` imports registry.k8s.io/pause:3.10 and localhost/shotover-e2e/tools:1
+# Images: no registry (containerd's pulls go to a closed loopback port). `up` imports registry.k8s.io/pause:3.10 and localhost/shotover-e2e/tools:1
 # (busybox, redis-server and redis-cli from Debian); `load` imports more (the project's images
 # from images/build). Use imagePullPolicy: Never or IfNotPresent.
 #
@@ -465,7 +465,11 @@ cmd_up() {
   write_configs
   [ -f "$NDIR/netns.before" ] || ls /run/netns 2>/dev/null > "$NDIR/netns.before" || true
 
-  start containerd containerd --config "$RUN/containerd.toml"
+  # No registry is ever contacted: every pull goes to a proxy on a closed loopback port and
+  # fails at once (ErrImagePull), without even a DNS lookup of the registry's name. Images
+  # come from `load`.
+  HTTP_PROXY=http://127.0.0.1:9 HTTPS_PROXY=http://127.0.0.1:9 NO_PROXY= \
+    start containerd containerd --config "$RUN/containerd.toml"
   wait_alive 30 containerd containerd "containerd on $SOCK" containerd_up
   ctr_ images import "$IMAGES/pause.oci.tar" >/dev/null || die "importing the pause image failed"
   ctr_ images label "$PAUSE_IMAGE" io.cri-containerd.pinned=pinned >/dev/null 2>&1 || true
