@@ -51,6 +51,10 @@
 #     a moment after the namespace; the ServiceAccount admission plugin waits ~1-2 s for it, so
 #     a Pod can be created right after its namespace (checked).
 #   * Namespace deletion and owner-reference garbage collection work (controller-manager).
+#   * With the node up, a namespace keeps its Pods off it (Pending, as without a node) with
+#     the annotation scheduler.alpha.kubernetes.io/node-selector: shotover.io/e2e=no-node
+#     (the PodNodeSelector admission plugin adds that selector to its Pods; no node has the
+#     label): the tests written for a node-less control plane do this.
 #
 # Files here:
 #   K8S_VERSION        the Kubernetes release (v1.36.3: the newest the Go module proxy serves
@@ -353,7 +357,7 @@ cmd_up() {
     --service-account-issuer=https://kubernetes.default.svc.cluster.local \
     --service-account-key-file="$PKI/sa.pub" --service-account-signing-key-file="$PKI/sa.key" \
     --authorization-mode=Node,RBAC \
-    --enable-admission-plugins=NodeRestriction,MutatingAdmissionWebhook,ValidatingAdmissionWebhook \
+    --enable-admission-plugins=NodeRestriction,MutatingAdmissionWebhook,ValidatingAdmissionWebhook,PodNodeSelector \
     --service-cluster-ip-range="$SERVICE_CIDR" \
     --enable-aggregator-routing=true \
     --kubelet-client-certificate="$PKI/kubelet-client.crt" --kubelet-client-key="$PKI/kubelet-client.key" \

@@ -353,7 +353,7 @@ clusterDomain: cluster.local
 resolvConf: ""
 podLogsDir: $NDIR/pod-logs
 podCIDR: $POD_CIDR
-maxPods: 60
+maxPods: 250
 evictionHard: {}
 imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
@@ -454,6 +454,8 @@ cmd_up() {
   preflight
   local start; start=$(now)
   QUIET=1 cmd_down
+  # A start that fails half-way leaves nothing behind: no process, mount, rule or bridge.
+  trap 'status=$?; if [ $status -ne 0 ]; then log "start-up failed: undoing it"; QUIET=1 cmd_down; fi' EXIT
   mkdir -p "$RUN"
   set_sysctls
   guard_up
@@ -491,6 +493,7 @@ cmd_up() {
   wait_alive 30 kube-proxy kube-proxy "kube-proxy" proxy_up
   wait_alive 30 coredns coredns "CoreDNS on $NODE_IP:53" dns_up
   wait_alive 30 coredns coredns "kubernetes.default.svc.cluster.local through CoreDNS" dns_resolves
+  trap - EXIT
   log "node $NODE_NAME up in $(since "$start") s (logs in $RUN, Pod logs in $NDIR/pod-logs)"
   print_exports
 }
@@ -571,7 +574,9 @@ cmd_down() {
     rm -f "$NDIR/sysctl.before"
   fi
   rm -f "$NDIR/netns.before"
-  rm -rf "$NDIR/containerd/state" "$NDIR/kubelet" "$NDIR/pod-logs" "$NDIR/cni/ipam" "$RUN"
+  rm -rf "$NDIR/containerd/state" "$NDIR/kubelet" "$NDIR/pod-logs" "$NDIR/cni/ipam"
+  # The processes' logs stay (for a start that failed); the rest of the run goes.
+  [ ! -d "$RUN" ] || find "$RUN" -mindepth 1 ! -name '*.log' -exec rm -rf {} + 2>/dev/null || true
   local left; left=$(our_mounts)
   [ -z "$left" ] || log "WARNING: still mounted: $left"
 }

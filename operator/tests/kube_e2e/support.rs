@@ -48,8 +48,14 @@ impl Cluster {
             N.fetch_add(1, Ordering::Relaxed)
         );
         let namespaces: Api<Namespace> = Api::all(client.clone());
-        let namespace: Namespace =
-            serde_json::from_value(json!({"metadata": {"name": ns}})).expect("namespace");
+        // These tests drive Pods through the status API as a kubelet would: keep their Pods
+        // off the node when one runs (e2e/kube/kube.sh, PodNodeSelector), so that no kubelet
+        // competes with them.
+        let namespace: Namespace = serde_json::from_value(json!({"metadata": {
+            "name": ns,
+            "annotations": {"scheduler.alpha.kubernetes.io/node-selector": "shotover.io/e2e=no-node"},
+        }}))
+        .expect("namespace");
         namespaces
             .create(&PostParams::default(), &namespace)
             .await

@@ -165,6 +165,7 @@ fn install() -> &'static Install {
         let system = format!("shotover-system-{run_id}");
         let apps = format!("shotover-apps-{run_id}");
         let release = format!("e2e{run_id}");
+        remove_earlier_runs(&helm, &release);
         apply(
             "default",
             &json!({
@@ -202,6 +203,51 @@ fn install() -> &'static Install {
             tools_image,
         }
     })
+}
+
+/// The releases and namespaces of earlier runs on a node that stayed up (each run leaves its
+/// own, for a look after a failure), so that they do not pile up.
+fn remove_earlier_runs(helm: &str, ours: &str) {
+    let list = run(helm, &["list", "--all-namespaces", "-o", "json"], None)
+        .unwrap_or_else(|e| panic!("{e}"));
+    let releases: Vec<Value> = serde_json::from_str(&list).unwrap_or_default();
+    for release in releases {
+        let (Some(name), Some(namespace)) =
+            (release["name"].as_str(), release["namespace"].as_str())
+        else {
+            continue;
+        };
+        let Some(id) = name
+            .strip_prefix("e2e")
+            .filter(|id| id.chars().all(|c| c.is_ascii_digit()))
+        else {
+            continue;
+        };
+        if name == ours {
+            continue;
+        }
+        let _ = run(
+            helm,
+            &[
+                "uninstall",
+                name,
+                "-n",
+                namespace,
+                "--wait",
+                "--timeout",
+                "60s",
+            ],
+            None,
+        );
+        let _ = kubectl(&[
+            "delete",
+            "namespace",
+            namespace,
+            &format!("shotover-apps-{id}"),
+            "--wait=false",
+            "--ignore-not-found",
+        ]);
+    }
 }
 
 /// Prints the state of a namespace (for a failing test).
