@@ -82,7 +82,7 @@ ctr_() { ctr --address "$SOCK" --namespace k8s.io "$@"; }
 
 # ---------------------------------------------------------------------------------- build
 
-PACKAGES=(containerd runc containernetworking-plugins iptables conntrack busybox-static redis-server redis-tools gcc libc6-dev python3 skopeo)
+PACKAGES=(containerd runc containernetworking-plugins iptables conntrack busybox-static redis-server redis-tools gcc libc6-dev python3 skopeo podman)
 
 key_of() { cat "$@" | sha256sum | cut -c1-16; }
 

@@ -973,6 +973,31 @@ fn images_are_reproducible_minimal_non_root_and_labelled() {
         index["manifests"][0]["annotations"]["io.containerd.image.name"],
         format!("ghcr.io/shotover-k8s/shotover:{VERSION}")
     );
+    // podman takes it as it is, under the reference the archive names.
+    let storage = dir.join("podman");
+    let storage = storage.to_str().expect("path");
+    let loaded = run(
+        "podman",
+        &[
+            "--root",
+            &format!("{storage}/root"),
+            "--runroot",
+            &format!("{storage}/run"),
+            "--storage-driver",
+            "vfs",
+            "load",
+            "-i",
+            &archive,
+        ],
+        None,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(
+        loaded.contains(&format!(
+            "Loaded image: ghcr.io/shotover-k8s/shotover:{VERSION}"
+        )),
+        "{loaded}"
+    );
     let unpacked = dir.join("rootfs");
     run(
         "skopeo",
