@@ -28,6 +28,31 @@ pub struct PodStores {
 /// Most characters of a container's termination message kept in a problem.
 const MESSAGE_CHARS: usize = 300;
 
+/// How long a proxy Pod may wait for a node before that is a problem: the scheduler retries,
+/// and an autoscaler may be adding a node, so a Pod briefly unschedulable is normal.
+pub const UNSCHEDULABLE_GRACE_SECONDS: i64 = 30;
+
+/// Not scheduled, for less than [`UNSCHEDULABLE_GRACE_SECONDS`] (at `now`, in seconds).
+fn recently_unscheduled(pod: &Pod, now: i64) -> bool {
+    unscheduled_since(pod).is_some_and(|since| now - since < UNSCHEDULABLE_GRACE_SECONDS)
+}
+
+fn unscheduled_since(pod: &Pod) -> Option<i64> {
+    let condition = pod
+        .status
+        .as_ref()?
+        .conditions
+        .as_deref()?
+        .iter()
+        .find(|c| c.type_ == "PodScheduled" && c.status == "False")?;
+    Some(
+        condition
+            .last_transition_time
+            .as_ref()
+            .map_or(0, |t| t.0.as_second()),
+    )
+}
+
 /// Drops what [`pod_problem`] does not need.
 pub fn strip_proxy(pod: &mut Pod) {
     pod.spec = None;
@@ -37,7 +62,10 @@ pub fn strip_proxy(pod: &mut Pod) {
 /// What keeps one DB-side proxy Pod from running, if anything: not scheduled (and why), a
 /// container waiting for a reason other than starting (an image it cannot pull, a crash
 /// loop, with the last exit and the end of its log), or not Ready for a reason of the node.
-pub fn pod_problem(pod: &Pod) -> Option<String> {
+pub fn pod_problem(pod: &Pod, now: i64) -> Option<String> {
+    if recently_unscheduled(pod, now) {
+        return None;
+    }
     let status = pod.status.as_ref()?;
     let conditions = status.conditions.as_deref().unwrap_or_default();
     if let Some(c) = conditions
@@ -187,21 +215,26 @@ impl PodStores {
         pods
     }
 
-    /// Why the live DB-side proxy Pods of `topology` do not run: `pod: problem`, by name.
-    pub fn proxy_problems(&self, namespace: &str, topology: &str) -> Vec<String> {
-        let mut problems: Vec<String> = self
+    /// Why the live DB-side proxy Pods of `topology` do not run: `pod: problem`, by name;
+    /// and whether one of them waits for a node within its grace (look again after it).
+    pub fn proxy_problems(&self, namespace: &str, topology: &str, now: i64) -> (Vec<String>, bool) {
+        let pods: Vec<_> = self
             .proxies
             .state()
-            .iter()
+            .into_iter()
             .filter(|pod| {
                 pod.namespace().as_deref() == Some(namespace)
                     && pod.labels().get(TOPOLOGY_LABEL).map(String::as_str) == Some(topology)
                     && live(pod)
             })
-            .filter_map(|pod| Some(format!("{}: {}", pod.name_any(), pod_problem(pod)?)))
+            .collect();
+        let mut problems: Vec<String> = pods
+            .iter()
+            .filter_map(|pod| Some(format!("{}: {}", pod.name_any(), pod_problem(pod, now)?)))
             .collect();
         problems.sort();
-        problems
+        let waiting = pods.iter().any(|pod| recently_unscheduled(pod, now));
+        (problems, waiting)
     }
 }
 

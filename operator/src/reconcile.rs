@@ -87,6 +87,8 @@ pub struct Context {
     failures: Mutex<HashMap<ObjectRef<ShotoverTopology>, u32>>,
     /// The application Pods, for the sidecar counts (`None`: not counted).
     pub pods: Option<PodStores>,
+    /// Topologies (`namespace/name`) with a proxy Pod waiting for a node within its grace.
+    recheck: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Context {
@@ -97,6 +99,7 @@ impl Context {
             metrics,
             failures: Mutex::new(HashMap::new()),
             pods: None,
+            recheck: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -199,6 +202,17 @@ pub async fn reconcile(
         return Err(e);
     }
     ctx.failures().remove(&ObjectRef::from(topology.as_ref()));
+    // A proxy waiting for a node: look again once its grace is over (nothing else may change).
+    let recheck = ctx
+        .recheck
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&format!("{namespace}/{name}"));
+    if recheck {
+        return Ok(Action::requeue(Duration::from_secs(
+            crate::pods::UNSCHEDULABLE_GRACE_SECONDS as u64 + 1,
+        )));
+    }
     Ok(Action::requeue(RESYNC))
 }
 
@@ -275,10 +289,19 @@ async fn apply_all(
 }
 
 fn proxy_problems(ctx: &Context, namespace: &str, name: &str) -> Vec<String> {
-    ctx.pods
+    let now = Timestamp::now().as_second();
+    let (problems, waiting) = ctx
+        .pods
         .as_ref()
-        .map(|p| p.proxy_problems(namespace, name))
-        .unwrap_or_default()
+        .map(|p| p.proxy_problems(namespace, name, now))
+        .unwrap_or_default();
+    if waiting {
+        ctx.recheck
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(format!("{namespace}/{name}"));
+    }
+    problems
 }
 
 /// Server-side apply with the operator's field manager, taking over conflicting fields.

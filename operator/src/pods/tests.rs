@@ -3,6 +3,11 @@ use serde_json::json;
 
 use super::pod_problem;
 
+/// Long after every condition's last transition.
+fn pod_problem_now(pod: &Pod) -> Option<String> {
+    pod_problem(pod, 4_000_000_000)
+}
+
 fn pod(status: serde_json::Value) -> Pod {
     serde_json::from_value(json!({"metadata": {"name": "db-shotover-0"}, "status": status}))
         .expect("pod")
@@ -11,14 +16,14 @@ fn pod(status: serde_json::Value) -> Pod {
 #[test]
 fn a_running_or_starting_proxy_has_no_problem() {
     assert_eq!(
-        pod_problem(&pod(json!({"phase": "Running", "conditions": [
+        pod_problem_now(&pod(json!({"phase": "Running", "conditions": [
         {"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "True"}],
         "containerStatuses": [{"name": "shotover", "image": "i", "imageID": "", "ready": true,
             "restartCount": 0, "state": {"running": {}}}]}))),
         None
     );
     assert_eq!(
-        pod_problem(&pod(json!({"phase": "Pending", "conditions": [
+        pod_problem_now(&pod(json!({"phase": "Pending", "conditions": [
         {"type": "Ready", "status": "False", "reason": "ContainersNotReady"}],
         "containerStatuses": [{"name": "shotover", "image": "i", "imageID": "", "ready": false,
             "restartCount": 0, "state": {"waiting": {"reason": "ContainerCreating"}}}]}))),
@@ -28,7 +33,7 @@ fn a_running_or_starting_proxy_has_no_problem() {
 
 #[test]
 fn an_image_that_cannot_be_pulled_is_named_with_the_kubelets_message() {
-    let problem = pod_problem(&pod(json!({"phase": "Pending",
+    let problem = pod_problem_now(&pod(json!({"phase": "Pending",
         "containerStatuses": [{"name": "shotover", "image": "i", "imageID": "", "ready": false,
             "restartCount": 0, "state": {"waiting": {"reason": "ErrImageNeverPull",
             "message": "Container image \"example/shotover:9\" is not present with pull policy of Never"}}}]})));
@@ -46,7 +51,7 @@ fn a_crash_loop_shows_the_last_exit_and_the_end_of_its_log() {
         "{}shotover: topology.yaml: source `redis`: bad",
         "x".repeat(400)
     );
-    let problem = pod_problem(&pod(json!({"phase": "Running",
+    let problem = pod_problem_now(&pod(json!({"phase": "Running",
         "containerStatuses": [{"name": "shotover", "image": "i", "imageID": "", "ready": false,
             "restartCount": 4, "state": {"waiting": {"reason": "CrashLoopBackOff",
             "message": "back-off 40s restarting failed container"}},
@@ -63,7 +68,7 @@ fn a_crash_loop_shows_the_last_exit_and_the_end_of_its_log() {
 
 #[test]
 fn an_unschedulable_proxy_says_why() {
-    let problem = pod_problem(&pod(json!({"phase": "Pending", "conditions": [
+    let problem = pod_problem_now(&pod(json!({"phase": "Pending", "conditions": [
         {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
          "message": "0/1 nodes are available: 1 node(s) had untolerated taint {node.kubernetes.io/not-ready: }."}]})));
     assert_eq!(
@@ -71,5 +76,22 @@ fn an_unschedulable_proxy_says_why() {
         Some(
             "not scheduled (Unschedulable): 0/1 nodes are available: 1 node(s) had untolerated taint {node.kubernetes.io/not-ready: }."
         )
+    );
+}
+
+#[test]
+fn a_proxy_waits_for_a_node_for_a_while_before_that_is_a_problem() {
+    let unscheduled = pod(json!({"phase": "Pending", "conditions": [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+         "lastTransitionTime": "2026-12-02T10:00:00Z", "message": "0/1 nodes are available"}]}));
+    let at = |s: &str| {
+        s.parse::<k8s_openapi::jiff::Timestamp>()
+            .expect("time")
+            .as_second()
+    };
+    assert_eq!(pod_problem(&unscheduled, at("2026-12-02T10:00:29Z")), None);
+    assert_eq!(
+        pod_problem(&unscheduled, at("2026-12-02T10:00:30Z")).as_deref(),
+        Some("not scheduled (Unschedulable): 0/1 nodes are available")
     );
 }
