@@ -654,7 +654,7 @@ fn a_chain_change_rolls_the_tier_and_outdates_sidecars_until_the_app_restarts() 
     let install = install();
     let _dump = DumpOnFailure(install);
     let story = Story::new(install, "roll", 2);
-    let old_db: Vec<String> = story.db_pods(2).iter().map(name).collect();
+    story.db_pods(2);
     story.app_pod();
     wait_for("the sidecar to be up to date", LONG, || {
         (story.condition(&story.edge, "SidecarsUpToDate").as_deref() == Some("True")).then_some(())
@@ -679,7 +679,6 @@ fn a_chain_change_rolls_the_tier_and_outdates_sidecars_until_the_app_restarts() 
             name(pod)
         );
     }
-    let _ = old_db;
     wait_for("readyReplicas 2 after the roll", LONG, || {
         (story.status(&story.db)["readyReplicas"] == 2
             && story.status(&story.db)["configHash"] != old_hash)
