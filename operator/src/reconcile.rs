@@ -87,8 +87,6 @@ pub struct Context {
     failures: Mutex<HashMap<ObjectRef<ShotoverTopology>, u32>>,
     /// The application Pods, for the sidecar counts (`None`: not counted).
     pub pods: Option<PodStores>,
-    /// Topologies (`namespace/name`) with a proxy Pod waiting for a node within its grace.
-    recheck: Mutex<std::collections::HashSet<String>>,
 }
 
 impl Context {
@@ -99,7 +97,6 @@ impl Context {
             metrics,
             failures: Mutex::new(HashMap::new()),
             pods: None,
-            recheck: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -169,10 +166,12 @@ pub async fn reconcile(
                 let object = names::db_side(&name);
                 match api.get_opt(&object).await {
                     Ok(sts) => {
+                        let (problems, waiting_for_node) = proxy_problems(&ctx, &namespace, &name);
                         obs.db_side = Some(DbSideObservation {
                             desired: db_side.replicas,
                             stateful_set: sts.as_ref().map(StatefulSetProgress::from_stateful_set),
-                            problems: proxy_problems(&ctx, &namespace, &name),
+                            problems,
+                            waiting_for_node,
                         })
                     }
                     Err(source) => {
@@ -203,12 +202,7 @@ pub async fn reconcile(
     }
     ctx.failures().remove(&ObjectRef::from(topology.as_ref()));
     // A proxy waiting for a node: look again once its grace is over (nothing else may change).
-    let recheck = ctx
-        .recheck
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .remove(&format!("{namespace}/{name}"));
-    if recheck {
+    if obs.db_side.as_ref().is_some_and(|d| d.waiting_for_node) {
         return Ok(Action::requeue(Duration::from_secs(
             crate::pods::UNSCHEDULABLE_GRACE_SECONDS as u64 + 1,
         )));
@@ -281,27 +275,22 @@ async fn apply_all(
         }
     }
     let desired = topology.spec.db_side.as_ref().map_or(0, |d| d.replicas);
+    let (problems, waiting_for_node) = proxy_problems(ctx, namespace, &name);
     Ok(Some(DbSideObservation {
         desired,
         stateful_set: Some(StatefulSetProgress::from_stateful_set(&sts)),
-        problems: proxy_problems(ctx, namespace, &name),
+        problems,
+        waiting_for_node,
     }))
 }
 
-fn proxy_problems(ctx: &Context, namespace: &str, name: &str) -> Vec<String> {
+/// Why the proxy Pods do not run, and whether one waits for a node within its grace.
+fn proxy_problems(ctx: &Context, namespace: &str, name: &str) -> (Vec<String>, bool) {
     let now = Timestamp::now().as_second();
-    let (problems, waiting) = ctx
-        .pods
+    ctx.pods
         .as_ref()
         .map(|p| p.proxy_problems(namespace, name, now))
-        .unwrap_or_default();
-    if waiting {
-        ctx.recheck
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .insert(format!("{namespace}/{name}"));
-    }
-    problems
+        .unwrap_or_default()
 }
 
 /// Server-side apply with the operator's field manager, taking over conflicting fields.

@@ -58,6 +58,9 @@ pub struct DbSideObservation {
     pub stateful_set: Option<StatefulSetProgress>,
     /// Why proxy Pods do not run, `pod: problem` each (from `pods::pod_problem`).
     pub problems: Vec<String>,
+    /// A proxy Pod waits for a node, not yet for long enough to be a problem: reconcile
+    /// again when it would be.
+    pub waiting_for_node: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]

@@ -387,6 +387,7 @@ fn proxies_that_do_not_run_make_the_topology_degraded_saying_why() {
             "cache-shotover-0: container shotover ErrImageNeverPull: no image".to_owned(),
             "cache-shotover-1: container shotover ErrImageNeverPull: no image".to_owned(),
         ],
+        waiting_for_node: false,
     });
     let (status, transitions) = reconciled(None, &obs, &at(0));
     let degraded = condition(&status, DEGRADED);
@@ -411,6 +412,7 @@ fn proxies_that_do_not_run_make_the_topology_degraded_saying_why() {
         desired: 2,
         stateful_set: Some(sts(2, 2, 2, "r1", "r1")),
         problems: Vec::new(),
+        waiting_for_node: false,
     });
     let (fixed, transitions) = reconciled(Some(&status), &obs, &at(10));
     assert_eq!(condition(&fixed, DEGRADED).status, "False");
