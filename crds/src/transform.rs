@@ -68,6 +68,18 @@ pub struct RedisSinkSingleConfig {
     /// TLS towards the server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConnectorConfig>,
+    /// Share upstream connections between client connections: the requests of all clients
+    /// travel over at most this many connections per lane (credentials, protocol and
+    /// database), batched into one write. Clients whose session needs a connection of their
+    /// own (transactions, subscriptions, blocking commands, MONITOR, CLIENT REPLY OFF,
+    /// CLIENT TRACKING) get one while they need it. Omit it for one upstream connection per
+    /// client connection (from 1 to 64).
+    #[serde(
+        alias = "connection_count",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub connection_count: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

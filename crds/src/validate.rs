@@ -102,6 +102,8 @@ pub fn validate(topology: &Topology) -> Result<(), TopologyErrors> {
 /// Upper bounds of numeric fields.
 // Upstream test topologies use 3,000,000; tokio's semaphore takes up to 2^61.
 const MAX_CONNECTIONS: u64 = 1_000_000_000;
+/// Most shared upstream connections per lane of a Redis sink.
+pub const MAX_SHARED_CONNECTIONS: u64 = 64;
 const MAX_IDLE_SECONDS: u64 = 365 * 24 * 3600;
 const MAX_FRAME_BYTES: u64 = 4 * 1024 * 1024 * 1024;
 const MAX_TIMEOUT_MS: u64 = 3_600_000;
@@ -276,12 +278,25 @@ impl Checker {
             self.claim_name(name, path);
         }
         match t {
-            TransformConfig::RedisSinkSingle(c) => self.check_sink(
-                &c.remote_address,
-                c.connect_timeout_ms,
-                c.tls.as_ref(),
-                path,
-            ),
+            TransformConfig::RedisSinkSingle(c) => {
+                self.check_sink(
+                    &c.remote_address,
+                    c.connect_timeout_ms,
+                    c.tls.as_ref(),
+                    path,
+                );
+                if c.connection_count == Some(0) {
+                    self.err(
+                        format!("{path}.connectionCount"),
+                        "must be at least 1 (omit it for one upstream connection per client connection)",
+                    );
+                }
+                self.at_most(
+                    c.connection_count.map(|v| v as u64),
+                    MAX_SHARED_CONNECTIONS,
+                    format!("{path}.connectionCount"),
+                );
+            }
             TransformConfig::CassandraSinkSingle(c) => {
                 self.check_sink(
                     &c.remote_address,

@@ -44,6 +44,7 @@ fn sink(remote_address: &str, connect_timeout_ms: u64) -> TransformConfig {
         remote_address: remote_address.into(),
         connect_timeout_ms,
         tls: None,
+        connection_count: None,
     })
 }
 
@@ -270,6 +271,7 @@ sources:
                 remote_address: "127.0.0.1:1111".into(),
                 connect_timeout_ms: 3000,
                 tls: None,
+                connection_count: None,
             }),
         ]
     );
@@ -418,6 +420,7 @@ sources:
                     private_key_path: Some("/certs/client.key".into()),
                     verify_hostname: false,
                 }),
+                connection_count: None,
             }),
         ]
     );
@@ -992,7 +995,7 @@ logging: debug
         format!(
             "invalid topology (12 errors):\n  \
              logging: unknown field, expected `sources`\n  \
-             sources[0].chain[2].connect_timeout: unknown field `connect_timeout`, expected one of `name`, `remoteAddress`, `remote_address`, `connectTimeoutMs`, `connect_timeout_ms`, `tls`\n  \
+             sources[0].chain[2].connect_timeout: unknown field `connect_timeout`, expected one of `name`, `remoteAddress`, `remote_address`, `connectTimeoutMs`, `connect_timeout_ms`, `tls`, `connectionCount`, `connection_count`\n  \
              sources[1].chain[2]: unknown transform `Kafka`, expected one of: {KINDS}\n  \
              sources[0].connectionLimit: must be at least 1\n  \
              sources[0].chain[0]: set exactly one of `AllowList` and `DenyList`, not both\n  \
@@ -1130,4 +1133,34 @@ fn the_example_topologies_load() {
         let topology = load_topology(yaml).unwrap_or_else(|e| panic!("{name}: {e}"));
         assert!(!topology.sources.is_empty(), "{name}");
     }
+}
+
+#[test]
+fn connection_count_loads_in_both_spellings_and_is_bounded() {
+    let t = loaded(&with_chain(
+        "[{RedisSinkSingle: {remote_address: \"h:1\", connection_count: 2}}]",
+    ));
+    match &redis_source(&t, 0).chain[0] {
+        TransformConfig::RedisSinkSingle(c) => assert_eq!(c.connection_count, Some(2)),
+        other => panic!("{other:?}"),
+    }
+    let t = loaded(&with_chain(
+        "[{RedisSinkSingle: {remoteAddress: \"h:1\", connectionCount: 64}}]",
+    ));
+    match &redis_source(&t, 0).chain[0] {
+        TransformConfig::RedisSinkSingle(c) => assert_eq!(c.connection_count, Some(64)),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        errors_of(&with_chain(
+            "[{RedisSinkSingle: {remote_address: \"h:1\", connection_count: 0}}]"
+        )),
+        "invalid topology (1 error):\n  sources[0].chain[0].connectionCount: must be at least 1 (omit it for one upstream connection per client connection)"
+    );
+    assert_eq!(
+        errors_of(&with_chain(
+            "[{RedisSinkSingle: {remote_address: \"h:1\", connection_count: 65}}]"
+        )),
+        "invalid topology (1 error):\n  sources[0].chain[0].connectionCount: must be at most 64"
+    );
 }

@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 
 use crate::helpers::*;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn unreachable_upstream_gives_err_promptly_and_other_sources_keep_serving() {
+async fn unreachable_upstream_gives_err_promptly_and_other_sources_keep_serving(mode: Mode) {
     let dead_port = free_port();
     let (good, bad) = (free_port(), free_port());
     let topology = format!(
@@ -27,7 +26,7 @@ sources:
 "#,
         redis = redis_addr()
     );
-    let shotover = Shotover::start(&topology);
+    let shotover = mode.start(&topology);
     let mut con = connect(bad).await;
     let start = Instant::now();
     let err = redis::cmd("GET")
@@ -64,10 +63,16 @@ sources:
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn upstream_dying_mid_connection_fails_pending_requests_and_closes_only_that_client() {
+async fn upstream_dying_mid_connection_fails_pending_requests_and_closes_only_that_client(
+    mode: Mode,
+) {
     let port = free_port();
-    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    // The sink's name names its shared connections on Redis (`shotover-shared-<name>`).
+    let sink = prefix("dying-sink").replace(':', "-");
+    let shotover = mode.start(
+        &passthrough(port, &redis_addr(), "")
+            .replace("name: \"sink\"", &format!("name: \"{sink}\"")),
+    );
     let addr = format!("127.0.0.1:{port}");
     let mut victim = TcpStream::connect(&addr).expect("connect");
     victim
@@ -75,14 +80,19 @@ async fn upstream_dying_mid_connection_fails_pending_requests_and_closes_only_th
         .expect("timeout");
     let name = prefix("victim").replace(':', "-");
     victim
-        .write_all(format!("CLIENT SETNAME {name}\r\n").as_bytes())
+        .write_all(format!("CLIENT SETNAME {name}\r\nPING\r\n").as_bytes())
         .expect("write");
     assert_eq!(
-        read_available(&mut victim, 5, Duration::from_secs(5)),
-        b"+OK\r\n"
+        read_available(&mut victim, 12, Duration::from_secs(5)),
+        b"+OK\r\n+PONG\r\n"
     );
-    // Kill the victim's upstream connection directly on Redis, then use the victim.
-    let id = client_id(&name).expect("the victim's upstream connection is listed");
+    // Kill the upstream connection that carried the victim's requests directly on Redis,
+    // then use the victim.
+    let upstream_name = match mode {
+        Mode::Dedicated => name.clone(),
+        Mode::Shared => format!("shotover-shared-{sink}"),
+    };
+    let id = client_id(&upstream_name).expect("the victim's upstream connection is listed");
     assert_eq!(
         redis_cli(&["-p", &redis_port(), "CLIENT", "KILL", "ID", &id]).trim(),
         "1"
@@ -90,27 +100,57 @@ async fn upstream_dying_mid_connection_fails_pending_requests_and_closes_only_th
     victim.write_all(b"PING\r\n").expect("write");
     let reply = read_available(&mut victim, 1, Duration::from_secs(5));
     let text = String::from_utf8_lossy(&reply);
-    assert!(
-        text.starts_with("-ERR shotover: upstream") || text.is_empty(),
-        "the victim should get an error reply, got {text:?}"
-    );
-    assert!(
-        is_closed(&mut victim, Duration::from_secs(5)),
-        "the victim's connection should be closed"
-    );
+    match mode {
+        Mode::Dedicated => {
+            assert!(
+                text.starts_with("-ERR shotover: upstream") || text.is_empty(),
+                "the victim should get an error reply, got {text:?}"
+            );
+            assert!(
+                is_closed(&mut victim, Duration::from_secs(5)),
+                "the victim's connection should be closed"
+            );
+        }
+        Mode::Shared => {
+            // No session state lived on the shared connection: the victim stays connected.
+            // Its PING either went out on a new connection (+PONG) or was in flight on the
+            // killed one (an error saying so); either way the next one is answered.
+            let more = read_available(&mut victim, 7, Duration::from_millis(500));
+            let text = format!("{text}{}", String::from_utf8_lossy(&more));
+            assert!(
+                text == "+PONG\r\n" || text.starts_with("-ERR shotover: upstream"),
+                "the victim should get PONG or an error reply, got {text:?}"
+            );
+            victim.write_all(b"PING\r\n").expect("write");
+            assert_eq!(
+                read_available(&mut victim, 7, Duration::from_secs(5)),
+                b"+PONG\r\n",
+                "the victim is served after its shared connection died"
+            );
+            victim.write_all(b"CLIENT GETNAME\r\n").expect("write");
+            let expected = format!("${}\r\n{name}\r\n", name.len());
+            assert_eq!(
+                read_available(&mut victim, expected.len(), Duration::from_secs(5)),
+                expected.as_bytes(),
+                "the victim keeps its name"
+            );
+        }
+    }
     let mut fresh = connect(port).await;
     let pong: String = redis::cmd("PING")
         .query_async(&mut fresh)
         .await
         .expect("new clients are served");
     assert_eq!(pong, "PONG");
-    shotover.stop_expecting(&["upstream connection broke"]);
+    match mode {
+        Mode::Dedicated => shotover.stop_expecting(&["upstream connection broke"]),
+        Mode::Shared => shotover.stop_expecting(&["a shared upstream connection failed"]),
+    };
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn malformed_frames_get_a_protocol_error_and_only_that_connection_closes() {
+async fn malformed_frames_get_a_protocol_error_and_only_that_connection_closes(mode: Mode) {
     let port = free_port();
-    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let shotover = mode.start(&passthrough(port, &redis_addr(), ""));
     let addr = format!("127.0.0.1:{port}");
     let mut bystander = connect(port).await;
     for (bad, expected) in [
@@ -157,10 +197,9 @@ async fn malformed_frames_get_a_protocol_error_and_only_that_connection_closes()
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn oversized_frames_are_refused_before_they_are_buffered() {
+async fn oversized_frames_are_refused_before_they_are_buffered(mode: Mode) {
     let port = free_port();
-    let shotover = Shotover::start(&passthrough(
+    let shotover = mode.start(&passthrough(
         port,
         &redis_addr(),
         "      max_frame_size_bytes: 4096",
@@ -194,8 +233,7 @@ async fn oversized_frames_are_refused_before_they_are_buffered() {
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn hard_connection_limit_refuses_and_soft_limit_queues() {
+async fn hard_connection_limit_refuses_and_soft_limit_queues(mode: Mode) {
     let (hard, soft) = (free_port(), free_port());
     let redis = redis_addr();
     let topology = format!(
@@ -216,7 +254,7 @@ sources:
         - RedisSinkSingle: {{ name: "s2", remote_address: "{redis}", connect_timeout_ms: 3000 }}
 "#
     );
-    let shotover = Shotover::start(&topology);
+    let shotover = mode.start(&topology);
     // Hard: the second connection is closed at once.
     let first = raw_ping_connection(hard);
     let mut second = TcpStream::connect(format!("127.0.0.1:{hard}")).expect("TCP accepts");
@@ -267,10 +305,9 @@ fn raw_ping_connection(port: u16) -> TcpStream {
     stream
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn idle_connections_are_closed_after_the_timeout() {
+async fn idle_connections_are_closed_after_the_timeout(mode: Mode) {
     let port = free_port();
-    let shotover = Shotover::start(&passthrough(port, &redis_addr(), "      timeout: 1"));
+    let shotover = mode.start(&passthrough(port, &redis_addr(), "      timeout: 1"));
     let mut idle = raw_ping_connection(port);
     let start = Instant::now();
     assert!(
@@ -285,10 +322,9 @@ async fn idle_connections_are_closed_after_the_timeout() {
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_client_that_never_reads_its_replies_is_closed_after_the_idle_timeout() {
+async fn a_client_that_never_reads_its_replies_is_closed_after_the_idle_timeout(mode: Mode) {
     let port = free_port();
-    let shotover = Shotover::start(&passthrough(port, &redis_addr(), "      timeout: 1"));
+    let shotover = mode.start(&passthrough(port, &redis_addr(), "      timeout: 1"));
     let key = format!("{}big", prefix("no-reader"));
     let mut con = connect(port).await;
     let () = redis::cmd("SET")
@@ -311,3 +347,17 @@ async fn a_client_that_never_reads_its_replies_is_closed_after_the_idle_timeout(
     drop(stalled);
     shotover.stop();
 }
+
+crate::in_both_modes!(
+    async: [
+        unreachable_upstream_gives_err_promptly_and_other_sources_keep_serving,
+        upstream_dying_mid_connection_fails_pending_requests_and_closes_only_that_client,
+        malformed_frames_get_a_protocol_error_and_only_that_connection_closes,
+        oversized_frames_are_refused_before_they_are_buffered,
+        hard_connection_limit_refuses_and_soft_limit_queues,
+        idle_connections_are_closed_after_the_timeout,
+        a_client_that_never_reads_its_replies_is_closed_after_the_idle_timeout,
+    ],
+    sync: [
+    ],
+);

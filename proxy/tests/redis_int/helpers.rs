@@ -121,3 +121,95 @@ pub async fn blpop_in_flight(
     );
     task
 }
+
+/// How the Redis sinks of a test topology reach Redis: every test that has a Redis sink runs
+/// in both modes (see `in_both_modes!`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    /// One upstream connection per client connection (no `connection_count`).
+    Dedicated,
+    /// Shared upstream connections (`connection_count: 2`).
+    Shared,
+}
+
+impl Mode {
+    /// `topology` with `connection_count: 2` added to every `RedisSinkSingle` in shared mode,
+    /// in block (`- RedisSinkSingle:` then its fields) or flow (`RedisSinkSingle: { .. }`)
+    /// style.
+    pub fn topology(self, topology: &str) -> String {
+        if self == Mode::Dedicated {
+            return topology.to_string();
+        }
+        let lines: Vec<&str> = topology.lines().collect();
+        let mut out = String::new();
+        for (i, line) in lines.iter().enumerate() {
+            if let Some(at) = line.find("RedisSinkSingle: {") {
+                let split = at + "RedisSinkSingle: {".len();
+                out.push_str(&line[..split]);
+                out.push_str(" connection_count: 2,");
+                out.push_str(&line[split..]);
+                out.push('\n');
+                continue;
+            }
+            out.push_str(line);
+            out.push('\n');
+            if line.trim_end().ends_with("RedisSinkSingle:") {
+                let next = lines.get(i + 1).expect("RedisSinkSingle has fields");
+                let indent = next.len() - next.trim_start().len();
+                out.push_str(&" ".repeat(indent));
+                out.push_str("connection_count: 2\n");
+            }
+        }
+        assert!(
+            out.contains("connection_count: 2"),
+            "a test run in both modes has no RedisSinkSingle:\n{topology}"
+        );
+        out
+    }
+
+    /// Starts the proxy with `topology` in this mode.
+    pub fn start(self, topology: &str) -> Shotover {
+        Shotover::start(&self.topology(topology))
+    }
+
+    /// Starts the proxy with `topology` in this mode without waiting.
+    pub fn spawn(self, topology: &str, args: &[&str]) -> Shotover {
+        Shotover::spawn(&self.topology(topology), args)
+    }
+}
+
+/// Runs each listed test (a function taking a [`Mode`]) once per mode, as
+/// `dedicated_mode::<name>` and `shared_mode::<name>`.
+#[macro_export]
+macro_rules! in_both_modes {
+    (async: [$($async_test:ident),* $(,)?], sync: [$($sync_test:ident),* $(,)?] $(,)?) => {
+        mod dedicated_mode {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $async_test() {
+                    super::$async_test($crate::helpers::Mode::Dedicated).await
+                }
+            )*
+            $(
+                #[test]
+                fn $sync_test() {
+                    super::$sync_test($crate::helpers::Mode::Dedicated)
+                }
+            )*
+        }
+        mod shared_mode {
+            $(
+                #[tokio::test(flavor = "multi_thread")]
+                async fn $async_test() {
+                    super::$async_test($crate::helpers::Mode::Shared).await
+                }
+            )*
+            $(
+                #[test]
+                fn $sync_test() {
+                    super::$sync_test($crate::helpers::Mode::Shared)
+                }
+            )*
+        }
+    };
+}

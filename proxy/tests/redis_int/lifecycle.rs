@@ -6,10 +6,9 @@ use std::time::Duration;
 
 use crate::helpers::*;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn sigterm_finishes_in_flight_requests_then_exits() {
+async fn sigterm_finishes_in_flight_requests_then_exits(mode: Mode) {
     let port = free_port();
-    let mut shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let mut shotover = mode.start(&passthrough(port, &redis_addr(), ""));
     let key = format!("{}drain", prefix("drain"));
     let in_flight = blpop_in_flight(port, &key, 2).await;
     shotover.terminate();
@@ -66,7 +65,7 @@ sources:
     let stderr = start_failing(&topology, "main_log_level: info\n", "config.yaml");
     let expected = "topology.yaml: invalid topology (4 errors):
   sources[0].chain[1]: unknown transform `NoSuchTransform`, expected one of: RedisSinkSingle, ValkeySinkSingle, CassandraSinkSingle, CassandraPeersRewrite, RequestThrottling, NullSink, DebugPrinter, DebugReturner, QueryCounter, QueryTypeFilter, Coalesce, Tee
-  sources[1].chain[0].bogus: unknown field `bogus`, expected one of `name`, `remoteAddress`, `remote_address`, `connectTimeoutMs`, `connect_timeout_ms`, `tls`
+  sources[1].chain[0].bogus: unknown field `bogus`, expected one of `name`, `remoteAddress`, `remote_address`, `connectTimeoutMs`, `connect_timeout_ms`, `tls`, `connectionCount`, `connection_count`
   sources[1].name: duplicate name `redis`, already used at sources[0]
   sources[1].listenAddr: `not-an-address` is not a listen address: expected ip:port, for example 127.0.0.1:6379 or 0.0.0.0:6379";
     assert!(
@@ -98,10 +97,9 @@ fn bad_config_file_and_missing_files_are_named() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn observability_serves_metrics_filter_ready_and_live() {
+async fn observability_serves_metrics_filter_ready_and_live(mode: Mode) {
     let port = free_port();
-    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let shotover = mode.start(&passthrough(port, &redis_addr(), ""));
     let mut con = connect(port).await;
     let _: String = redis::cmd("PING")
         .query_async(&mut con)
@@ -156,10 +154,9 @@ async fn observability_serves_metrics_filter_ready_and_live() {
     shotover.stop();
 }
 
-#[test]
-fn json_log_format_and_core_threads_flags_work() {
+fn json_log_format_and_core_threads_flags_work(mode: Mode) {
     let port = free_port();
-    let shotover = Shotover::spawn(
+    let shotover = mode.spawn(
         &passthrough(port, "127.0.0.1:1", ""),
         &["--log-format", "json", "--core-threads", "1"],
     );
@@ -216,8 +213,7 @@ fn make_certs_for(dir: &std::path::Path, server_names: &[&str]) {
     }
 }
 
-#[test]
-fn tls_source_serves_tls_and_requires_client_certificates_when_given_a_ca() {
+fn tls_source_serves_tls_and_requires_client_certificates_when_given_a_ca(mode: Mode) {
     let dir = temp_dir("tls");
     make_certs(&dir);
     let (tls_port, mtls_port) = (free_port(), free_port());
@@ -235,7 +231,7 @@ fn tls_source_serves_tls_and_requires_client_certificates_when_given_a_ca() {
             .replace("name: \"redis\"", "name: \"mtls\"")
             .replace("name: \"sink\"", "name: \"mtls-sink\"")
     );
-    let shotover = Shotover::start(&topology);
+    let shotover = mode.start(&topology);
     let ca = format!("{d}/ca.pem");
     let cli = |port: u16, extra: &[&str]| {
         let p = port.to_string();
@@ -262,8 +258,7 @@ fn tls_source_serves_tls_and_requires_client_certificates_when_given_a_ca() {
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn tls_sink_checks_the_upstream_certificate_and_its_name_unless_told_not_to() {
+async fn tls_sink_checks_the_upstream_certificate_and_its_name_unless_told_not_to(mode: Mode) {
     // Upstream 1: the real TLS Redis (its certificate names 127.0.0.1).
     let (redis_tls_addr, redis_ca) = redis_tls();
     // Upstream 2: a TLS source of this same proxy whose certificate names only
@@ -321,7 +316,7 @@ async fn tls_sink_checks_the_upstream_certificate_and_its_name_unless_told_not_t
         sink(with_cert, &mtls_addr, &format!("{d}/ca.pem"), false) + &client_cert,
         sink(without_cert, &mtls_addr, &format!("{d}/ca.pem"), false),
     );
-    let shotover = Shotover::start(&topology);
+    let shotover = mode.start(&topology);
     for port in [ok, unchecked_name, with_cert] {
         let mut con = connect(port).await;
         let pong: String = redis::cmd("PING")
@@ -347,11 +342,17 @@ async fn tls_sink_checks_the_upstream_certificate_and_its_name_unless_told_not_t
     // Without a client certificate the mTLS upstream refuses the connection: the handshake
     // or the first read fails, and the client gets an error either way.
     let mut con = connect(without_cert).await;
-    redis::cmd("PING")
+    let err = redis::cmd("PING")
         .query_async::<String>(&mut con)
         .await
         .expect_err("refused");
-    shotover.wait_for_log("CertificateRequired");
+    match mode {
+        // The dedicated connection breaks at its first read, and says why in the log.
+        Mode::Dedicated => shotover.wait_for_log("CertificateRequired"),
+        // A shared connection is opened with a handshake (CLIENT SETNAME): its reply is
+        // where the refusal shows, and the client gets it.
+        Mode::Shared => assert!(err.to_string().contains("CertificateRequired"), "{err}"),
+    }
     shotover.stop_expecting(&["upstream connection broke"]);
 }
 
@@ -371,3 +372,15 @@ fn start_failing(topology: &str, config: &str, config_name: &str) -> String {
     assert!(!out.status.success(), "the start should fail");
     String::from_utf8_lossy(&out.stderr).to_string()
 }
+
+crate::in_both_modes!(
+    async: [
+        sigterm_finishes_in_flight_requests_then_exits,
+        observability_serves_metrics_filter_ready_and_live,
+        tls_sink_checks_the_upstream_certificate_and_its_name_unless_told_not_to,
+    ],
+    sync: [
+        json_log_format_and_core_threads_flags_work,
+        tls_source_serves_tls_and_requires_client_certificates_when_given_a_ca,
+    ],
+);

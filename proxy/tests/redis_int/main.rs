@@ -7,4 +7,5 @@ mod lifecycle;
 mod passthrough;
 #[path = "../support/process.rs"]
 mod process;
+mod shared;
 mod transforms;

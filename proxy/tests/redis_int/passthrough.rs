@@ -8,10 +8,9 @@ use redis::AsyncCommands;
 
 use crate::helpers::*;
 
-#[tokio::test(flavor = "multi_thread")]
-async fn pipelined_requests_keep_their_order_under_50_concurrent_clients() {
+async fn pipelined_requests_keep_their_order_under_50_concurrent_clients(mode: Mode) {
     let port = free_port();
-    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let shotover = mode.start(&passthrough(port, &redis_addr(), ""));
     let p = prefix("order");
     let mut tasks = Vec::new();
     for client in 0..50 {
@@ -56,10 +55,9 @@ async fn pipelined_requests_keep_their_order_under_50_concurrent_clients() {
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn values_of_64_mib_go_through_both_ways() {
+async fn values_of_64_mib_go_through_both_ways(mode: Mode) {
     let port = free_port();
-    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let shotover = mode.start(&passthrough(port, &redis_addr(), ""));
     let key = format!("{}big", prefix("big"));
     let value: Vec<u8> = (0..64 * 1024 * 1024).map(|i| (i % 251) as u8).collect();
     let mut con = connect(port).await;
@@ -76,10 +74,9 @@ async fn values_of_64_mib_go_through_both_ways() {
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn multi_exec_runs_as_a_transaction() {
+async fn multi_exec_runs_as_a_transaction(mode: Mode) {
     let port = free_port();
-    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let shotover = mode.start(&passthrough(port, &redis_addr(), ""));
     let key = format!("{}tx", prefix("tx"));
     let mut con = connect(port).await;
     let (a, b): (i64, i64) = redis::pipe()
@@ -110,10 +107,9 @@ async fn multi_exec_runs_as_a_transaction() {
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn blpop_blocks_until_another_client_pushes() {
+async fn blpop_blocks_until_another_client_pushes(mode: Mode) {
     let port = free_port();
-    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let shotover = mode.start(&passthrough(port, &redis_addr(), ""));
     let key = format!("{}list", prefix("blpop"));
     let waiter = blpop_in_flight(port, &key, 10).await;
     let mut con = connect(port).await;
@@ -126,10 +122,9 @@ async fn blpop_blocks_until_another_client_pushes() {
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn pubsub_messages_flow_back_while_the_subscriber_sends_nothing() {
+async fn pubsub_messages_flow_back_while_the_subscriber_sends_nothing(mode: Mode) {
     let port = free_port();
-    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let shotover = mode.start(&passthrough(port, &redis_addr(), ""));
     let channel = format!("{}news", prefix("pubsub"));
     let client = redis::Client::open(format!("redis://127.0.0.1:{port}/")).expect("client");
     let mut pubsub = client.get_async_pubsub().await.expect("pubsub connection");
@@ -169,10 +164,9 @@ async fn pubsub_messages_flow_back_while_the_subscriber_sends_nothing() {
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn subscribed_connection_goes_back_to_normal_after_unsubscribing() {
+async fn subscribed_connection_goes_back_to_normal_after_unsubscribing(mode: Mode) {
     let port = free_port();
-    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let shotover = mode.start(&passthrough(port, &redis_addr(), ""));
     let p = prefix("unsub");
     // RESP2: two channels, one pattern, then UNSUBSCRIBE alone (one reply per channel),
     // PUNSUBSCRIBE, and a normal command.
@@ -186,10 +180,9 @@ async fn subscribed_connection_goes_back_to_normal_after_unsubscribing() {
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn inline_commands_work_as_telnet_sends_them() {
+async fn inline_commands_work_as_telnet_sends_them(mode: Mode) {
     let port = free_port();
-    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let shotover = mode.start(&passthrough(port, &redis_addr(), ""));
     let key = format!("{}inline", prefix("inline"));
     let request = format!("PING\r\n\r\nSET {key} \"two words\"\nGET {key}\r\n");
     let reply = raw(&format!("127.0.0.1:{port}"), request.as_bytes(), 30);
@@ -200,10 +193,9 @@ async fn inline_commands_work_as_telnet_sends_them() {
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn unknown_and_module_commands_pass_through_and_the_connection_stays() {
+async fn unknown_and_module_commands_pass_through_and_the_connection_stays(mode: Mode) {
     let port = free_port();
-    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let shotover = mode.start(&passthrough(port, &redis_addr(), ""));
     let mut con = connect(port).await;
     let err = redis::cmd("NOSUCHCOMMAND")
         .arg("x")
@@ -237,19 +229,17 @@ async fn unknown_and_module_commands_pass_through_and_the_connection_stays() {
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn redis_py_with_resp3_works_through_the_proxy() {
+async fn redis_py_with_resp3_works_through_the_proxy(mode: Mode) {
     let port = free_port();
-    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let shotover = mode.start(&passthrough(port, &redis_addr(), ""));
     let out = python("resp3.py", &["127.0.0.1", &port.to_string(), &prefix("py")]);
     assert!(out.contains("resp3 ok"), "{out}");
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn redis_cli_talks_through_the_proxy() {
+async fn redis_cli_talks_through_the_proxy(mode: Mode) {
     let port = free_port();
-    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let shotover = mode.start(&passthrough(port, &redis_addr(), ""));
     let key = format!("{}cli", prefix("cli"));
     let p = port.to_string();
     assert_eq!(redis_cli(&["-p", &p, "SET", &key, "v"]).trim(), "OK");
@@ -262,10 +252,9 @@ async fn redis_cli_talks_through_the_proxy() {
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn resp3_invalidation_pushes_reach_a_tracking_client_that_sends_nothing() {
+async fn resp3_invalidation_pushes_reach_a_tracking_client_that_sends_nothing(mode: Mode) {
     let port = free_port();
-    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let shotover = mode.start(&passthrough(port, &redis_addr(), ""));
     let key = format!("{}tracked", prefix("tracking"));
     let mut stream = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).expect("connect");
     std::io::Write::write_all(
@@ -306,10 +295,9 @@ async fn resp3_invalidation_pushes_reach_a_tracking_client_that_sends_nothing() 
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn client_reply_off_and_skip_silence_replies_without_hanging() {
+async fn client_reply_off_and_skip_silence_replies_without_hanging(mode: Mode) {
     let port = free_port();
-    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let shotover = mode.start(&passthrough(port, &redis_addr(), ""));
     let key = format!("{}quiet", prefix("reply"));
     let request = format!(
         "CLIENT REPLY OFF\r\nSET {key} 1\r\nINCR {key}\r\nCLIENT REPLY ON\r\nGET {key}\r\nCLIENT REPLY SKIP\r\nINCR {key}\r\nGET {key}\r\n"
@@ -322,10 +310,9 @@ async fn client_reply_off_and_skip_silence_replies_without_hanging() {
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn quit_pipelined_with_more_commands_answers_up_to_quit_and_closes() {
+async fn quit_pipelined_with_more_commands_answers_up_to_quit_and_closes(mode: Mode) {
     let port = free_port();
-    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let shotover = mode.start(&passthrough(port, &redis_addr(), ""));
     let mut stream = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).expect("connect");
     std::io::Write::write_all(&mut stream, b"PING\r\nQUIT\r\nPING\r\n").expect("write");
     let reply = read_available(&mut stream, 100, Duration::from_secs(2));
@@ -335,10 +322,9 @@ async fn quit_pipelined_with_more_commands_answers_up_to_quit_and_closes() {
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn monitor_streams_other_clients_commands_until_reset() {
+async fn monitor_streams_other_clients_commands_until_reset(mode: Mode) {
     let port = free_port();
-    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let shotover = mode.start(&passthrough(port, &redis_addr(), ""));
     let key = format!("{}monitored", prefix("monitor"));
     let mut monitor = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).expect("connect");
     std::io::Write::write_all(&mut monitor, b"MONITOR\r\n").expect("write");
@@ -371,10 +357,9 @@ async fn monitor_streams_other_clients_commands_until_reset() {
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn resp3_subscriber_can_run_commands_whose_replies_look_like_messages() {
+async fn resp3_subscriber_can_run_commands_whose_replies_look_like_messages(mode: Mode) {
     let port = free_port();
-    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let shotover = mode.start(&passthrough(port, &redis_addr(), ""));
     let p = prefix("resp3-sub");
     let mut con = connect(port).await;
     let () = redis::cmd("RPUSH")
@@ -411,10 +396,9 @@ async fn resp3_subscriber_can_run_commands_whose_replies_look_like_messages() {
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_client_leaving_during_blpop_does_not_take_an_element_with_it() {
+async fn a_client_leaving_during_blpop_does_not_take_an_element_with_it(mode: Mode) {
     let port = free_port();
-    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let shotover = mode.start(&passthrough(port, &redis_addr(), ""));
     let key = format!("{}left", prefix("blpop-gone"));
     let name = prefix("blpop-gone").replace(':', "-");
     let mut stream = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).expect("connect");
@@ -453,10 +437,9 @@ async fn a_client_leaving_during_blpop_does_not_take_an_element_with_it() {
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn status_lines_longer_than_64_kib_from_redis_pass_through() {
+async fn status_lines_longer_than_64_kib_from_redis_pass_through(mode: Mode) {
     let port = free_port();
-    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let shotover = mode.start(&passthrough(port, &redis_addr(), ""));
     let mut con = connect(port).await;
     let reply: String = redis::cmd("EVAL")
         .arg("return redis.status_reply(string.rep('x', 70000))")
@@ -468,10 +451,9 @@ async fn status_lines_longer_than_64_kib_from_redis_pass_through() {
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn reset_then_client_reply_off_in_one_pipeline_keeps_counting_replies() {
+async fn reset_then_client_reply_off_in_one_pipeline_keeps_counting_replies(mode: Mode) {
     let port = free_port();
-    let shotover = Shotover::start(&passthrough(port, &redis_addr(), ""));
+    let shotover = mode.start(&passthrough(port, &redis_addr(), ""));
     let key = format!("{}reset", prefix("reset-reply"));
     let mut stream = std::net::TcpStream::connect(format!("127.0.0.1:{port}")).expect("connect");
     std::io::Write::write_all(
@@ -494,3 +476,28 @@ async fn reset_then_client_reply_off_in_one_pipeline_keeps_counting_replies() {
     );
     shotover.stop();
 }
+
+crate::in_both_modes!(
+    async: [
+        pipelined_requests_keep_their_order_under_50_concurrent_clients,
+        values_of_64_mib_go_through_both_ways,
+        multi_exec_runs_as_a_transaction,
+        blpop_blocks_until_another_client_pushes,
+        pubsub_messages_flow_back_while_the_subscriber_sends_nothing,
+        subscribed_connection_goes_back_to_normal_after_unsubscribing,
+        inline_commands_work_as_telnet_sends_them,
+        unknown_and_module_commands_pass_through_and_the_connection_stays,
+        redis_py_with_resp3_works_through_the_proxy,
+        redis_cli_talks_through_the_proxy,
+        resp3_invalidation_pushes_reach_a_tracking_client_that_sends_nothing,
+        client_reply_off_and_skip_silence_replies_without_hanging,
+        quit_pipelined_with_more_commands_answers_up_to_quit_and_closes,
+        monitor_streams_other_clients_commands_until_reset,
+        resp3_subscriber_can_run_commands_whose_replies_look_like_messages,
+        a_client_leaving_during_blpop_does_not_take_an_element_with_it,
+        status_lines_longer_than_64_kib_from_redis_pass_through,
+        reset_then_client_reply_off_in_one_pipeline_keeps_counting_replies,
+    ],
+    sync: [
+    ],
+);

@@ -98,14 +98,13 @@ async fn debug_returner_fail_errors_the_pending_requests_and_closes_the_connecti
     shotover.stop_expecting(&["its chain failed"]);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn debug_printer_logs_requests_and_responses() {
+async fn debug_printer_logs_requests_and_responses(mode: Mode) {
     let port = free_port();
     let chain = format!(
         "        - DebugPrinter: {{ name: \"printer\" }}\n{}",
         sink("sink")
     );
-    let shotover = Shotover::start(&source(port, &chain));
+    let shotover = mode.start(&source(port, &chain));
     let key = format!("{}printed", prefix("printer"));
     let mut con = connect(port).await;
     let () = redis::cmd("SET")
@@ -119,14 +118,13 @@ async fn debug_printer_logs_requests_and_responses() {
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn query_counter_counts_requests_by_command() {
+async fn query_counter_counts_requests_by_command(mode: Mode) {
     let port = free_port();
     let chain = format!(
         "        - QueryCounter: {{ name: \"counter\", counter_name: \"qc-test\" }}\n{}",
         sink("sink")
     );
-    let shotover = Shotover::start(&source(port, &chain));
+    let shotover = mode.start(&source(port, &chain));
     let key = format!("{}counted", prefix("counter"));
     let mut con = connect(port).await;
     for _ in 0..3 {
@@ -153,8 +151,7 @@ async fn query_counter_counts_requests_by_command() {
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn query_type_filter_refuses_what_is_denied_and_keeps_reply_order() {
+async fn query_type_filter_refuses_what_is_denied_and_keeps_reply_order(mode: Mode) {
     let (deny, allow) = (free_port(), free_port());
     let topology = format!(
         r#"
@@ -173,7 +170,7 @@ sources:
         sink1 = sink("sink1"),
         sink2 = sink("sink2"),
     );
-    let shotover = Shotover::start(&topology);
+    let shotover = mode.start(&topology);
     let key = format!("{}filtered", prefix("filter"));
     for port in [deny, allow] {
         let reply = raw(
@@ -189,14 +186,13 @@ sources:
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn coalesce_holds_requests_until_the_count_is_reached() {
+async fn coalesce_holds_requests_until_the_count_is_reached(mode: Mode) {
     let port = free_port();
     let chain = format!(
         "        - Coalesce: {{ flush_when_buffered_message_count: 3 }}\n{}",
         sink("sink")
     );
-    let shotover = Shotover::start(&source(port, &chain));
+    let shotover = mode.start(&source(port, &chain));
     let mut stream = TcpStream::connect(format!("127.0.0.1:{port}")).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_millis(100)))
@@ -214,14 +210,13 @@ async fn coalesce_holds_requests_until_the_count_is_reached() {
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn coalesce_flushes_on_its_timer_without_new_requests() {
+async fn coalesce_flushes_on_its_timer_without_new_requests(mode: Mode) {
     let port = free_port();
     let chain = format!(
         "        - Coalesce: {{ flush_when_millis_since_last_flush: 300 }}\n{}",
         sink("sink")
     );
-    let shotover = Shotover::start(&source(port, &chain));
+    let shotover = mode.start(&source(port, &chain));
     let mut stream = TcpStream::connect(format!("127.0.0.1:{port}")).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_millis(50)))
@@ -250,15 +245,14 @@ async fn coalesce_flushes_on_its_timer_without_new_requests() {
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn tee_ignore_writes_to_both_chains_including_a_tls_upstream() {
+async fn tee_ignore_writes_to_both_chains_including_a_tls_upstream(mode: Mode) {
     let port = free_port();
     let chain = format!(
         "        - Tee:\n            name: \"dual-write\"\n            behavior: Ignore\n            buffer_size: 100\n            chain:\n{}{}",
         tls_sink("dr-sink", 14),
         sink("main-sink")
     );
-    let shotover = Shotover::start(&source(port, &chain));
+    let shotover = mode.start(&source(port, &chain));
     let key = format!("{}teed", prefix("tee"));
     let mut con = connect(port).await;
     let () = redis::cmd("SET")
@@ -281,14 +275,13 @@ async fn tee_ignore_writes_to_both_chains_including_a_tls_upstream() {
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn tee_fail_on_mismatch_answers_errors_when_the_chains_disagree() {
+async fn tee_fail_on_mismatch_answers_errors_when_the_chains_disagree(mode: Mode) {
     let port = free_port();
     let chain = format!(
         "        - Tee:\n            behavior: FailOnMismatch\n            chain:\n              - DebugReturner: {{ Redis: \"same\" }}\n{}",
         sink("sink")
     );
-    let shotover = Shotover::start(&source(port, &chain));
+    let shotover = mode.start(&source(port, &chain));
     let key = format!("{}cmp", prefix("fail-mismatch"));
     let mut con = connect(port).await;
     let err = redis::cmd("GET")
@@ -313,14 +306,13 @@ async fn tee_fail_on_mismatch_answers_errors_when_the_chains_disagree() {
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn tee_log_warning_on_mismatch_logs_and_answers_from_the_regular_chain() {
+async fn tee_log_warning_on_mismatch_logs_and_answers_from_the_regular_chain(mode: Mode) {
     let port = free_port();
     let chain = format!(
         "        - Tee:\n            name: \"warner\"\n            behavior: LogWarningOnMismatch\n            chain:\n              - DebugReturner: {{ Redis: \"other\" }}\n{}",
         sink("sink")
     );
-    let shotover = Shotover::start(&source(port, &chain));
+    let shotover = mode.start(&source(port, &chain));
     let mut con = connect(port).await;
     let pong: String = redis::cmd("PING")
         .query_async(&mut con)
@@ -331,15 +323,14 @@ async fn tee_log_warning_on_mismatch_logs_and_answers_from_the_regular_chain() {
     shotover.stop_expecting(&["differ from the regular chain"]);
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn tee_subchain_on_mismatch_sends_the_batch_down_the_mismatch_chain() {
+async fn tee_subchain_on_mismatch_sends_the_batch_down_the_mismatch_chain(mode: Mode) {
     let port = free_port();
     let chain = format!(
         "        - Tee:\n            behavior:\n              SubchainOnMismatch:\n                name: \"mismatches\"\n                chain:\n{}            chain:\n              - DebugReturner: {{ Redis: \"never-equal\" }}\n{}",
         tls_sink("mismatch-sink", 18),
         sink("sink")
     );
-    let shotover = Shotover::start(&source(port, &chain));
+    let shotover = mode.start(&source(port, &chain));
     let key = format!("{}mismatched", prefix("subchain"));
     let mut con = connect(port).await;
     let () = redis::cmd("SET")
@@ -356,14 +347,13 @@ async fn tee_subchain_on_mismatch_sends_the_batch_down_the_mismatch_chain() {
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn tee_switch_port_flips_which_chain_answers() {
+async fn tee_switch_port_flips_which_chain_answers(mode: Mode) {
     let (port, switch) = (free_port(), free_port());
     let chain = format!(
         "        - Tee:\n            switch_port: {switch}\n            chain:\n              - DebugReturner: {{ Redis: \"from-tee\" }}\n{}",
         sink("sink")
     );
-    let shotover = Shotover::start(&source(port, &chain));
+    let shotover = mode.start(&source(port, &chain));
     let api = format!("127.0.0.1:{switch}");
     let path = "/transform/tee/result-source";
     assert_eq!(http(&api, "GET", path, "").expect("GET").2, "regular-chain");
@@ -394,8 +384,7 @@ async fn tee_switch_port_flips_which_chain_answers() {
     shotover.stop();
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn tee_drops_and_counts_batches_when_its_chain_cannot_keep_up() {
+async fn tee_drops_and_counts_batches_when_its_chain_cannot_keep_up(mode: Mode) {
     // An upstream that accepts connections and never answers.
     let stuck = TcpListener::bind("127.0.0.1:0").expect("bind");
     let stuck_addr = stuck.local_addr().expect("addr");
@@ -404,7 +393,7 @@ async fn tee_drops_and_counts_batches_when_its_chain_cannot_keep_up() {
         "        - Tee:\n            name: \"slow-tee\"\n            buffer_size: 1\n            chain:\n              - RedisSinkSingle: {{ remote_address: \"{stuck_addr}\", connect_timeout_ms: 1000 }}\n{}",
         sink("sink")
     );
-    let shotover = Shotover::start(&source(port, &chain));
+    let shotover = mode.start(&source(port, &chain));
     let mut con = connect(port).await;
     for _ in 0..10 {
         let pong: String = redis::cmd("PING")
@@ -421,14 +410,13 @@ async fn tee_drops_and_counts_batches_when_its_chain_cannot_keep_up() {
     shotover.stop_expecting(&["tee chain", "upstream connection broke"]);
 }
 
-#[test]
-fn request_throttling_answers_overloaded_beyond_its_rate_in_reply_order() {
+fn request_throttling_answers_overloaded_beyond_its_rate_in_reply_order(mode: Mode) {
     let port = free_port();
     let chain = format!(
         "        - RequestThrottling: {{ max_requests_per_second: 5 }}\n{}",
         sink("throttled-sink")
     );
-    let shotover = Shotover::start(&source(port, &chain));
+    let shotover = mode.start(&source(port, &chain));
     // 20 pipelined PINGs: the first 5 pass (a burst up to the rate), later ones are refused.
     let replies = raw(
         &format!("127.0.0.1:{port}"),
@@ -458,3 +446,22 @@ fn request_throttling_answers_overloaded_beyond_its_rate_in_reply_order() {
     );
     shotover.stop();
 }
+
+crate::in_both_modes!(
+    async: [
+        debug_printer_logs_requests_and_responses,
+        query_counter_counts_requests_by_command,
+        query_type_filter_refuses_what_is_denied_and_keeps_reply_order,
+        coalesce_holds_requests_until_the_count_is_reached,
+        coalesce_flushes_on_its_timer_without_new_requests,
+        tee_ignore_writes_to_both_chains_including_a_tls_upstream,
+        tee_fail_on_mismatch_answers_errors_when_the_chains_disagree,
+        tee_log_warning_on_mismatch_logs_and_answers_from_the_regular_chain,
+        tee_subchain_on_mismatch_sends_the_batch_down_the_mismatch_chain,
+        tee_switch_port_flips_which_chain_answers,
+        tee_drops_and_counts_batches_when_its_chain_cannot_keep_up,
+    ],
+    sync: [
+        request_throttling_answers_overloaded_beyond_its_rate_in_reply_order,
+    ],
+);

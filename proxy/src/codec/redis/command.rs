@@ -21,8 +21,9 @@ pub enum CommandKind {
     Multi,
     /// `EXEC` or `DISCARD`: the end of a transaction.
     EndMulti,
-    /// `CLIENT TRACKING ...`: invalidation pushes may follow at any time.
-    ClientTracking,
+    /// `CLIENT TRACKING ON|OFF ...` (`true` for ON): invalidation pushes may follow at any
+    /// time while tracking is on.
+    ClientTracking(bool),
     /// `CLIENT REPLY ON|OFF|SKIP`: the server stops (or resumes) replying.
     ClientReply(ReplyMode),
     Other,
@@ -123,7 +124,7 @@ fn kind_of(name: &[u8], arg1: Option<&[u8]>, arg2: Option<&[u8]>) -> CommandKind
     } else if is("EXEC") || is("DISCARD") {
         CommandKind::EndMulti
     } else if is("CLIENT") && arg1.is_some_and(|a| a.eq_ignore_ascii_case(b"TRACKING")) {
-        CommandKind::ClientTracking
+        CommandKind::ClientTracking(!arg2.is_some_and(|a| a.eq_ignore_ascii_case(b"OFF")))
     } else if is("CLIENT") && arg1.is_some_and(|a| a.eq_ignore_ascii_case(b"REPLY")) {
         match arg2 {
             Some(m) if m.eq_ignore_ascii_case(b"OFF") => CommandKind::ClientReply(ReplyMode::Off),

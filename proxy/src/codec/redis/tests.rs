@@ -848,11 +848,11 @@ fn stateful_commands_are_recognised_in_any_case() {
     let kind = |b: &'static [u8]| Command::of(&Bytes::from_static(b)).kind;
     assert_eq!(
         kind(b"*3\r\n$6\r\nCLIENT\r\n$8\r\nTRACKING\r\n$2\r\non\r\n"),
-        CommandKind::ClientTracking
+        CommandKind::ClientTracking(true)
     );
     assert_eq!(
         kind(b"client tracking off\r\n"),
-        CommandKind::ClientTracking
+        CommandKind::ClientTracking(false)
     );
     assert_eq!(kind(b"CLIENT SETNAME x\r\n"), CommandKind::Other);
     assert_eq!(kind(b"CLIENT\r\n"), CommandKind::Other);

@@ -22,6 +22,30 @@ pub(super) struct ReplyTracker {
 }
 
 impl ReplyTracker {
+    /// A tracker for a connection whose handshake already chose the protocol.
+    pub fn with_resp3(resp3: bool) -> Self {
+        ReplyTracker {
+            pending: VecDeque::new(),
+            resp: RespState {
+                resp3,
+                ..RespState::default()
+            },
+        }
+    }
+
+    /// Whether nothing is waiting and the connection holds no state that decides how
+    /// replies are framed or that a shared connection lacks: no transaction, subscription,
+    /// MONITOR, tracking, or silenced replies.
+    pub fn clean(&self) -> bool {
+        self.pending.is_empty()
+            && !self.resp.in_multi
+            && !self.resp.subscribed()
+            && !self.resp.monitoring
+            && !self.resp.tracking
+            && !self.resp.quit
+            && self.resp.replies == Replies::On
+    }
+
     /// Registers a request about to be written. `false` when the server will not reply to it
     /// (`CLIENT REPLY OFF`/`SKIP`).
     pub fn expect(&mut self, request: &mut Message) -> bool {
@@ -162,7 +186,7 @@ impl ReplyTracker {
                     }
                 }
                 CommandKind::Quit => self.resp.quit = true,
-                CommandKind::ClientTracking => self.resp.tracking = true,
+                CommandKind::ClientTracking(on) => self.resp.tracking = on,
                 _ => {}
             }
         }

@@ -1,0 +1,700 @@
+//! A client connection's sink in shared mode: which of its requests may travel over a shared
+//! connection, and the session state the proxy keeps for it instead of the upstream.
+//!
+//! Everything a shared connection can carry goes there: commands answered by exactly one
+//! reply that change no connection state. Session commands are handled so that the client
+//! sees what Redis would show it on a connection of its own:
+//!
+//! - `AUTH`, `HELLO 2|3 [AUTH ..]` and `SELECT` move the client to another *lane* (a set of
+//!   shared connections opened with those credentials, protocol and database). The command
+//!   is sent on the target lane, so Redis checks the credentials every time; the client
+//!   moves only when it succeeds. `HELLO ... SETNAME` is sent without `SETNAME`.
+//! - `CLIENT SETNAME`, `GETNAME` and `SETINFO` are answered by the proxy (the name is given
+//!   to any dedicated connection the client gets); `QUIT` and `RESET` too.
+//! - A transaction (`MULTI`, `WATCH`), a subscription, a blocking command (`BLPOP` and
+//!   friends, `XREAD ... BLOCK`), `CLIENT REPLY OFF|SKIP` and `CLIENT TRACKING ON` pin the
+//!   client to a dedicated connection, opened with its lane's handshake and name, until
+//!   the state is gone (after `EXEC`/`DISCARD`/`UNWATCH`, the last unsubscribe, the blocking
+//!   reply, `CLIENT REPLY ON`, `TRACKING OFF`). `MONITOR`, `READONLY`, `CLIENT NO-EVICT`,
+//!   replication commands and a session change inside a transaction pin it until `RESET`;
+//!   `CLIENT ID` and `CLIENT GETREDIR` for good (another client may redirect tracking to
+//!   that id).
+//! - `WAIT`/`WAITAOF` go to the shared connection that carried the client's last requests
+//!   (its replication offset covers them); a timeout of 0 or above
+//!   [`MAX_SHARED_WAIT_MS`] is refused unless the client is pinned, since it would hold a
+//!   connection that other clients share.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use tokio::sync::Notify;
+
+use super::dedicated::{self, Dedicated, OpenError};
+use super::shared::{ConnHandle, LaneKey, Pool};
+use crate::chain::{ChainError, ChainState, Transform};
+use crate::codec::redis::command::{CommandKind, ReplyMode};
+use crate::codec::redis::frame::RedisFrame;
+use crate::message::{Message, MessageId, Messages};
+
+/// Longest `WAIT`/`WAITAOF` timeout sent over a shared connection.
+pub const MAX_SHARED_WAIT_MS: u64 = 1000;
+
+/// What a request means for the session.
+#[derive(Debug)]
+enum Kind {
+    /// One reply, no connection state: shareable.
+    Shared,
+    /// Needs a dedicated connection while the state it creates lasts.
+    Pin,
+    /// Needs a dedicated connection until `RESET`.
+    PinUntilReset,
+    /// Needs a dedicated connection for good (`CLIENT ID`, `CLIENT GETREDIR`).
+    PinForGood,
+    Multi,
+    /// `EXEC` or `DISCARD`.
+    EndMulti,
+    Watch,
+    Unwatch,
+    Auth {
+        user: Option<Bytes>,
+        password: Bytes,
+    },
+    Hello {
+        resp3: bool,
+        auth: Option<(Bytes, Bytes)>,
+        name: Option<Bytes>,
+        /// The request without `SETNAME`, when it had one.
+        without_name: Option<Bytes>,
+    },
+    Select(u32),
+    SetName(Bytes),
+    /// A `CLIENT SETNAME` Redis would refuse.
+    BadName,
+    GetName,
+    SetInfo,
+    Quit,
+    Reset,
+    /// `WAIT`/`WAITAOF` with its timeout in ms.
+    Wait(u64),
+}
+
+/// Reads what `request` means for the session.
+fn classify(request: &mut Message) -> Kind {
+    let command = request.command();
+    let kind = command.kind;
+    let argc = command.argc;
+    let name = command.name.clone();
+    if name.len() > 16 {
+        return Kind::Shared;
+    }
+    let mut upper = [0u8; 16];
+    let upper = &mut upper[..name.len()];
+    upper.copy_from_slice(&name);
+    upper.make_ascii_uppercase();
+    match &*upper {
+        b"GET" | b"SET" | b"INCR" | b"DEL" | b"MGET" | b"MSET" | b"HGET" | b"HSET" | b"EXPIRE"
+        | b"LPUSH" | b"RPUSH" | b"EVALSHA" | b"EVAL" | b"PING" | b"EXISTS" => Kind::Shared,
+        b"MULTI" => Kind::Multi,
+        b"EXEC" | b"DISCARD" => Kind::EndMulti,
+        b"WATCH" => Kind::Watch,
+        b"UNWATCH" => Kind::Unwatch,
+        b"SUBSCRIBE" | b"PSUBSCRIBE" | b"SSUBSCRIBE" | b"UNSUBSCRIBE" | b"PUNSUBSCRIBE"
+        | b"SUNSUBSCRIBE" => Kind::Pin,
+        b"BLPOP" | b"BRPOP" | b"BRPOPLPUSH" | b"BLMOVE" | b"BLMPOP" | b"BZPOPMIN" | b"BZPOPMAX"
+        | b"BZMPOP" => Kind::Pin,
+        b"XREAD" | b"XREADGROUP" => match args(request) {
+            Some(args) if args.iter().any(|a| a.eq_ignore_ascii_case(b"BLOCK")) => Kind::Pin,
+            Some(_) => Kind::Shared,
+            None => Kind::Pin,
+        },
+        b"MONITOR" | b"SYNC" | b"PSYNC" | b"REPLCONF" | b"READONLY" | b"READWRITE" | b"ASKING" => {
+            Kind::PinUntilReset
+        }
+        b"WAIT" | b"WAITAOF" => {
+            let at = if &*upper == b"WAIT" { 2 } else { 3 };
+            match args(request).and_then(|a| a.get(at).and_then(|t| number(t))) {
+                Some(timeout) => Kind::Wait(timeout),
+                // Malformed: Redis answers with an error and changes nothing.
+                None => Kind::Shared,
+            }
+        }
+        b"QUIT" => Kind::Quit,
+        b"RESET" => Kind::Reset,
+        b"SELECT" => match args(request) {
+            Some(a) if a.len() == 2 => match number(&a[1]).and_then(|n| u32::try_from(n).ok()) {
+                Some(db) => Kind::Select(db),
+                None => Kind::Shared,
+            },
+            _ => Kind::Shared,
+        },
+        b"AUTH" => match args(request) {
+            Some(mut a) if a.len() == 2 => Kind::Auth {
+                user: None,
+                password: a.swap_remove(1),
+            },
+            Some(mut a) if a.len() == 3 => {
+                let password = a.swap_remove(2);
+                Kind::Auth {
+                    user: Some(a.swap_remove(1)),
+                    password,
+                }
+            }
+            _ => Kind::Shared,
+        },
+        b"HELLO" => hello(request, argc),
+        b"SCRIPT" => match command_arg1(request) {
+            Some(a) if a.eq_ignore_ascii_case(b"DEBUG") => Kind::PinUntilReset,
+            _ => Kind::Shared,
+        },
+        b"CLIENT" => client(request, kind, argc),
+        _ => Kind::Shared,
+    }
+}
+
+fn client(request: &mut Message, kind: CommandKind, argc: usize) -> Kind {
+    match kind {
+        CommandKind::ClientReply(ReplyMode::Off | ReplyMode::Skip) => return Kind::Pin,
+        CommandKind::ClientTracking(true) => return Kind::Pin,
+        CommandKind::ClientReply(ReplyMode::On) | CommandKind::ClientTracking(false) => {
+            return Kind::Shared;
+        }
+        _ => {}
+    }
+    let Some(sub) = command_arg1(request) else {
+        return Kind::Shared;
+    };
+    let is = |s: &str| sub.eq_ignore_ascii_case(s.as_bytes());
+    if is("ID") || is("GETREDIR") {
+        Kind::PinForGood
+    } else if is("NO-EVICT") || is("NO-TOUCH") {
+        Kind::PinUntilReset
+    } else if is("GETNAME") && argc == 1 {
+        Kind::GetName
+    } else if is("SETNAME") && argc == 2 {
+        match args(request) {
+            Some(mut a) if a.len() == 3 => {
+                let name = a.swap_remove(2);
+                if name.iter().all(|c| (b'!'..=b'~').contains(c)) {
+                    Kind::SetName(name)
+                } else {
+                    Kind::BadName
+                }
+            }
+            _ => Kind::Shared,
+        }
+    } else if is("SETINFO") && argc == 3 {
+        match args(request) {
+            Some(a)
+                if a.len() == 4
+                    && (a[2].eq_ignore_ascii_case(b"LIB-NAME")
+                        || a[2].eq_ignore_ascii_case(b"LIB-VER"))
+                    && a[3].iter().all(|c| (b'!'..=b'~').contains(c)) =>
+            {
+                Kind::SetInfo
+            }
+            _ => Kind::Shared,
+        }
+    } else {
+        Kind::Shared
+    }
+}
+
+/// `HELLO [protover [AUTH username password] [SETNAME clientname]]`. Anything the proxy does
+/// not understand fully pins the client: a HELLO that changed a shared connection's
+/// protocol would break it for everyone.
+fn hello(request: &mut Message, argc: usize) -> Kind {
+    if argc == 0 {
+        return Kind::Shared;
+    }
+    let Some(args) = args(request) else {
+        return Kind::Pin;
+    };
+    let resp3 = match &args[1][..] {
+        b"2" => false,
+        b"3" => true,
+        // Redis answers NOPROTO and changes nothing.
+        _ if number(&args[1]).is_some() => return Kind::Shared,
+        _ => return Kind::Pin,
+    };
+    let (mut auth, mut name) = (None, None);
+    let mut i = 2;
+    while i < args.len() {
+        let option = &args[i];
+        if option.eq_ignore_ascii_case(b"AUTH") && i + 2 < args.len() {
+            auth = Some((args[i + 1].clone(), args[i + 2].clone()));
+            i += 3;
+        } else if option.eq_ignore_ascii_case(b"SETNAME") && i + 1 < args.len() {
+            name = Some(args[i + 1].clone());
+            i += 2;
+        } else {
+            return Kind::Pin;
+        }
+    }
+    let without_name = name.as_ref().map(|_| {
+        let mut kept: Vec<Bytes> = vec![args[0].clone(), args[1].clone()];
+        if let Some((user, password)) = &auth {
+            kept.extend(["AUTH".into(), user.clone(), password.clone()]);
+        }
+        RedisFrame::command(kept).to_bytes()
+    });
+    if name
+        .as_ref()
+        .is_some_and(|n| !n.iter().all(|c| (b'!'..=b'~').contains(c)))
+    {
+        // Redis refuses the name and the whole HELLO; let it say so on a connection of the
+        // client's own.
+        return Kind::Pin;
+    }
+    Kind::Hello {
+        resp3,
+        auth,
+        name,
+        without_name,
+    }
+}
+
+/// A request's arguments, the command name first.
+fn args(request: &mut Message) -> Option<Vec<Bytes>> {
+    match request.frame().ok()? {
+        RedisFrame::Array(items) => items
+            .iter()
+            .map(|i| match i {
+                RedisFrame::Bulk(b) | RedisFrame::Simple(b) => Some(b.clone()),
+                _ => None,
+            })
+            .collect(),
+        _ => None,
+    }
+}
+
+fn command_arg1(request: &mut Message) -> Option<Bytes> {
+    request.command().arg1.clone()
+}
+
+fn number(text: &[u8]) -> Option<u64> {
+    std::str::from_utf8(text).ok()?.parse().ok()
+}
+
+/// The dedicated connection of a pinned client, counted while it lives.
+struct Pinned {
+    conn: Dedicated,
+    pool: Arc<Pool>,
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        self.pool.metrics.pinned.dec();
+    }
+}
+
+pub struct SharedSink {
+    pool: Arc<Pool>,
+    force_run: Arc<Notify>,
+    lane: LaneKey,
+    name: Option<Bytes>,
+    pinned: Option<Pinned>,
+    /// MULTI was sent and not ended (followed as the dedicated connection answers).
+    in_multi: bool,
+    watching: bool,
+    pinned_until_reset: bool,
+    pinned_for_good: bool,
+    /// The shared connection of the client's last batch, for `WAIT`.
+    last: Option<Arc<ConnHandle>>,
+}
+
+impl SharedSink {
+    pub fn new(pool: Arc<Pool>, force_run: Arc<Notify>) -> Self {
+        SharedSink {
+            pool,
+            force_run,
+            lane: LaneKey::default(),
+            name: None,
+            pinned: None,
+            in_multi: false,
+            watching: false,
+            pinned_until_reset: false,
+            pinned_for_good: false,
+            last: None,
+        }
+    }
+}
+
+#[async_trait]
+impl Transform for SharedSink {
+    async fn transform(&mut self, state: &mut ChainState<'_>) -> Result<Messages, ChainError> {
+        let requests = std::mem::take(&mut state.requests);
+        let mut out = Vec::with_capacity(requests.len());
+        if requests.is_empty() {
+            // Pushes from the dedicated connection, if any.
+            if let Some(pinned) = &mut self.pinned {
+                out = pinned.conn.run(Vec::new(), &mut state.close_client).await;
+            }
+            return Ok(out);
+        }
+        let mut run: Messages = Vec::new();
+        let mut on_last = false;
+        let mut requests = requests.into_iter();
+        while let Some(mut request) = requests.next() {
+            if self.pinned.is_some() {
+                let rest = std::iter::once(request).chain(requests).collect();
+                self.dedicated(rest, &mut out, &mut state.close_client)
+                    .await;
+                break;
+            }
+            match classify(&mut request) {
+                Kind::Shared | Kind::EndMulti | Kind::Unwatch => run.push(request),
+                Kind::Wait(timeout) if timeout == 0 || timeout > MAX_SHARED_WAIT_MS => {
+                    out.push(Message::error_reply(
+                        request.id,
+                        &format!(
+                            "ERR shotover: a WAIT/WAITAOF timeout of 0 or above {MAX_SHARED_WAIT_MS} ms would hold an upstream connection other clients share; use a shorter timeout, or leave connection_count out of the sink"
+                        ),
+                    ));
+                }
+                Kind::Wait(_) => {
+                    on_last |= run.is_empty();
+                    run.push(request);
+                }
+                Kind::Pin | Kind::PinUntilReset | Kind::PinForGood | Kind::Multi | Kind::Watch => {
+                    self.send_shared(&mut run, &mut on_last, &mut out, &mut state.close_client)
+                        .await;
+                    let rest = std::iter::once(request).chain(requests).collect();
+                    self.dedicated(rest, &mut out, &mut state.close_client)
+                        .await;
+                    break;
+                }
+                Kind::SetName(name) => {
+                    self.name = Some(name).filter(|n| !n.is_empty());
+                    out.push(ok(request.id));
+                }
+                Kind::BadName => out.push(Message::error_reply(
+                    request.id,
+                    "ERR Client names cannot contain spaces, newlines or special characters.",
+                )),
+                Kind::GetName => {
+                    let reply = match (&self.name, self.lane.resp3) {
+                        (Some(name), _) => RedisFrame::Bulk(name.clone()).to_bytes(),
+                        (None, true) => Bytes::from_static(b"_\r\n"),
+                        (None, false) => Bytes::from_static(b"$-1\r\n"),
+                    };
+                    out.push(Message::response(Some(request.id), reply));
+                }
+                Kind::SetInfo => out.push(ok(request.id)),
+                Kind::Quit => {
+                    self.send_shared(&mut run, &mut on_last, &mut out, &mut state.close_client)
+                        .await;
+                    // Redis answers nothing pipelined after QUIT.
+                    out.push(ok(request.id));
+                    state.close_client = true;
+                    break;
+                }
+                Kind::Reset => {
+                    self.send_shared(&mut run, &mut on_last, &mut out, &mut state.close_client)
+                        .await;
+                    self.reset();
+                    out.push(Message::response(
+                        Some(request.id),
+                        Bytes::from_static(b"+RESET\r\n"),
+                    ));
+                }
+                kind @ (Kind::Auth { .. } | Kind::Hello { .. } | Kind::Select(_)) => {
+                    self.send_shared(&mut run, &mut on_last, &mut out, &mut state.close_client)
+                        .await;
+                    let (target, name) = self.target(kind);
+                    if self.pool.lane(&target, true).is_none() {
+                        // Too many lanes: this client gets a connection of its own.
+                        let rest = std::iter::once(request).chain(requests).collect();
+                        self.dedicated(rest, &mut out, &mut state.close_client)
+                            .await;
+                        break;
+                    }
+                    self.switch(target, name, request, &mut out).await;
+                }
+            }
+        }
+        self.send_shared(&mut run, &mut on_last, &mut out, &mut state.close_client)
+            .await;
+        Ok(out)
+    }
+}
+
+fn ok(id: MessageId) -> Message {
+    Message::response(Some(id), Bytes::from_static(b"+OK\r\n"))
+}
+
+impl SharedSink {
+    fn reset(&mut self) {
+        self.lane = LaneKey::default();
+        self.name = None;
+        self.in_multi = false;
+        self.watching = false;
+        self.pinned_until_reset = false;
+    }
+
+    /// The lane an `AUTH`, `HELLO` or `SELECT` moves the client to, and the name a HELLO
+    /// gives it.
+    fn target(&self, kind: Kind) -> (LaneKey, Option<Bytes>) {
+        let mut target = self.lane.clone();
+        let mut name = None;
+        match kind {
+            Kind::Auth { user, password } => {
+                target.user = user;
+                target.password = Some(password);
+            }
+            Kind::Hello {
+                resp3,
+                auth,
+                name: n,
+                ..
+            } => {
+                target.resp3 = resp3;
+                if let Some((user, password)) = auth {
+                    target.user = Some(user);
+                    target.password = Some(password);
+                }
+                name = n;
+            }
+            Kind::Select(db) => target.db = db,
+            _ => {}
+        }
+        (target, name)
+    }
+
+    /// Sends a session command on a connection of `target`'s lane; the client moves there if
+    /// Redis accepts it.
+    async fn switch(
+        &mut self,
+        target: LaneKey,
+        name: Option<Bytes>,
+        mut request: Message,
+        out: &mut Messages,
+    ) {
+        let Some(lane) = self.pool.lane(&target, true) else {
+            return;
+        };
+        let id = request.id;
+        let bytes = match classify(&mut request) {
+            Kind::Hello {
+                without_name: Some(bytes),
+                ..
+            } => bytes,
+            _ => request.into_bytes(),
+        };
+        let conn = match lane.pick(&self.pool).await {
+            Ok(conn) => conn,
+            Err(OpenError::Refused(reply)) => {
+                // The handshake with these credentials (or this database) failed: that
+                // error is Redis's answer to the command.
+                self.pool.forget_if_unused(&target);
+                out.push(Message::response(Some(id), reply));
+                return;
+            }
+            Err(OpenError::Unreachable(what)) => {
+                out.push(self.unreachable(id, &what));
+                return;
+            }
+        };
+        match conn.call(vec![bytes]).await {
+            Ok(mut replies) if replies.len() == 1 => {
+                let reply = replies.remove(0);
+                if !matches!(reply.first(), Some(b'-' | b'!')) {
+                    self.lane = target;
+                    if name.is_some() {
+                        self.name = name;
+                    }
+                }
+                self.last = Some(conn);
+                out.push(Message::response(Some(id), reply));
+            }
+            Ok(_) => out.push(self.unreachable(id, "answered with the wrong number of replies")),
+            Err(what) => out.push(self.unreachable(id, &what)),
+        }
+    }
+
+    fn unreachable(&self, id: MessageId, what: &str) -> Message {
+        self.pool.shared.failed_requests.inc();
+        Message::error_reply(
+            id,
+            &format!(
+                "ERR shotover: upstream {} {what}",
+                self.pool.shared.upstream.address
+            ),
+        )
+    }
+
+    /// Sends the stateless run over a shared connection of the client's lane.
+    async fn send_shared(
+        &mut self,
+        run: &mut Messages,
+        on_last: &mut bool,
+        out: &mut Messages,
+        close_client: &mut bool,
+    ) {
+        if run.is_empty() {
+            return;
+        }
+        let requests = std::mem::take(run);
+        let prefer_last = std::mem::take(on_last);
+        let Some(lane) = self.pool.lane(&self.lane, true) else {
+            self.dedicated(requests, out, close_client).await;
+            return;
+        };
+        let conn = match &self.last {
+            Some(last) if prefer_last && last.is_live() => last.clone(),
+            _ => match lane.pick(&self.pool).await {
+                Ok(conn) => conn,
+                Err(OpenError::Refused(reply)) => {
+                    let text =
+                        String::from_utf8_lossy(reply.strip_suffix(b"\r\n").unwrap_or(&reply))
+                            .into_owned();
+                    out.extend(self.pool.shared.unreachable(
+                        &requests,
+                        &format!("refused the handshake of a new shared connection: {text}"),
+                    ));
+                    return;
+                }
+                Err(OpenError::Unreachable(what)) => {
+                    out.extend(self.pool.shared.unreachable(&requests, &what));
+                    return;
+                }
+            },
+        };
+        let mut ids = Vec::with_capacity(requests.len());
+        let mut frames = Vec::with_capacity(requests.len());
+        for request in requests {
+            ids.push(request.id);
+            frames.push(request.into_bytes());
+        }
+        match conn.call(frames).await {
+            Ok(replies) if replies.len() == ids.len() => {
+                out.extend(
+                    ids.into_iter()
+                        .zip(replies)
+                        .map(|(id, reply)| Message::response(Some(id), reply)),
+                );
+            }
+            Ok(_) => {
+                for id in ids {
+                    out.push(self.unreachable(id, "answered with the wrong number of replies"));
+                }
+            }
+            Err(what) => {
+                for id in ids {
+                    out.push(self.unreachable(id, &what));
+                }
+            }
+        }
+        self.last = Some(conn);
+    }
+
+    /// Runs `requests` on the client's dedicated connection (opened with the lane's
+    /// handshake if it has none), follows the session state they change, and unpins the
+    /// client when none is left.
+    async fn dedicated(&mut self, requests: Messages, out: &mut Messages, close_client: &mut bool) {
+        if self.pinned.is_none() {
+            let handshake = self.lane.handshake(self.name.as_ref());
+            match dedicated::open(&self.pool.shared, &handshake).await {
+                Ok(opened) => {
+                    self.pool.metrics.pinned.inc();
+                    self.pool.metrics.pins.inc();
+                    self.pinned = Some(Pinned {
+                        conn: Dedicated::over(
+                            self.pool.shared.clone(),
+                            self.force_run.clone(),
+                            opened,
+                            self.lane.resp3,
+                        ),
+                        pool: self.pool.clone(),
+                    });
+                }
+                Err(OpenError::Unreachable(what)) => {
+                    out.extend(self.pool.shared.unreachable(&requests, &what));
+                    return;
+                }
+                Err(OpenError::Refused(reply)) => {
+                    let text =
+                        String::from_utf8_lossy(reply.strip_suffix(b"\r\n").unwrap_or(&reply))
+                            .into_owned();
+                    out.extend(self.pool.shared.unreachable(
+                        &requests,
+                        &format!("refused the handshake of a dedicated connection: {text}"),
+                    ));
+                    return;
+                }
+            }
+        }
+        let mut requests = requests;
+        let effects: Vec<(MessageId, Kind)> = requests
+            .iter_mut()
+            .filter_map(|r| {
+                let kind = classify(r);
+                (!matches!(
+                    kind,
+                    Kind::Shared
+                        | Kind::Pin
+                        | Kind::GetName
+                        | Kind::SetInfo
+                        | Kind::Quit
+                        | Kind::Wait(_)
+                        | Kind::BadName
+                ))
+                .then_some((r.id, kind))
+            })
+            .collect();
+        let Some(pinned) = &mut self.pinned else {
+            return;
+        };
+        let responses = pinned.conn.run(requests, close_client).await;
+        for (id, kind) in effects {
+            // `Some(true)`: accepted; `Some(false)`: refused; `None`: not known (silenced
+            // by CLIENT REPLY, or not answered because the connection broke).
+            let accepted = responses
+                .iter()
+                .find(|r| r.request_id == Some(id))
+                .and_then(|r| (!r.is_empty()).then(|| !r.is_error()));
+            self.follow(kind, accepted);
+        }
+        out.extend(responses);
+        if !self.pinned_for_good
+            && !self.pinned_until_reset
+            && !self.watching
+            && !self.in_multi
+            && self.pinned.as_ref().is_some_and(|p| p.conn.clean())
+        {
+            self.pinned = None;
+        }
+    }
+
+    /// Follows the session state a request changed on the dedicated connection.
+    fn follow(&mut self, kind: Kind, accepted: Option<bool>) {
+        match kind {
+            Kind::Multi => self.in_multi = true,
+            Kind::EndMulti => {
+                self.in_multi = false;
+                self.watching = false;
+            }
+            Kind::Watch if !self.in_multi && accepted != Some(false) => self.watching = true,
+            Kind::Unwatch if !self.in_multi => self.watching = false,
+            Kind::PinUntilReset => self.pinned_until_reset = true,
+            Kind::PinForGood => self.pinned_for_good = true,
+            Kind::SetName(name) if !self.in_multi && accepted == Some(true) => {
+                self.name = Some(name).filter(|n| !n.is_empty());
+            }
+            kind @ (Kind::Auth { .. } | Kind::Hello { .. } | Kind::Select(_)) => {
+                if self.in_multi || accepted.is_none() {
+                    // Where the session ends up is not known: stay on this connection.
+                    self.pinned_until_reset = true;
+                } else if accepted == Some(true) {
+                    let (target, name) = self.target(kind);
+                    self.lane = target;
+                    if name.is_some() {
+                        self.name = name;
+                    }
+                }
+            }
+            Kind::Reset => self.reset(),
+            _ => {}
+        }
+    }
+}

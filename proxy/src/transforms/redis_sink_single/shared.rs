@@ -1,0 +1,469 @@
+//! Shared upstream connections: a pool per configured sink, of *lanes* keyed by what a
+//! connection's session is (user, password, protocol, database), each with up to
+//! `connection_count` connections opened on demand.
+//!
+//! A connection is driven by two tasks over the split stream, so a long write never stops
+//! replies from being read. The writer takes batches (the stateless run of one client's
+//! batch) from a bounded queue, and everything queued while it wrote the previous ones goes
+//! out in one write: Redis sees a pipeline. Each batch's slot enters the reader's FIFO
+//! before its bytes are written; the reader gives each slot as many replies as it has
+//! requests, in order, and hands them to the waiting client. Only requests answered by
+//! exactly one reply travel here (everything else pins its client, see `session.rs`); a
+//! RESP3 push that still arrives answers nobody and is counted and dropped.
+//!
+//! A client has at most one batch in flight, so batches of one client may use different
+//! connections without reordering. A client that goes away leaves its slot behind: the
+//! reader reads and drops its replies, and the writer skips its batch if it was not written
+//! yet. When a connection fails, the requests written on it get an error (they may have
+//! run), those not written yet get an error saying so, and the next batch opens a new
+//! connection.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::{Bytes, BytesMut};
+use tokio::io::{AsyncReadExt, ReadHalf, WriteHalf};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::Shared;
+use super::dedicated::{self, OpenError, Opened};
+use crate::codec::redis::ResponseDecoder;
+use crate::codec::redis::frame::RedisFrame;
+use crate::metrics::{self, Counter, Gauge};
+use crate::outbox::Outbox;
+use crate::upstream::UpstreamStream;
+
+/// Batches waiting for a connection's writer.
+const QUEUE: usize = 4096;
+/// A write carries batches up to about this many bytes.
+const WRITE_CHUNK: usize = 256 * 1024;
+/// Most lanes (distinct credentials, protocols and databases) a pool keeps; a client that
+/// would need another one gets a dedicated connection instead.
+pub const MAX_LANES: usize = 64;
+
+/// What a connection's session is: everything a command could change that later replies
+/// depend on, and that the proxy can restore on a new connection with a handshake.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct LaneKey {
+    pub user: Option<Bytes>,
+    pub password: Option<Bytes>,
+    pub resp3: bool,
+    pub db: u32,
+}
+
+impl std::fmt::Debug for LaneKey {
+    // The password stays out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LaneKey")
+            .field(
+                "user",
+                &self.user.as_ref().map(|u| String::from_utf8_lossy(u)),
+            )
+            .field("authenticated", &self.password.is_some())
+            .field("resp3", &self.resp3)
+            .field("db", &self.db)
+            .finish()
+    }
+}
+
+impl LaneKey {
+    /// The commands that put a fresh connection in this lane's state, and name it.
+    pub fn handshake(&self, name: Option<&Bytes>) -> Vec<Bytes> {
+        let mut out = Vec::new();
+        let name = name.filter(|n| !n.is_empty());
+        if self.resp3 {
+            let mut args: Vec<Bytes> = vec!["HELLO".into(), "3".into()];
+            if let Some(password) = &self.password {
+                args.push("AUTH".into());
+                args.push(self.user.clone().unwrap_or_else(|| "default".into()));
+                args.push(password.clone());
+            }
+            if let Some(name) = name {
+                args.push("SETNAME".into());
+                args.push(name.clone());
+            }
+            out.push(RedisFrame::command(args).to_bytes());
+        } else {
+            if let Some(password) = &self.password {
+                let mut args: Vec<Bytes> = vec!["AUTH".into()];
+                args.extend(self.user.clone());
+                args.push(password.clone());
+                out.push(RedisFrame::command(args).to_bytes());
+            }
+            if let Some(name) = name {
+                out.push(
+                    RedisFrame::command([Bytes::from("CLIENT"), "SETNAME".into(), name.clone()])
+                        .to_bytes(),
+                );
+            }
+        }
+        if self.db != 0 {
+            out.push(
+                RedisFrame::command([Bytes::from("SELECT"), self.db.to_string().into()]).to_bytes(),
+            );
+        }
+        out
+    }
+}
+
+#[derive(Clone)]
+pub struct PoolMetrics {
+    /// Shared connections open.
+    pub connections: Gauge,
+    /// Clients pinned to a dedicated connection.
+    pub pinned: Gauge,
+    /// Times a client was pinned.
+    pub pins: Counter,
+    /// Pushes that arrived on a shared connection (answer nobody; dropped).
+    pub stray: Counter,
+}
+
+/// The shared connections of one configured sink.
+pub struct Pool {
+    pub shared: Arc<Shared>,
+    per_lane: usize,
+    /// Shared connections are named this (`CLIENT SETNAME`), so they can be told apart in
+    /// `CLIENT LIST`.
+    conn_name: Bytes,
+    lanes: Mutex<HashMap<LaneKey, Arc<Lane>>>,
+    pub metrics: PoolMetrics,
+}
+
+impl Pool {
+    pub fn new(shared: Arc<Shared>, per_lane: usize, chain: &str, transform: &str) -> Pool {
+        let labels = [("chain", chain), ("transform", transform)];
+        let clean: String = transform
+            .chars()
+            .map(|c| if c.is_ascii_graphic() { c } else { '_' })
+            .collect();
+        Pool {
+            shared,
+            per_lane,
+            conn_name: format!("shotover-shared-{clean}").into(),
+            lanes: Mutex::new(HashMap::new()),
+            metrics: PoolMetrics {
+                connections: metrics::gauge(
+                    "shotover_redis_shared_connections",
+                    "Shared upstream connections open (RedisSinkSingle with connection_count).",
+                    &labels,
+                ),
+                pinned: metrics::gauge(
+                    "shotover_redis_pinned_connections",
+                    "Client connections pinned to a dedicated upstream connection by their session state.",
+                    &labels,
+                ),
+                pins: metrics::counter(
+                    "shotover_redis_pins_count",
+                    "Times a client connection was pinned to a dedicated upstream connection by its session state.",
+                    &labels,
+                ),
+                stray: metrics::counter(
+                    "shotover_redis_shared_stray_pushes_count",
+                    "RESP3 pushes that arrived on a shared upstream connection and were dropped.",
+                    &labels,
+                ),
+            },
+        }
+    }
+
+    /// The lane of `key`, created if `may_create`; `None` when it does not exist and may not
+    /// be created, or the pool already has [`MAX_LANES`] lanes.
+    pub fn lane(&self, key: &LaneKey, may_create: bool) -> Option<Arc<Lane>> {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(lane) = lanes.get(key) {
+            return Some(lane.clone());
+        }
+        if !may_create || lanes.len() >= MAX_LANES {
+            return None;
+        }
+        let lane = Arc::new(Lane {
+            key: key.clone(),
+            slots: (0..self.per_lane).map(|_| Slot::default()).collect(),
+        });
+        lanes.insert(key.clone(), lane.clone());
+        Some(lane)
+    }
+
+    /// Drops `key`'s lane if it has no connection (its handshake was refused).
+    pub fn forget_if_unused(&self, key: &LaneKey) {
+        let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
+        if lanes.get(key).is_some_and(|lane| lane.unused()) {
+            lanes.remove(key);
+        }
+    }
+}
+
+/// The shared connections of one session kind.
+pub struct Lane {
+    key: LaneKey,
+    slots: Box<[Slot]>,
+}
+
+#[derive(Default)]
+struct Slot {
+    conn: Mutex<Option<Arc<ConnHandle>>>,
+    connecting: tokio::sync::Mutex<()>,
+}
+
+impl Slot {
+    fn live(&self) -> Option<Arc<ConnHandle>> {
+        let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        conn.as_ref().filter(|c| !c.tx.is_closed()).cloned()
+    }
+}
+
+impl Lane {
+    fn unused(&self) -> bool {
+        self.slots.iter().all(|s| s.live().is_none())
+    }
+
+    /// The connection to send on: the least loaded live one, or a new one while the lane
+    /// has fewer than `connection_count` and all of them are busy.
+    pub async fn pick(&self, pool: &Pool) -> Result<Arc<ConnHandle>, OpenError> {
+        let mut best: Option<(usize, Arc<ConnHandle>)> = None;
+        let mut empty = None;
+        for (i, slot) in self.slots.iter().enumerate() {
+            match slot.live() {
+                Some(conn) => {
+                    let load = conn.in_flight.load(Ordering::Relaxed);
+                    if best.as_ref().is_none_or(|(l, _)| load < *l) {
+                        best = Some((load, conn));
+                    }
+                }
+                None if empty.is_none() => empty = Some(i),
+                None => {}
+            }
+        }
+        let slot = match (best, empty) {
+            (Some((0, conn)), _) | (Some((_, conn)), None) => return Ok(conn),
+            (best, Some(i)) => (best, &self.slots[i]),
+            (None, None) => unreachable!("a lane has at least one slot"),
+        };
+        let (best, slot) = slot;
+        let _connecting = slot.connecting.lock().await;
+        if let Some(conn) = slot.live() {
+            return Ok(conn);
+        }
+        let handshake = self.key.handshake(Some(&pool.conn_name));
+        match dedicated::open(&pool.shared, &handshake).await {
+            Ok(opened) => {
+                let conn = spawn(opened, pool);
+                *slot.conn.lock().unwrap_or_else(|e| e.into_inner()) = Some(conn.clone());
+                Ok(conn)
+            }
+            Err(e) => match best {
+                Some((_, conn)) => Ok(conn),
+                None => Err(e),
+            },
+        }
+    }
+}
+
+/// One client batch for a shared connection; answered with one reply per frame, or with
+/// the error text.
+struct Batch {
+    frames: Vec<Bytes>,
+    reply: oneshot::Sender<Result<Vec<Bytes>, String>>,
+}
+
+/// A batch written and waiting for its replies.
+struct Waiting {
+    count: usize,
+    replies: Vec<Bytes>,
+    reply: oneshot::Sender<Result<Vec<Bytes>, String>>,
+}
+
+/// A shared connection, as the clients see it.
+pub struct ConnHandle {
+    tx: mpsc::Sender<Batch>,
+    /// Requests queued or written and not answered yet.
+    in_flight: Arc<AtomicUsize>,
+}
+
+impl ConnHandle {
+    pub fn is_live(&self) -> bool {
+        !self.tx.is_closed()
+    }
+
+    /// Sends `frames` and waits for their replies (one per frame, in order).
+    pub async fn call(&self, frames: Vec<Bytes>) -> Result<Vec<Bytes>, String> {
+        let n = frames.len();
+        let (reply, rx) = oneshot::channel();
+        self.in_flight.fetch_add(n, Ordering::Relaxed);
+        if self.tx.send(Batch { frames, reply }).await.is_err() {
+            self.in_flight.fetch_sub(n, Ordering::Relaxed);
+            return Err("closed the shared connection before the requests were sent".into());
+        }
+        match rx.await {
+            Ok(result) => result,
+            Err(_) => Err("closed the shared connection (the requests may have run)".into()),
+        }
+    }
+}
+
+fn spawn(opened: Opened, pool: &Pool) -> Arc<ConnHandle> {
+    let (tx, rx) = mpsc::channel(QUEUE);
+    let (slots_tx, slots_rx) = mpsc::unbounded_channel();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let cancel = CancellationToken::new();
+    let (reader, writer) = tokio::io::split(opened.stream);
+    let addr = pool.shared.upstream.address.clone();
+    pool.metrics.connections.inc();
+    tokio::spawn(write_loop(
+        writer,
+        rx,
+        slots_tx,
+        in_flight.clone(),
+        cancel.clone(),
+    ));
+    tokio::spawn(read_loop(
+        reader,
+        opened.read_buf,
+        opened.decoder,
+        slots_rx,
+        in_flight.clone(),
+        cancel,
+        pool.metrics.clone(),
+        addr,
+    ));
+    Arc::new(ConnHandle { tx, in_flight })
+}
+
+async fn write_loop(
+    mut writer: WriteHalf<UpstreamStream>,
+    mut rx: mpsc::Receiver<Batch>,
+    slots: mpsc::UnboundedSender<Waiting>,
+    in_flight: Arc<AtomicUsize>,
+    cancel: CancellationToken,
+) {
+    let mut outbox = Outbox::default();
+    'run: loop {
+        let first = tokio::select! {
+            batch = rx.recv() => batch,
+            _ = cancel.cancelled() => None,
+        };
+        let Some(first) = first else { break };
+        let mut next = Some(first);
+        let mut bytes = 0;
+        while let Some(batch) = next.take() {
+            let count = batch.frames.len();
+            if batch.reply.is_closed() {
+                // Its client went away before it was written.
+                in_flight.fetch_sub(count, Ordering::Relaxed);
+            } else {
+                for frame in batch.frames {
+                    bytes += frame.len();
+                    outbox.push(frame);
+                }
+                let waiting = Waiting {
+                    count,
+                    replies: Vec::with_capacity(count),
+                    reply: batch.reply,
+                };
+                if let Err(mpsc::error::SendError(w)) = slots.send(waiting) {
+                    // The reader stopped: nothing more goes out on this connection.
+                    let _ = w.reply.send(Err(
+                        "closed the shared connection before the requests were sent".into(),
+                    ));
+                    break 'run;
+                }
+            }
+            if bytes >= WRITE_CHUNK {
+                break;
+            }
+            next = rx.try_recv().ok();
+        }
+        if outbox.is_empty() {
+            continue;
+        }
+        tokio::select! {
+            written = outbox.write_to(&mut writer) => if written.is_err() { break },
+            _ = cancel.cancelled() => break,
+        }
+    }
+    cancel.cancel();
+    rx.close();
+    while let Ok(batch) = rx.try_recv() {
+        in_flight.fetch_sub(batch.frames.len(), Ordering::Relaxed);
+        let _ = batch.reply.send(Err(
+            "closed the shared connection before the requests were sent".into(),
+        ));
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn read_loop(
+    mut reader: ReadHalf<UpstreamStream>,
+    mut buf: BytesMut,
+    mut decoder: ResponseDecoder,
+    mut slots: mpsc::UnboundedReceiver<Waiting>,
+    in_flight: Arc<AtomicUsize>,
+    cancel: CancellationToken,
+    metrics: PoolMetrics,
+    addr: String,
+) {
+    let mut current: Option<Waiting> = None;
+    let error = 'run: loop {
+        loop {
+            let frame = match decoder.decode(&mut buf) {
+                Ok(Some(frame)) => frame,
+                Ok(None) => break,
+                Err(e) => break 'run format!("upstream {addr} sent a malformed response: {e}"),
+            };
+            if frame.first() == Some(&b'>') {
+                metrics.stray.inc();
+                continue;
+            }
+            let waiting = match current.as_mut() {
+                Some(w) => w,
+                None => match slots.try_recv() {
+                    Ok(w) => current.insert(w),
+                    Err(_) => {
+                        break 'run format!(
+                            "upstream {addr} sent a reply to no request on a shared connection"
+                        );
+                    }
+                },
+            };
+            waiting.replies.push(frame);
+            if waiting.replies.len() == waiting.count
+                && let Some(done) = current.take()
+            {
+                in_flight.fetch_sub(done.count, Ordering::Relaxed);
+                let _ = done.reply.send(Ok(done.replies));
+            }
+        }
+        if buf.is_empty() && buf.capacity() > 1024 * 1024 {
+            buf = BytesMut::with_capacity(16 * 1024);
+        }
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(16 * 1024);
+        }
+        tokio::select! {
+            read = reader.read_buf(&mut buf) => match read {
+                Ok(0) => break format!("upstream {addr} closed the connection"),
+                Ok(_) => {}
+                Err(e) => break format!("upstream {addr} failed: {e}"),
+            },
+            _ = cancel.cancelled() => break format!("upstream {addr}: the shared connection failed"),
+        }
+    };
+    cancel.cancel();
+    metrics.connections.dec();
+    if current.is_some() || !slots.is_empty() {
+        tracing::warn!(upstream = %addr, error = %error, "a shared upstream connection failed: the requests in flight on it got an error reply");
+    } else {
+        tracing::debug!(upstream = %addr, error = %error, "a shared upstream connection closed");
+    }
+    slots.close();
+    let text = format!("{error} (the requests may have run)");
+    for waiting in current
+        .into_iter()
+        .chain(std::iter::from_fn(|| slots.try_recv().ok()))
+    {
+        in_flight.fetch_sub(waiting.count, Ordering::Relaxed);
+        let _ = waiting.reply.send(Err(text.clone()));
+    }
+}
