@@ -188,6 +188,7 @@ impl Source {
             };
             self.metrics.opened.inc();
             let _ = stream.set_nodelay(true);
+            crate::upstream::set_keepalive(&stream);
             // Upstream Shotover's target, so `shotover::connection_span=debug` works here too.
             let span = tracing::debug_span!(target: "shotover::connection_span", "connection", source = %self.name, client = %peer);
             tracker.spawn(

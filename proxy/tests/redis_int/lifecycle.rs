@@ -373,11 +373,62 @@ fn start_failing(topology: &str, config: &str, config_name: &str) -> String {
     String::from_utf8_lossy(&out.stderr).to_string()
 }
 
+/// The proxy's sockets of process `pid` (from `ss -tnop`), with their timers.
+fn sockets_of(pid: u32) -> Vec<String> {
+    let out = std::process::Command::new("ss")
+        .args(["-tnopH", "state", "established"])
+        .output()
+        .expect("running ss (iproute2)");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains(&format!("pid={pid},")))
+        .map(str::to_string)
+        .collect()
+}
+
+async fn both_sides_use_tcp_keepalive(mode: Mode) {
+    let port = free_port();
+    let shotover = mode.start(&passthrough(port, &redis_addr(), ""));
+    let mut con = connect(port).await;
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut con)
+        .await
+        .expect("PING");
+    assert_eq!(pong, "PONG");
+    // A socket with unacknowledged data shows its retransmit timer instead: wait for both
+    // sides to be idle.
+    let keepalive_on_both_sides = || {
+        let sockets = sockets_of(shotover.pid());
+        let client_side: Vec<&String> = sockets
+            .iter()
+            .filter(|l| l.contains(&format!("127.0.0.1:{port} ")))
+            .collect();
+        let upstream_side: Vec<&String> = sockets
+            .iter()
+            .filter(|l| l.contains(&format!(" {} ", redis_addr())))
+            .collect();
+        !client_side.is_empty()
+            && !upstream_side.is_empty()
+            && client_side
+                .iter()
+                .chain(&upstream_side)
+                .all(|socket| socket.contains("timer:(keepalive"))
+    };
+    wait_until(
+        "keepalive timers on the client and upstream sockets",
+        Duration::from_secs(10),
+        keepalive_on_both_sides,
+    );
+    drop(con);
+    shotover.stop();
+}
+
 crate::in_both_modes!(
     async: [
         sigterm_finishes_in_flight_requests_then_exits,
         observability_serves_metrics_filter_ready_and_live,
         tls_sink_checks_the_upstream_certificate_and_its_name_unless_told_not_to,
+        both_sides_use_tcp_keepalive,
     ],
     sync: [
         json_log_format_and_core_threads_flags_work,

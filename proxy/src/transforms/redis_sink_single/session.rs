@@ -31,7 +31,7 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 
 use super::dedicated::{self, Dedicated, OpenError};
-use super::shared::{ConnHandle, LaneKey, Pool};
+use super::shared::{ConnHandle, Lane, LaneKey, Pool};
 use crate::chain::{ChainError, ChainState, Transform};
 use crate::codec::redis::command::{CommandKind, ReplyMode};
 use crate::codec::redis::frame::RedisFrame;
@@ -301,6 +301,8 @@ pub struct SharedSink {
     pinned_for_good: bool,
     /// The shared connection of the client's last batch, for `WAIT`.
     last: Option<Arc<ConnHandle>>,
+    /// The lane last used, so that a batch does not look it up in the pool.
+    lane_handle: Option<(LaneKey, Arc<Lane>)>,
 }
 
 impl SharedSink {
@@ -316,6 +318,7 @@ impl SharedSink {
             pinned_until_reset: false,
             pinned_for_good: false,
             last: None,
+            lane_handle: None,
         }
     }
 }
@@ -536,10 +539,21 @@ impl SharedSink {
         }
         let requests = std::mem::take(run);
         let prefer_last = std::mem::take(on_last);
-        let Some(lane) = self.pool.lane(&self.lane, true) else {
+        let lane = match &self.lane_handle {
+            Some((key, lane)) if *key == self.lane => Some(lane.clone()),
+            _ => self.pool.lane(&self.lane, true),
+        };
+        let Some(lane) = lane else {
             self.dedicated(requests, out, close_client).await;
             return;
         };
+        if self
+            .lane_handle
+            .as_ref()
+            .is_none_or(|(key, _)| *key != self.lane)
+        {
+            self.lane_handle = Some((self.lane.clone(), lane.clone()));
+        }
         let conn = match &self.last {
             Some(last) if prefer_last && last.is_live() => last.clone(),
             _ => match lane.pick(&self.pool).await {
