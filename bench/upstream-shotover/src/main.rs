@@ -1,0 +1,3 @@
+fn main() {
+    shotover::runner::Shotover::new().run_block();
+}
