@@ -515,6 +515,18 @@ impl SharedSink {
         }
     }
 
+    /// The replies to `requests` when opening `what` for them failed.
+    fn open_failed(&self, requests: &[Message], error: OpenError, what: &str) -> Messages {
+        let what = match error {
+            OpenError::Unreachable(what) => what,
+            OpenError::Refused(reply) => format!(
+                "refused the handshake of {what}: {}",
+                String::from_utf8_lossy(reply.strip_suffix(b"\r\n").unwrap_or(&reply))
+            ),
+        };
+        self.pool.shared.unreachable(requests, &what)
+    }
+
     fn unreachable(&self, id: MessageId, what: &str) -> Message {
         self.pool.shared.failed_requests.inc();
         Message::error_reply(
@@ -558,18 +570,8 @@ impl SharedSink {
             Some(last) if prefer_last && last.is_live() => last.clone(),
             _ => match lane.pick(&self.pool).await {
                 Ok(conn) => conn,
-                Err(OpenError::Refused(reply)) => {
-                    let text =
-                        String::from_utf8_lossy(reply.strip_suffix(b"\r\n").unwrap_or(&reply))
-                            .into_owned();
-                    out.extend(self.pool.shared.unreachable(
-                        &requests,
-                        &format!("refused the handshake of a new shared connection: {text}"),
-                    ));
-                    return;
-                }
-                Err(OpenError::Unreachable(what)) => {
-                    out.extend(self.pool.shared.unreachable(&requests, &what));
+                Err(error) => {
+                    out.extend(self.open_failed(&requests, error, "a new shared connection"));
                     return;
                 }
             },
@@ -622,18 +624,8 @@ impl SharedSink {
                         pool: self.pool.clone(),
                     });
                 }
-                Err(OpenError::Unreachable(what)) => {
-                    out.extend(self.pool.shared.unreachable(&requests, &what));
-                    return;
-                }
-                Err(OpenError::Refused(reply)) => {
-                    let text =
-                        String::from_utf8_lossy(reply.strip_suffix(b"\r\n").unwrap_or(&reply))
-                            .into_owned();
-                    out.extend(self.pool.shared.unreachable(
-                        &requests,
-                        &format!("refused the handshake of a dedicated connection: {text}"),
-                    ));
+                Err(error) => {
+                    out.extend(self.open_failed(&requests, error, "a dedicated connection"));
                     return;
                 }
             }
