@@ -19,8 +19,6 @@ use super::DecodeError;
 
 /// Redis's own limit for an inline command line or a length line (PROTO_INLINE_MAX_SIZE).
 pub const MAX_INLINE: usize = 64 * 1024;
-/// Deepest nesting accepted in a response.
-const MAX_DEPTH: usize = 1024;
 
 /// One request read from a client.
 #[derive(Debug, PartialEq, Eq)]
@@ -245,11 +243,9 @@ impl ResponseDecoder {
                         {
                             return Err(too_large(next + count as usize * 3, self.max_frame));
                         }
-                        if self.stack.len() >= MAX_DEPTH {
-                            return Err(DecodeError::Malformed(
-                                "response nested too deeply".into(),
-                            ));
-                        }
+                        // No cap on the nesting: Redis sends what a script returned,
+                        // however deep, and the client must get it. Each level took at
+                        // least 4 bytes of the frame, whose size is bounded.
                         self.stack.push(count);
                         continue;
                     }

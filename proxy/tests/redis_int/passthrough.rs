@@ -477,10 +477,41 @@ async fn reset_then_client_reply_off_in_one_pipeline_keeps_counting_replies(mode
     shotover.stop();
 }
 
+async fn a_script_reply_nested_deeper_than_1024_levels_reaches_the_client(mode: Mode) {
+    let port = free_port();
+    let shotover = mode.start(&passthrough(port, &redis_addr(), ""));
+    let script = "local t = {} local c = t for i = 1, 3000 do local n = {} c[1] = n c = n end c[1] = 7 return t";
+    let request = format!(
+        "*3\r\n$4\r\nEVAL\r\n${}\r\n{script}\r\n$1\r\n0\r\n",
+        script.len()
+    );
+    let mut expected = b"*1\r\n".repeat(3001);
+    expected.extend_from_slice(b":7\r\n");
+    // What Redis itself answers, so the test checks the proxy against Redis.
+    let direct = raw(&redis_addr(), request.as_bytes(), expected.len());
+    assert_eq!(direct, expected, "Redis's own reply");
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    std::io::Write::write_all(&mut client, request.as_bytes()).expect("write");
+    let got = read_available(&mut client, expected.len(), Duration::from_secs(5));
+    assert!(
+        got == expected,
+        "the proxy's reply differs from Redis's ({} bytes)",
+        got.len()
+    );
+    std::io::Write::write_all(&mut client, b"PING\r\n").expect("write");
+    assert_eq!(
+        read_available(&mut client, 7, Duration::from_secs(5)),
+        b"+PONG\r\n",
+        "the connection stays"
+    );
+    shotover.stop();
+}
+
 crate::in_both_modes!(
     async: [
         pipelined_requests_keep_their_order_under_50_concurrent_clients,
         values_of_64_mib_go_through_both_ways,
+        a_script_reply_nested_deeper_than_1024_levels_reaches_the_client,
         multi_exec_runs_as_a_transaction,
         blpop_blocks_until_another_client_pushes,
         pubsub_messages_flow_back_while_the_subscriber_sends_nothing,
