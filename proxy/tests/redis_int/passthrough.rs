@@ -507,11 +507,64 @@ async fn a_script_reply_nested_deeper_than_1024_levels_reaches_the_client(mode: 
     shotover.stop();
 }
 
+async fn resp3_subscribe_with_replies_off_still_gets_its_pushes(mode: Mode) {
+    let port = free_port();
+    let shotover = mode.start(&passthrough(port, &redis_addr(), ""));
+    let channel = prefix("silent-sub");
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    std::io::Write::write_all(&mut client, b"HELLO 3\r\n").expect("write");
+    let hello = read_available(&mut client, 1, Duration::from_secs(5));
+    assert!(
+        hello.starts_with(b"%"),
+        "{}",
+        String::from_utf8_lossy(&hello)
+    );
+    // Whatever else of the HELLO map is still on its way.
+    let _ = read_available(&mut client, usize::MAX, Duration::from_millis(300));
+    // Redis answers neither command, but sends the confirmation as a push.
+    std::io::Write::write_all(
+        &mut client,
+        format!("CLIENT REPLY OFF\r\nSUBSCRIBE {channel}\r\n").as_bytes(),
+    )
+    .expect("write");
+    let confirmation = format!(
+        ">3\r\n$9\r\nsubscribe\r\n${}\r\n{channel}\r\n:1\r\n",
+        channel.len()
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&read_available(
+            &mut client,
+            confirmation.len(),
+            Duration::from_secs(5)
+        )),
+        confirmation
+    );
+    // The subscriber sends nothing more; a message published elsewhere reaches it.
+    assert_eq!(
+        redis_cli(&["-p", &redis_port(), "PUBLISH", &channel, "hi"]).trim(),
+        "1"
+    );
+    let message = format!(
+        ">3\r\n$7\r\nmessage\r\n${}\r\n{channel}\r\n$2\r\nhi\r\n",
+        channel.len()
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&read_available(
+            &mut client,
+            message.len(),
+            Duration::from_secs(5)
+        )),
+        message
+    );
+    shotover.stop();
+}
+
 crate::in_both_modes!(
     async: [
         pipelined_requests_keep_their_order_under_50_concurrent_clients,
         values_of_64_mib_go_through_both_ways,
         a_script_reply_nested_deeper_than_1024_levels_reaches_the_client,
+        resp3_subscribe_with_replies_off_still_gets_its_pushes,
         multi_exec_runs_as_a_transaction,
         blpop_blocks_until_another_client_pushes,
         pubsub_messages_flow_back_while_the_subscriber_sends_nothing,

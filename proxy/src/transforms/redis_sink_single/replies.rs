@@ -43,6 +43,7 @@ impl ReplyTracker {
             && !self.resp.monitoring
             && !self.resp.tracking
             && !self.resp.quit
+            && !self.resp.silent_pushes
             && self.resp.replies == Replies::On
     }
 
@@ -60,6 +61,11 @@ impl ReplyTracker {
             _ => {}
         }
         if !self.resp.will_reply(kind) {
+            // Redis still sends a RESP3 connection's subscribe confirmations and messages
+            // (they are pushes) while replies are off.
+            if self.resp.resp3 && is_subscribe_family(kind) {
+                self.resp.silent_pushes = true;
+            }
             return false;
         }
         self.pending.push_back(Pending {
@@ -111,7 +117,10 @@ impl ReplyTracker {
 
     /// Whether frames may arrive that no request asked for.
     pub fn unsolicited_possible(&self) -> bool {
-        self.resp.subscribed() || self.resp.monitoring || self.resp.tracking
+        self.resp.subscribed()
+            || self.resp.monitoring
+            || self.resp.tracking
+            || self.resp.silent_pushes
     }
 
     /// Decides whom a frame answers, and keeps the RESP state.
@@ -136,6 +145,11 @@ impl ReplyTracker {
             _ => self.pending.is_empty(),
         };
         if unsolicited || self.pending.is_empty() {
+            // A push confirmation nobody waits for (its SUBSCRIBE was silenced by CLIENT
+            // REPLY) still changes the channel sets.
+            if confirmation && kind_byte == Some(b'>') {
+                self.track_confirmation(&frame);
+            }
             out.push(Message::response(None, frame));
             return;
         }
@@ -261,6 +275,9 @@ struct RespState {
     replies: Replies,
     /// The connection speaks RESP3 (a HELLO 3 succeeded): pub/sub messages are pushes.
     resp3: bool,
+    /// A subscribe command was sent while replies were off on a RESP3 connection: its
+    /// confirmations and messages arrive as pushes, answering nobody.
+    silent_pushes: bool,
     /// Between MULTI and EXEC/DISCARD every command is answered once (`+QUEUED` or an
     /// error), whatever it is. Followed as requests are written.
     in_multi: bool,
@@ -442,6 +459,26 @@ mod tests {
                 (Some(6), "$1\r\n1\r\n")
             ]
         );
+    }
+
+    #[test]
+    fn a_silenced_resp3_subscribe_still_follows_its_pushes() {
+        let mut tracker = ReplyTracker::with_resp3(true);
+        assert!(!tracker.expect(&mut request(1, "CLIENT REPLY OFF")));
+        assert!(!tracker.expect(&mut request(2, "SUBSCRIBE c")));
+        assert!(!tracker.waiting());
+        assert!(tracker.unsolicited_possible(), "pushes will come");
+        let mut out = Vec::new();
+        tracker.classify(
+            Bytes::from_static(b">3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n"),
+            &mut out,
+        );
+        assert_eq!(out[0].request_id, None);
+        assert!(
+            tracker.resp.subscribed(),
+            "the channel set follows the push"
+        );
+        assert!(!tracker.clean());
     }
 
     #[test]
