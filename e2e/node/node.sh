@@ -181,7 +181,16 @@ pid_ours() {
 start() {
   local name=$1 bin=$2; shift 2
   setsid "$bin" "$@" </dev/null >"$RUN/$name.log" 2>&1 &
-  echo $! > "$RUN/$name.pid"
+  local pid=$!
+  echo "$pid" > "$RUN/$name.pid"
+  # Until setsid has exec'd the binary, /proc/PID/exe is bash or setsid, and pid_ours would
+  # take the starting process for a dead one: wait (at most 5 s) for the exec or the exit.
+  local i
+  for i in $(seq 1 250); do
+    pid_ours "$name" "$(basename "$bin")" && return 0
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.02
+  done
 }
 
 alive_or_die() {
