@@ -93,8 +93,6 @@ fn classify(request: &mut Message) -> Kind {
     upper.copy_from_slice(&name);
     upper.make_ascii_uppercase();
     match &*upper {
-        b"GET" | b"SET" | b"INCR" | b"DEL" | b"MGET" | b"MSET" | b"HGET" | b"HSET" | b"EXPIRE"
-        | b"LPUSH" | b"RPUSH" | b"EVALSHA" | b"EVAL" | b"PING" | b"EXISTS" => Kind::Shared,
         b"MULTI" => Kind::Multi,
         b"EXEC" | b"DISCARD" => Kind::EndMulti,
         b"WATCH" => Kind::Watch,
@@ -404,15 +402,21 @@ impl Transform for SharedSink {
                 kind @ (Kind::Auth { .. } | Kind::Hello { .. } | Kind::Select(_)) => {
                     self.send_shared(&mut run, &mut on_last, &mut out, &mut state.close_client)
                         .await;
+                    let without_name = match &kind {
+                        Kind::Hello { without_name, .. } => without_name.clone(),
+                        _ => None,
+                    };
                     let (target, name) = self.target(kind);
-                    if self.pool.lane(&target, true).is_none() {
+                    let Some(lane) = self.pool.lane(&target, true) else {
                         // Too many lanes: this client gets a connection of its own.
                         let rest = std::iter::once(request).chain(requests).collect();
                         self.dedicated(rest, &mut out, &mut state.close_client)
                             .await;
                         break;
-                    }
-                    self.switch(target, name, request, &mut out).await;
+                    };
+                    let id = request.id;
+                    let bytes = without_name.unwrap_or_else(|| request.into_bytes());
+                    self.switch(&lane, target, name, id, bytes, &mut out).await;
                 }
             }
         }
@@ -468,22 +472,13 @@ impl SharedSink {
     /// Redis accepts it.
     async fn switch(
         &mut self,
+        lane: &Lane,
         target: LaneKey,
         name: Option<Bytes>,
-        mut request: Message,
+        id: MessageId,
+        bytes: Bytes,
         out: &mut Messages,
     ) {
-        let Some(lane) = self.pool.lane(&target, true) else {
-            return;
-        };
-        let id = request.id;
-        let bytes = match classify(&mut request) {
-            Kind::Hello {
-                without_name: Some(bytes),
-                ..
-            } => bytes,
-            _ => request.into_bytes(),
-        };
         let conn = match lane.pick(&self.pool).await {
             Ok(conn) => conn,
             Err(OpenError::Refused(reply)) => {

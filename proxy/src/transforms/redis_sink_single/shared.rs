@@ -242,12 +242,11 @@ impl Lane {
                 None => {}
             }
         }
-        let slot = match (best, empty) {
-            (Some((_, conn)), None) => return Ok(conn),
-            (best, Some(i)) => (best, &self.slots[i]),
+        let slot = match (&best, empty) {
+            (Some((_, conn)), None) => return Ok(conn.clone()),
+            (_, Some(i)) => &self.slots[i],
             (None, None) => unreachable!("a lane has at least one slot"),
         };
-        let (best, slot) = slot;
         let _connecting = slot.connecting.lock().await;
         if let Some(conn) = slot.live() {
             return Ok(conn);
