@@ -19,6 +19,17 @@ pub struct ProxyConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub observability_interface: Option<String>,
+    /// Process-wide budget, in bytes, for replies read from upstreams and not yet written to
+    /// their clients (each connection also has its sink's own cap). Over it, every
+    /// connection takes one reply at a time until it has written what it holds. Default:
+    /// half the memory limit of the proxy's cgroup (a container's limit), or 1 GiB without
+    /// one. An extension of this project; upstream Shotover has no such setting.
+    #[serde(
+        alias = "max_buffered_reply_bytes",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_buffered_reply_bytes: Option<usize>,
 }
 
 impl ProxyConfig {

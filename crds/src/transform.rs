@@ -80,6 +80,31 @@ pub struct RedisSinkSingleConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub connection_count: Option<usize>,
+    /// Fail the requests waiting for replies when this many seconds pass with nothing at all
+    /// arriving from the server (default: wait as long as the server takes). Blocking
+    /// commands (`BLPOP`, `XREAD BLOCK`, ...) and subscriptions are exempt while they wait.
+    /// On a connection of the client's own, its waiting requests get `-ERR` and the client
+    /// connection is closed; on a shared connection, the requests in flight on it get
+    /// `-ERR` and the clients stay connected.
+    #[serde(
+        alias = "read_timeout",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub read_timeout: Option<u64>,
+    /// Most reply bytes held for one client connection (default 4 MiB; at least 64 KiB; one
+    /// reply larger than this is passed on by itself). Past it the proxy stops reading that
+    /// client's replies until the client has read what is held, so a client that pipelines
+    /// large values and reads slowly makes Redis hold them, not the proxy. On a shared
+    /// connection, a client whose held replies stay at the cap for a second is
+    /// disconnected, so that it cannot stall the clients it shares the connection with.
+    /// An extension of this project.
+    #[serde(
+        alias = "max_buffered_reply_bytes",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_buffered_reply_bytes: Option<usize>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -108,6 +108,8 @@ const MAX_IDLE_SECONDS: u64 = 365 * 24 * 3600;
 const MAX_FRAME_BYTES: u64 = 4 * 1024 * 1024 * 1024;
 const MAX_TIMEOUT_MS: u64 = 3_600_000;
 const MAX_QUEUE: u64 = 1_000_000;
+/// Smallest per-connection reply cap of a Redis sink.
+pub const MIN_REPLY_BUFFER: usize = 64 * 1024;
 
 struct Checker {
     errors: Vec<ConfigError>,
@@ -273,6 +275,20 @@ impl Checker {
         }
     }
 
+    fn read_timeout(&mut self, read_timeout: Option<u64>, path: &str) {
+        if read_timeout == Some(0) {
+            self.err(
+                format!("{path}.readTimeout"),
+                "must be at least 1 second (omit it to wait as long as the server takes)",
+            );
+        }
+        self.at_most(
+            read_timeout,
+            MAX_IDLE_SECONDS,
+            format!("{path}.readTimeout"),
+        );
+    }
+
     fn check_transform(&mut self, t: &TransformConfig, path: &str, protocol: Option<Protocol>) {
         if let Some(name) = t.explicit_name() {
             self.claim_name(name, path);
@@ -296,6 +312,20 @@ impl Checker {
                     MAX_SHARED_CONNECTIONS,
                     format!("{path}.connectionCount"),
                 );
+                self.read_timeout(c.read_timeout, path);
+                if c.max_buffered_reply_bytes
+                    .is_some_and(|b| b < MIN_REPLY_BUFFER)
+                {
+                    self.err(
+                        format!("{path}.maxBufferedReplyBytes"),
+                        format!("must be at least {MIN_REPLY_BUFFER} bytes"),
+                    );
+                }
+                self.at_most(
+                    c.max_buffered_reply_bytes.map(|v| v as u64),
+                    MAX_FRAME_BYTES,
+                    format!("{path}.maxBufferedReplyBytes"),
+                );
             }
             TransformConfig::CassandraSinkSingle(c) => {
                 self.check_sink(
@@ -304,17 +334,7 @@ impl Checker {
                     c.tls.as_ref(),
                     path,
                 );
-                if c.read_timeout == Some(0) {
-                    self.err(
-                        format!("{path}.readTimeout"),
-                        "must be at least 1 second (omit it to wait as long as the node takes)",
-                    );
-                }
-                self.at_most(
-                    c.read_timeout,
-                    MAX_IDLE_SECONDS,
-                    format!("{path}.readTimeout"),
-                );
+                self.read_timeout(c.read_timeout, path);
             }
             TransformConfig::CassandraPeersRewrite(c) => {
                 if c.port == 0 {

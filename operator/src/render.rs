@@ -84,6 +84,8 @@ pub fn render(topology: &ShotoverTopology) -> Result<Rendered, InvalidTopology> 
     let proxy_config = ProxyConfig {
         main_log_level: spec.log_level.clone(),
         observability_interface: Some(format!("0.0.0.0:{}", spec.observability_port)),
+        // The default follows the container's memory limit.
+        max_buffered_reply_bytes: None,
     };
     if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&spec.log_level) {
         errors.push(ConfigError::new(

@@ -27,6 +27,12 @@
 //!   [`Transform::ready`], which the handler awaits whenever it waits for the client; when it
 //!   resolves, the handler runs the chain with an empty batch and the sink hands over what
 //!   arrived. `ready` must be cancel-safe: the handler drops it whenever the client speaks;
+//! - a sink may answer part of a batch now and the rest in later runs when
+//!   [`ChainState::partial`] allows it, to bound the replies held in memory: it sets
+//!   [`ChainState::more`], and the handler writes what it got, sends no new requests, and
+//!   runs the chain with empty batches until `more` is no longer set. A transform that
+//!   needs every answer of a batch in one run (a Tee comparing two chains) clears `partial`
+//!   before calling the next;
 //! - an `Err` means the connection's upstream state is broken: every request still pending
 //!   gets an error reply and the client connection is closed. A transform that can answer
 //!   with a protocol error and go on (an unreachable upstream, a filtered request) returns
@@ -105,6 +111,11 @@ pub struct ChainState<'a> {
     /// A transform sets this to have the client connection closed after this batch's
     /// responses are written.
     pub close_client: bool,
+    /// The caller takes part of the answers now and the rest in later runs (see the module
+    /// documentation). When `false`, a sink answers the whole batch in this run.
+    pub partial: bool,
+    /// Set by a sink that holds answers back for later runs (only when `partial`).
+    pub more: bool,
     rest: &'a mut [Link],
 }
 
@@ -217,6 +228,9 @@ pub struct Processed {
     pub responses: Messages,
     /// A transform asked for the client connection to be closed.
     pub close_client: bool,
+    /// The sink holds answers for requests already sent: run the chain with empty batches,
+    /// and send it no new requests, until this is `false`.
+    pub more: bool,
 }
 
 impl TransformChain {
@@ -233,11 +247,13 @@ impl TransformChain {
         }
     }
 
-    /// Runs one batch through the chain.
+    /// Runs one batch through the chain. With `partial`, the sink may answer part of it now
+    /// and the rest in later runs (see [`Processed::more`]).
     pub async fn process(
         &mut self,
         requests: Messages,
         flush: bool,
+        partial: bool,
     ) -> Result<Processed, ChainError> {
         let start = Instant::now();
         self.metrics.total.inc();
@@ -248,10 +264,13 @@ impl TransformChain {
             requests,
             flush,
             close_client: false,
+            partial,
+            more: false,
             rest: &mut self.links,
         };
         let result = state.call_next().await;
         let close_client = state.close_client;
+        let more = state.more && partial;
         self.metrics.latency.observe_duration(start.elapsed());
         match result {
             Ok(responses) => {
@@ -261,6 +280,7 @@ impl TransformChain {
                 Ok(Processed {
                     responses,
                     close_client,
+                    more,
                 })
             }
             Err(e) => {

@@ -19,6 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::budget::Held;
 use crate::chain::{ChainError, TransformChain};
 use crate::codec::DecodeError;
 use crate::codec::{cassandra, redis};
@@ -84,6 +85,10 @@ struct Handler<S> {
     write_timeout: Option<Duration>,
     next_id: MessageId,
     pending: Pending,
+    /// The sink holds answers to requests already sent (it caps the replies held for one
+    /// connection): the chain runs with empty batches until it has given them all, and no
+    /// new requests go in meanwhile, so the client feels the back-pressure.
+    backlog: bool,
 }
 
 /// Serves one client connection until it ends.
@@ -113,6 +118,7 @@ where
         write_timeout: settings.idle_timeout,
         next_id: 1,
         pending,
+        backlog: false,
     };
     let ended = handler.run(settings).await;
     if let Ended::ProtocolError(_) = &ended {
@@ -130,6 +136,15 @@ where
         let idle = tokio::time::sleep(settings.idle_timeout.unwrap_or(Duration::from_secs(3600)));
         tokio::pin!(idle);
         loop {
+            if self.backlog {
+                if let Some(ended) = self.run_batch(Vec::new(), false).await {
+                    return ended;
+                }
+                if let Some(timeout) = settings.idle_timeout {
+                    idle.as_mut().reset(tokio::time::Instant::now() + timeout);
+                }
+                continue;
+            }
             // Everything complete in the buffer is one batch.
             let (batch, decode_error) = self.decode_batch();
             if !batch.is_empty() {
@@ -178,9 +193,11 @@ where
                     // CQL answers arrive on their own: wait for those still in flight. The
                     // process's grace period bounds this wait.
                     while self.answers_awaited() {
-                        tokio::select! {
-                            _ = settings.force_run.notified() => {}
-                            _ = self.chain.ready() => {}
+                        if !self.backlog {
+                            tokio::select! {
+                                _ = settings.force_run.notified() => {}
+                                _ = self.chain.ready() => {}
+                            }
                         }
                         if let Some(ended) = self.run_batch(Vec::new(), true).await {
                             return ended;
@@ -190,9 +207,17 @@ where
                 }
                 read = self.stream.read_buf(&mut self.read_buf) => match read {
                     Ok(0) => {
-                        // Every complete request was answered above; let held ones go.
-                        let _ = self.run_batch(Vec::new(), true).await;
-                        return Ended::ClientClosed;
+                        // Every complete request was sent above; let held ones go, and
+                        // write every answer (the client may only have shut down its
+                        // sending side).
+                        loop {
+                            if let Some(ended) = self.run_batch(Vec::new(), true).await {
+                                return ended;
+                            }
+                            if !self.backlog {
+                                return Ended::ClientClosed;
+                            }
+                        }
                     }
                     Ok(_) => {}
                     Err(e) => return Ended::Io(e),
@@ -247,11 +272,12 @@ where
         }
     }
 
-    /// Whether CQL requests sent into the chain still wait for their answer. (A Redis
-    /// batch is answered within its run, so there is nothing to wait for.)
+    /// Whether requests sent into the chain still wait for their answer: CQL answers come
+    /// on their own; a Redis batch is answered within its run unless the sink holds part of
+    /// its answers back.
     fn answers_awaited(&self) -> bool {
         match &self.pending {
-            Pending::InOrder { .. } => false,
+            Pending::InOrder { .. } => self.backlog,
             Pending::ById(map) => !map.is_empty(),
         }
     }
@@ -273,7 +299,7 @@ where
             ..
         } = self;
         let result = {
-            let process = chain.process(batch, flush);
+            let process = chain.process(batch, flush, true);
             tokio::pin!(process);
             loop {
                 if read_buf.capacity() - read_buf.len() < 1024 {
@@ -292,6 +318,7 @@ where
         };
         match result {
             Ok(processed) => {
+                self.backlog = processed.more;
                 self.emit(processed.responses);
                 if let Err(e) = self.flush_writes().await {
                     return Some(Ended::Io(e));
@@ -365,6 +392,8 @@ where
         if self.outbox.is_empty() {
             return Ok(());
         }
+        // Replies waiting for the client count against the process's budget.
+        let _held = Held::new(self.outbox.len());
         let write = self.outbox.write_to(&mut self.stream);
         match self.write_timeout {
             None => write.await,

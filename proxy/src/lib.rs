@@ -7,6 +7,7 @@
 //! [`connection`] run sources and client connections, [`observability`] and [`metrics`]
 //! report on all of it.
 
+pub mod budget;
 pub mod chain;
 pub mod codec;
 pub mod connection;
@@ -129,6 +130,11 @@ pub async fn run(opts: Opts) -> Result<()> {
         .map_err(|e| anyhow!("{}: {e}", opts.topology_file.display()))?;
     let level = opts.log_level.as_deref().unwrap_or(&config.main_log_level);
     let filter = telemetry::init(level, opts.log_format)?;
+    let budget = budget::configure(config.max_buffered_reply_bytes);
+    tracing::debug!(
+        max_buffered_reply_bytes = budget,
+        "process-wide budget for buffered replies"
+    );
 
     // Build every chain and TLS acceptor before binding any source, so that a bad TLS file
     // fails the start cleanly. (A Tee's switch API port is bound while its chain is built.)

@@ -29,6 +29,11 @@ impl Outbox {
         self.buf.is_empty() && self.large.is_empty()
     }
 
+    /// Bytes queued.
+    pub fn len(&self) -> usize {
+        self.buf.len() + self.large.iter().map(|(_, b)| b.len()).sum::<usize>()
+    }
+
     /// Writes everything queued, then flushes.
     pub async fn write_to<W: AsyncWrite + Unpin>(&mut self, w: &mut W) -> std::io::Result<()> {
         let result = self.write_all(w).await;

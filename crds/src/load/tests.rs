@@ -45,6 +45,8 @@ fn sink(remote_address: &str, connect_timeout_ms: u64) -> TransformConfig {
         connect_timeout_ms,
         tls: None,
         connection_count: None,
+        read_timeout: None,
+        max_buffered_reply_bytes: None,
     })
 }
 
@@ -272,6 +274,8 @@ sources:
                 connect_timeout_ms: 3000,
                 tls: None,
                 connection_count: None,
+                read_timeout: None,
+                max_buffered_reply_bytes: None,
             }),
         ]
     );
@@ -421,6 +425,8 @@ sources:
                     verify_hostname: false,
                 }),
                 connection_count: None,
+                read_timeout: None,
+                max_buffered_reply_bytes: None,
             }),
         ]
     );
@@ -995,7 +1001,7 @@ logging: debug
         format!(
             "invalid topology (12 errors):\n  \
              logging: unknown field, expected `sources`\n  \
-             sources[0].chain[2].connect_timeout: unknown field `connect_timeout`, expected one of `name`, `remoteAddress`, `remote_address`, `connectTimeoutMs`, `connect_timeout_ms`, `tls`, `connectionCount`, `connection_count`\n  \
+             sources[0].chain[2].connect_timeout: unknown field `connect_timeout`, expected one of `name`, `remoteAddress`, `remote_address`, `connectTimeoutMs`, `connect_timeout_ms`, `tls`, `connectionCount`, `connection_count`, `readTimeout`, `read_timeout`, `maxBufferedReplyBytes`, `max_buffered_reply_bytes`\n  \
              sources[1].chain[2]: unknown transform `Kafka`, expected one of: {KINDS}\n  \
              sources[0].connectionLimit: must be at least 1\n  \
              sources[0].chain[0]: set exactly one of `AllowList` and `DenyList`, not both\n  \
@@ -1087,7 +1093,7 @@ fn cassandra_sink_and_throttling_fields_are_checked() {
          sources[0].chain[0].maxRequestsPerSecond: must be at least 1\n  \
          sources[0].chain[1].remoteAddress: `nope` is not an address: expected host:port, for example 127.0.0.1:6379 or redis.default.svc:6379\n  \
          sources[0].chain[1].connectTimeoutMs: must be at least 1\n  \
-         sources[0].chain[1].readTimeout: must be at least 1 second (omit it to wait as long as the node takes)"
+         sources[0].chain[1].readTimeout: must be at least 1 second (omit it to wait as long as the server takes)"
     );
 }
 
@@ -1162,5 +1168,25 @@ fn connection_count_loads_in_both_spellings_and_is_bounded() {
             "[{RedisSinkSingle: {remote_address: \"h:1\", connection_count: 65}}]"
         )),
         "invalid topology (1 error):\n  sources[0].chain[0].connectionCount: must be at most 64"
+    );
+}
+
+#[test]
+fn redis_read_timeout_and_reply_cap_load_and_are_bounded() {
+    let t = loaded(&with_chain(
+        "[{RedisSinkSingle: {remote_address: \"h:1\", read_timeout: 5, max_buffered_reply_bytes: 1048576}}]",
+    ));
+    match &redis_source(&t, 0).chain[0] {
+        TransformConfig::RedisSinkSingle(c) => {
+            assert_eq!(c.read_timeout, Some(5));
+            assert_eq!(c.max_buffered_reply_bytes, Some(1048576));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        errors_of(&with_chain(
+            "[{RedisSinkSingle: {remoteAddress: \"h:1\", readTimeout: 0, maxBufferedReplyBytes: 1000}}]"
+        )),
+        "invalid topology (2 errors):\n  sources[0].chain[0].readTimeout: must be at least 1 second (omit it to wait as long as the server takes)\n  sources[0].chain[0].maxBufferedReplyBytes: must be at least 65536 bytes"
     );
 }

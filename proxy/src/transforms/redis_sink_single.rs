@@ -20,6 +20,7 @@
 //! state lived there, so the clients stay connected.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Result, bail};
 use async_trait::async_trait;
@@ -27,6 +28,7 @@ use shotover_crds::transform::RedisSinkSingleConfig;
 
 use crate::chain::{ChainError, ChainState, Transform, TransformBuilder, TransformContext};
 use crate::codec::DecodeError;
+use crate::codec::redis::frame::RedisFrame;
 use crate::message::{Message, Messages};
 use crate::metrics::Counter;
 use crate::upstream::{Upstream, failed_requests_counter};
@@ -48,10 +50,18 @@ pub struct RedisSinkSingleBuilder {
     pool: Option<Arc<shared::Pool>>,
 }
 
-/// What every client connection's sink shares: the upstream and the sink's metrics.
+/// Default of `max_buffered_reply_bytes`.
+const DEFAULT_REPLY_CAP: usize = 4 * 1024 * 1024;
+
+/// What every client connection's sink shares: the upstream, its settings and the sink's
+/// metrics.
 pub(crate) struct Shared {
     upstream: Upstream,
     failed_requests: Counter,
+    /// How long requests may wait with nothing arriving (`read_timeout`).
+    read_timeout: Option<Duration>,
+    /// Most reply bytes held for one client (`max_buffered_reply_bytes`).
+    reply_cap: usize,
 }
 
 impl Shared {
@@ -77,6 +87,8 @@ impl RedisSinkSingleBuilder {
                 config.tls.as_ref(),
             )?,
             failed_requests: failed_requests_counter(chain, name),
+            read_timeout: config.read_timeout.map(Duration::from_secs),
+            reply_cap: config.max_buffered_reply_bytes.unwrap_or(DEFAULT_REPLY_CAP),
         });
         let pool = match config.connection_count {
             None => None,
@@ -112,7 +124,42 @@ struct RedisSinkSingle {
 impl Transform for RedisSinkSingle {
     async fn transform(&mut self, state: &mut ChainState<'_>) -> Result<Messages, ChainError> {
         let requests = std::mem::take(&mut state.requests);
-        Ok(self.conn.run(requests, &mut state.close_client).await)
+        let responses = self
+            .conn
+            .run(requests, &mut state.close_client, state.partial)
+            .await;
+        state.more = self.conn.backlog();
+        Ok(responses)
+    }
+}
+
+/// Whether a request may wait for its reply as long as it likes: a blocking command
+/// (`BLPOP` and friends, `XREAD ... BLOCK`, `WAIT`, `WAITAOF`). `read_timeout` spares it.
+fn blocks(request: &mut Message) -> bool {
+    let name = request.command().name.clone();
+    if name.len() > 16 {
+        return false;
+    }
+    let mut upper = [0u8; 16];
+    let upper = &mut upper[..name.len()];
+    upper.copy_from_slice(&name);
+    upper.make_ascii_uppercase();
+    blocking(upper, request)
+}
+
+/// [`blocks`], given the command name in upper case.
+fn blocking(upper: &[u8], request: &mut Message) -> bool {
+    match upper {
+        b"BLPOP" | b"BRPOP" | b"BRPOPLPUSH" | b"BLMOVE" | b"BLMPOP" | b"BZPOPMIN" | b"BZPOPMAX"
+        | b"BZMPOP" | b"WAIT" | b"WAITAOF" => true,
+        b"XREAD" | b"XREADGROUP" => match request.frame() {
+            Ok(RedisFrame::Array(items)) => items
+                .iter()
+                .any(|i| matches!(i, RedisFrame::Bulk(b) if b.eq_ignore_ascii_case(b"BLOCK"))),
+            // Not understood: assume it may block.
+            _ => true,
+        },
+        _ => false,
     }
 }
 

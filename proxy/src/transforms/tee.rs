@@ -148,7 +148,17 @@ impl BufferedChain {
                         addr: "(tee chain failed earlier)".into(),
                     })
                 } else {
-                    match chain.process(requests, false).await {
+                    // Answers nobody compares are taken a part at a time, like a client's:
+                    // the replies held for the tee chain stay bounded.
+                    let partial = reply.is_none();
+                    let mut processed = chain.process(requests, false, partial).await;
+                    while let Ok(p) = &processed
+                        && p.more
+                        && !p.close_client
+                    {
+                        processed = chain.process(Vec::new(), false, partial).await;
+                    }
+                    match processed {
                         // The tee chain's own client connection would be closed now: it
                         // stops here, and the regular chain goes on.
                         Ok(p) if p.close_client => {
@@ -170,7 +180,7 @@ impl BufferedChain {
                 }
             }
             // The client went away: let held requests go.
-            let _ = chain.process(Vec::new(), true).await;
+            let _ = chain.process(Vec::new(), true, false).await;
         });
         BufferedChain { jobs }
     }
@@ -233,6 +243,8 @@ impl Transform for Tee {
         let deadline = self.timeout.map(|t| tokio::time::Instant::now() + t);
         let batch = state.requests.clone();
         let queued = Tee::within(deadline, self.tee_chain.send(batch)).await;
+        // Both chains' answers are compared: the regular chain answers the whole batch now.
+        state.partial = false;
         let main = state.call_next().await?;
         let tee = match queued {
             Some(rx) => Tee::within(deadline, rx)

@@ -1,6 +1,7 @@
 //! Integration tests: the real `shotover` binary between real clients and a real Redis
 //! (started by `e2e/services up redis redis-tls`).
 
+mod backpressure;
 mod failures;
 mod helpers;
 mod lifecycle;

@@ -13,13 +13,14 @@ use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc};
 
 use super::replies::ReplyTracker;
 use super::{MAX_RESPONSE, Shared, protocol_error};
+use crate::budget::{self, Held};
 use crate::chain::ChainError;
 use crate::codec::redis::ResponseDecoder;
-use crate::message::{Message, Messages};
+use crate::message::{Message, MessageId, Messages};
 use crate::outbox::Outbox;
 use crate::upstream::UpstreamStream;
 
@@ -37,7 +38,7 @@ enum Conn {
     /// A reader task owns the read half and queues frames.
     Streaming {
         writer: WriteHalf<UpstreamStream>,
-        frames: mpsc::Receiver<Result<Bytes, ChainError>>,
+        frames: mpsc::Receiver<Queued>,
     },
     /// The upstream went away (after QUIT, or broken).
     Closed,
@@ -133,12 +134,23 @@ async fn open_within(shared: &Shared, handshake: &[Bytes]) -> Result<Opened, Ope
     })
 }
 
+/// A frame the reader task queued, holding its share of the connection's reply cap and of
+/// the process's budget until the sink takes it.
+struct Queued {
+    frame: Result<Bytes, ChainError>,
+    _permit: Option<OwnedSemaphorePermit>,
+    _held: Held,
+}
+
 pub(super) struct Dedicated {
     shared: Arc<Shared>,
     force_run: Arc<Notify>,
     conn: Conn,
     replies: ReplyTracker,
     outbox: Outbox,
+    /// The last blocking request written (`BLPOP` ...), until its reply arrives: while it
+    /// waits, `read_timeout` does not apply.
+    blocking: Option<MessageId>,
 }
 
 impl Dedicated {
@@ -150,6 +162,7 @@ impl Dedicated {
             conn: Conn::NotConnected,
             replies: ReplyTracker::default(),
             outbox: Outbox::default(),
+            blocking: None,
         }
     }
 
@@ -165,6 +178,7 @@ impl Dedicated {
             },
             replies: ReplyTracker::with_resp3(resp3),
             outbox: Outbox::default(),
+            blocking: None,
         }
     }
 
@@ -174,15 +188,32 @@ impl Dedicated {
         self.replies.clean()
     }
 
-    /// Sends `requests` and returns every response, in the order the frames arrived. Sets
-    /// `close_client` when the client connection must close (QUIT, or a broken upstream).
-    pub async fn run(&mut self, requests: Messages, close_client: &mut bool) -> Messages {
+    /// Whether replies to requests already written are still to come (a `partial` run
+    /// stopped at the reply cap).
+    pub fn backlog(&self) -> bool {
+        self.replies.waiting() && !matches!(self.conn, Conn::Closed | Conn::NotConnected)
+    }
+
+    /// Sends `requests` and returns their responses, in the order the frames arrived. With
+    /// `partial`, it stops once the replies it read reach the reply cap (or the process is
+    /// over its budget): [`Self::backlog`] then says that more are to come, and the next
+    /// runs (with or without requests) read them. Sets `close_client` when the client
+    /// connection must close (QUIT, or a broken upstream).
+    pub async fn run(
+        &mut self,
+        requests: Messages,
+        close_client: &mut bool,
+        partial: bool,
+    ) -> Messages {
         let mut responses = Vec::with_capacity(requests.len());
-        if requests.is_empty() {
+        if requests.is_empty() && !self.backlog() {
             if let Err(e) = self.drain_queued(&mut responses) {
                 return self.broke(e, responses, close_client);
             }
             return responses;
+        }
+        if requests.is_empty() {
+            return self.read_replies(responses, close_client, partial).await;
         }
         if matches!(self.conn, Conn::NotConnected) {
             match self.shared.upstream.connect().await {
@@ -209,7 +240,22 @@ impl Dedicated {
         if let Err(e) = self.write(requests, &mut responses).await {
             return self.broke(e, responses, close_client);
         }
+        self.read_replies(responses, close_client, partial).await
+    }
+
+    /// Reads the replies of the requests written, up to the reply cap when `partial`.
+    async fn read_replies(
+        &mut self,
+        mut responses: Messages,
+        close_client: &mut bool,
+        partial: bool,
+    ) -> Messages {
+        let cap = self.shared.reply_cap;
+        let mut read = 0;
         while self.replies.waiting() {
+            if partial && read > 0 && (read >= cap || budget::over()) {
+                return responses;
+            }
             let frame = match self.next_frame().await {
                 Ok(frame) => frame,
                 // After QUIT the server closes the connection: requests pipelined behind it
@@ -220,7 +266,13 @@ impl Dedicated {
                 }
                 Err(e) => return self.broke(e, responses, close_client),
             };
+            read += frame.len();
             self.replies.classify(frame, &mut responses);
+            if let Some(blocking) = self.blocking
+                && responses.last().and_then(|r| r.request_id) >= Some(blocking)
+            {
+                self.blocking = None;
+            }
         }
         if !self.replies.quit()
             && let Err(e) = self.drain_queued(&mut responses)
@@ -257,9 +309,12 @@ impl Dedicated {
         requests: Messages,
         responses: &mut Messages,
     ) -> Result<(), ChainError> {
+        let watch_blocking = self.shared.read_timeout.is_some();
         for mut request in requests {
             if !self.replies.expect(&mut request) {
                 responses.push(Message::response(Some(request.id), Bytes::new()));
+            } else if watch_blocking && super::blocks(&mut request) {
+                self.blocking = Some(request.id);
             }
             self.outbox.push(request.into_bytes());
         }
@@ -294,7 +349,32 @@ impl Dedicated {
         responses
     }
 
+    /// The next frame; with `read_timeout`, an error when nothing at all arrives within it
+    /// (unless a blocking command waits).
     async fn next_frame(&mut self) -> Result<Bytes, ChainError> {
+        match self.shared.read_timeout {
+            Some(limit) if self.blocking.is_none() => {
+                let addr = self.shared.upstream.address.clone();
+                tokio::time::timeout(limit, self.next_frame_now())
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(ChainError::UpstreamIo {
+                            addr,
+                            source: std::io::Error::new(
+                                std::io::ErrorKind::TimedOut,
+                                format!(
+                                    "no reply within the read_timeout of {} s",
+                                    limit.as_secs()
+                                ),
+                            ),
+                        })
+                    })
+            }
+            _ => self.next_frame_now().await,
+        }
+    }
+
+    async fn next_frame_now(&mut self) -> Result<Bytes, ChainError> {
         let addr = &self.shared.upstream.address;
         match &mut self.conn {
             Conn::Direct {
@@ -318,7 +398,7 @@ impl Dedicated {
                 }
             },
             Conn::Streaming { frames, .. } => match frames.recv().await {
-                Some(frame) => frame,
+                Some(queued) => queued.frame,
                 None => Err(self.closed()),
             },
             Conn::NotConnected | Conn::Closed => Err(self.closed()),
@@ -342,7 +422,7 @@ impl Dedicated {
                     Err(e) => return Err(protocol_error(&self.shared.upstream.address, e)),
                 },
                 Conn::Streaming { frames, .. } => match frames.try_recv() {
-                    Ok(frame) => frame?,
+                    Ok(queued) => queued.frame?,
                     Err(mpsc::error::TryRecvError::Empty) => return Ok(()),
                     Err(mpsc::error::TryRecvError::Disconnected) => return Err(self.closed()),
                 },
@@ -375,33 +455,48 @@ impl Dedicated {
             tx,
             self.force_run.clone(),
             addr,
+            self.shared.reply_cap,
         ));
         self.conn = Conn::Streaming { writer, frames: rx };
     }
 }
 
 /// The reader task of streaming mode: frames off the socket, into the queue, waking the
-/// chain. Ends when the upstream closes or the sink goes away.
+/// chain. The queue holds at most `cap` bytes (and one frame larger than that): past it the
+/// task stops reading, and Redis applies its output buffer limits (for pub/sub clients,
+/// `client-output-buffer-limit pubsub`). Ends when the upstream closes or the sink goes away.
 async fn read_frames(
     mut reader: ReadHalf<UpstreamStream>,
     mut buf: BytesMut,
     mut decoder: ResponseDecoder,
-    tx: mpsc::Sender<Result<Bytes, ChainError>>,
+    tx: mpsc::Sender<Queued>,
     force_run: Arc<Notify>,
     addr: String,
+    cap: usize,
 ) {
+    let room = Arc::new(Semaphore::new(cap));
+    let send = |frame: Result<Bytes, ChainError>, permit| Queued {
+        _held: Held::new(frame.as_ref().map_or(0, |f| f.len())),
+        frame,
+        _permit: permit,
+    };
     loop {
         loop {
             match decoder.decode(&mut buf) {
                 Ok(Some(frame)) => {
-                    if tx.send(Ok(frame)).await.is_err() {
+                    let want = frame.len().clamp(1, cap.min(u32::MAX as usize)) as u32;
+                    let permit = tokio::select! {
+                        permit = room.clone().acquire_many_owned(want) => permit.ok(),
+                        _ = tx.closed() => return,
+                    };
+                    if tx.send(send(Ok(frame), permit)).await.is_err() {
                         return;
                     }
                     force_run.notify_one();
                 }
                 Ok(None) => break,
                 Err(e) => {
-                    let _ = tx.send(Err(protocol_error(&addr, e))).await;
+                    let _ = tx.send(send(Err(protocol_error(&addr, e)), None)).await;
                     force_run.notify_one();
                     return;
                 }
@@ -417,12 +512,16 @@ async fn read_frames(
         match result {
             Ok(n) if n > 0 => {}
             Ok(_) => {
-                let _ = tx.send(Err(ChainError::UpstreamClosed { addr })).await;
+                let _ = tx
+                    .send(send(Err(ChainError::UpstreamClosed { addr }), None))
+                    .await;
                 force_run.notify_one();
                 return;
             }
             Err(source) => {
-                let _ = tx.send(Err(ChainError::UpstreamIo { addr, source })).await;
+                let _ = tx
+                    .send(send(Err(ChainError::UpstreamIo { addr, source }), None))
+                    .await;
                 force_run.notify_one();
                 return;
             }

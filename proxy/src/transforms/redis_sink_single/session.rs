@@ -24,14 +24,16 @@
 //!   [`MAX_SHARED_WAIT_MS`] is refused unless the client is pinned, since it would hold a
 //!   connection that other clients share.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use tokio::sync::Notify;
+use tokio::sync::{Notify, mpsc};
 
 use super::dedicated::{self, Dedicated, OpenError};
-use super::shared::{ConnHandle, Lane, LaneKey, Pool};
+use super::shared::{Chunk, ConnHandle, Lane, LaneKey, Mailbox, Pool};
+use crate::budget;
 use crate::chain::{ChainError, ChainState, Transform};
 use crate::codec::redis::command::{CommandKind, ReplyMode};
 use crate::codec::redis::frame::RedisFrame;
@@ -99,13 +101,6 @@ fn classify(request: &mut Message) -> Kind {
         b"UNWATCH" => Kind::Unwatch,
         b"SUBSCRIBE" | b"PSUBSCRIBE" | b"SSUBSCRIBE" | b"UNSUBSCRIBE" | b"PUNSUBSCRIBE"
         | b"SUNSUBSCRIBE" => Kind::Pin,
-        b"BLPOP" | b"BRPOP" | b"BRPOPLPUSH" | b"BLMOVE" | b"BLMPOP" | b"BZPOPMIN" | b"BZPOPMAX"
-        | b"BZMPOP" => Kind::Pin,
-        b"XREAD" | b"XREADGROUP" => match args(request) {
-            Some(args) if args.iter().any(|a| a.eq_ignore_ascii_case(b"BLOCK")) => Kind::Pin,
-            Some(_) => Kind::Shared,
-            None => Kind::Pin,
-        },
         b"MONITOR" | b"SYNC" | b"PSYNC" | b"REPLCONF" | b"READONLY" | b"READWRITE" | b"ASKING" => {
             Kind::PinUntilReset
         }
@@ -146,6 +141,7 @@ fn classify(request: &mut Message) -> Kind {
             _ => Kind::Shared,
         },
         b"CLIENT" => client(request, kind, argc),
+        blocking_command if super::blocking(blocking_command, request) => Kind::Pin,
         _ => Kind::Shared,
     }
 }
@@ -301,10 +297,23 @@ pub struct SharedSink {
     last: Option<Arc<ConnHandle>>,
     /// The lane last used, so that a batch does not look it up in the pool.
     lane_handle: Option<(LaneKey, Arc<Lane>)>,
+    /// Where this client's replies from shared connections arrive.
+    mailbox: Mailbox,
+    replies: mpsc::UnboundedReceiver<Chunk>,
+    /// The requests on a shared connection whose replies are still to come (a partial run
+    /// stopped at the reply cap), in order.
+    awaiting: VecDeque<MessageId>,
+    /// Requests of a batch not sent yet: an earlier part of it is still being answered, and
+    /// they go out (in order, possibly on another connection) once it is.
+    deferred: Messages,
+    /// Session effects of requests on the dedicated connection whose replies are still to
+    /// come.
+    effects: Vec<(MessageId, Kind)>,
 }
 
 impl SharedSink {
     pub fn new(pool: Arc<Pool>, force_run: Arc<Notify>) -> Self {
+        let (mailbox, replies) = Mailbox::new(pool.shared.reply_cap);
         SharedSink {
             pool,
             force_run,
@@ -317,6 +326,11 @@ impl SharedSink {
             pinned_for_good: false,
             last: None,
             lane_handle: None,
+            mailbox,
+            replies,
+            awaiting: VecDeque::new(),
+            deferred: Vec::new(),
+            effects: Vec::new(),
         }
     }
 }
@@ -324,22 +338,58 @@ impl SharedSink {
 #[async_trait]
 impl Transform for SharedSink {
     async fn transform(&mut self, state: &mut ChainState<'_>) -> Result<Messages, ChainError> {
-        let requests = std::mem::take(&mut state.requests);
+        let partial = state.partial;
+        let mut requests = std::mem::take(&mut state.requests);
+        if !self.deferred.is_empty() {
+            let mut deferred = std::mem::take(&mut self.deferred);
+            deferred.append(&mut requests);
+            requests = deferred;
+        }
         let mut out = Vec::with_capacity(requests.len());
+        // First the replies still coming for requests sent earlier.
+        if !self
+            .take_replies(&mut out, partial, &mut state.close_client)
+            .await
+            || self.pinned_backlog()
+        {
+            if self.pinned_backlog() && out.is_empty() {
+                self.dedicated(Vec::new(), &mut out, &mut state.close_client, partial)
+                    .await;
+            }
+            self.deferred = requests;
+            state.more = self.backlog();
+            return Ok(out);
+        }
         if requests.is_empty() {
             // Pushes from the dedicated connection, if any.
-            if let Some(pinned) = &mut self.pinned {
-                out = pinned.conn.run(Vec::new(), &mut state.close_client).await;
+            if self.pinned.is_some() {
+                self.dedicated(Vec::new(), &mut out, &mut state.close_client, partial)
+                    .await;
             }
+            state.more = self.backlog();
             return Ok(out);
         }
         let mut run: Messages = Vec::new();
         let mut on_last = false;
         let mut requests = requests.into_iter();
+        // Sends the stateless run so far; when its replies are not all in (the reply cap),
+        // the rest of the batch waits for a later run of the chain.
+        macro_rules! send_run_or_defer {
+            ($request:expr) => {
+                if !self
+                    .send_shared(&mut run, &mut on_last, &mut out, state, partial)
+                    .await
+                {
+                    self.deferred = std::iter::once($request).chain(requests).collect();
+                    state.more = true;
+                    return Ok(out);
+                }
+            };
+        }
         while let Some(mut request) = requests.next() {
             if self.pinned.is_some() {
                 let rest = std::iter::once(request).chain(requests).collect();
-                self.dedicated(rest, &mut out, &mut state.close_client)
+                self.dedicated(rest, &mut out, &mut state.close_client, partial)
                     .await;
                 break;
             }
@@ -358,10 +408,9 @@ impl Transform for SharedSink {
                     run.push(request);
                 }
                 Kind::Pin | Kind::PinUntilReset | Kind::PinForGood | Kind::Multi | Kind::Watch => {
-                    self.send_shared(&mut run, &mut on_last, &mut out, &mut state.close_client)
-                        .await;
+                    send_run_or_defer!(request);
                     let rest = std::iter::once(request).chain(requests).collect();
-                    self.dedicated(rest, &mut out, &mut state.close_client)
+                    self.dedicated(rest, &mut out, &mut state.close_client, partial)
                         .await;
                     break;
                 }
@@ -383,16 +432,14 @@ impl Transform for SharedSink {
                 }
                 Kind::SetInfo => out.push(ok(request.id)),
                 Kind::Quit => {
-                    self.send_shared(&mut run, &mut on_last, &mut out, &mut state.close_client)
-                        .await;
+                    send_run_or_defer!(request);
                     // Redis answers nothing pipelined after QUIT.
                     out.push(ok(request.id));
                     state.close_client = true;
                     break;
                 }
                 Kind::Reset => {
-                    self.send_shared(&mut run, &mut on_last, &mut out, &mut state.close_client)
-                        .await;
+                    send_run_or_defer!(request);
                     self.reset();
                     out.push(Message::response(
                         Some(request.id),
@@ -400,8 +447,7 @@ impl Transform for SharedSink {
                     ));
                 }
                 kind @ (Kind::Auth { .. } | Kind::Hello { .. } | Kind::Select(_)) => {
-                    self.send_shared(&mut run, &mut on_last, &mut out, &mut state.close_client)
-                        .await;
+                    send_run_or_defer!(request);
                     let without_name = match &kind {
                         Kind::Hello { without_name, .. } => without_name.clone(),
                         _ => None,
@@ -410,7 +456,7 @@ impl Transform for SharedSink {
                     let Some(lane) = self.pool.lane(&target, true) else {
                         // Too many lanes: this client gets a connection of its own.
                         let rest = std::iter::once(request).chain(requests).collect();
-                        self.dedicated(rest, &mut out, &mut state.close_client)
+                        self.dedicated(rest, &mut out, &mut state.close_client, partial)
                             .await;
                         break;
                     };
@@ -420,8 +466,9 @@ impl Transform for SharedSink {
                 }
             }
         }
-        self.send_shared(&mut run, &mut on_last, &mut out, &mut state.close_client)
+        self.send_shared(&mut run, &mut on_last, &mut out, state, partial)
             .await;
+        state.more = self.backlog();
         Ok(out)
     }
 }
@@ -493,9 +540,8 @@ impl SharedSink {
                 return;
             }
         };
-        match conn.call(vec![bytes]).await {
-            Ok(mut replies) if replies.len() == 1 => {
-                let reply = replies.remove(0);
+        match self.call(&conn, bytes).await {
+            Ok(reply) => {
                 if !matches!(reply.first(), Some(b'-' | b'!')) {
                     self.lane = target;
                     if name.is_some() {
@@ -505,9 +551,70 @@ impl SharedSink {
                 self.last = Some(conn);
                 out.push(Message::response(Some(id), reply));
             }
-            Ok(_) => out.push(self.unreachable(id, "answered with the wrong number of replies")),
             Err(what) => out.push(self.unreachable(id, &what)),
         }
+    }
+
+    /// Sends one request on `conn` and waits for its reply (nothing else is in flight).
+    async fn call(&mut self, conn: &ConnHandle, request: Bytes) -> Result<Bytes, String> {
+        conn.send(vec![request], &self.mailbox).await?;
+        match self.replies.recv().await {
+            Some(Chunk::Frames { mut frames, .. }) if frames.len() == 1 => Ok(frames.remove(0)),
+            Some(Chunk::Frames { .. }) => Err("answered with the wrong number of replies".into()),
+            Some(Chunk::Failed { text, .. }) => Err(text),
+            None => Err("closed the shared connection".into()),
+        }
+    }
+
+    /// Whether replies to requests already sent are still to come.
+    fn backlog(&self) -> bool {
+        !self.awaiting.is_empty() || self.pinned_backlog()
+    }
+
+    fn pinned_backlog(&self) -> bool {
+        self.pinned.as_ref().is_some_and(|p| p.conn.backlog())
+    }
+
+    /// Moves the replies of shared connections into `out`: all of them, or with `partial`
+    /// until they reach the reply cap. `true` when none is awaited any more.
+    async fn take_replies(
+        &mut self,
+        out: &mut Messages,
+        partial: bool,
+        close_client: &mut bool,
+    ) -> bool {
+        let cap = self.pool.shared.reply_cap;
+        let mut taken = 0;
+        while !self.awaiting.is_empty() {
+            if partial && taken > 0 && (taken >= cap || budget::over()) {
+                return false;
+            }
+            match self.replies.recv().await {
+                Some(Chunk::Frames { frames, .. }) => {
+                    for frame in frames {
+                        let Some(id) = self.awaiting.pop_front() else {
+                            break;
+                        };
+                        taken += frame.len();
+                        out.push(Message::response(Some(id), frame));
+                    }
+                }
+                failed => {
+                    let (text, cut_off) = match failed {
+                        Some(Chunk::Failed { text, cut_off }) => (text, cut_off),
+                        _ => ("closed the shared connection".to_string(), false),
+                    };
+                    if cut_off {
+                        tracing::warn!(upstream = %self.pool.shared.upstream.address, "{text}: closing the client connection");
+                        *close_client = true;
+                    }
+                    for id in std::mem::take(&mut self.awaiting) {
+                        out.push(self.unreachable(id, &text));
+                    }
+                }
+            }
+        }
+        true
     }
 
     /// The replies to `requests` when opening `what` for them failed.
@@ -533,16 +640,18 @@ impl SharedSink {
         )
     }
 
-    /// Sends the stateless run over a shared connection of the client's lane.
+    /// Sends the stateless run over a shared connection of the client's lane, and takes its
+    /// replies (with `partial`, up to the reply cap). `false` when some are still to come.
     async fn send_shared(
         &mut self,
         run: &mut Messages,
         on_last: &mut bool,
         out: &mut Messages,
-        close_client: &mut bool,
-    ) {
+        state: &mut ChainState<'_>,
+        partial: bool,
+    ) -> bool {
         if run.is_empty() {
-            return;
+            return true;
         }
         let requests = std::mem::take(run);
         let prefer_last = std::mem::take(on_last);
@@ -551,8 +660,9 @@ impl SharedSink {
             _ => self.pool.lane(&self.lane, true),
         };
         let Some(lane) = lane else {
-            self.dedicated(requests, out, close_client).await;
-            return;
+            self.dedicated(requests, out, &mut state.close_client, partial)
+                .await;
+            return true;
         };
         if self
             .lane_handle
@@ -567,42 +677,36 @@ impl SharedSink {
                 Ok(conn) => conn,
                 Err(error) => {
                     out.extend(self.open_failed(&requests, error, "a new shared connection"));
-                    return;
+                    return true;
                 }
             },
         };
-        let mut ids = Vec::with_capacity(requests.len());
         let mut frames = Vec::with_capacity(requests.len());
         for request in requests {
-            ids.push(request.id);
+            self.awaiting.push_back(request.id);
             frames.push(request.into_bytes());
         }
-        match conn.call(frames).await {
-            Ok(replies) if replies.len() == ids.len() => {
-                out.extend(
-                    ids.into_iter()
-                        .zip(replies)
-                        .map(|(id, reply)| Message::response(Some(id), reply)),
-                );
+        if let Err(what) = conn.send(frames, &self.mailbox).await {
+            for id in std::mem::take(&mut self.awaiting) {
+                out.push(self.unreachable(id, &what));
             }
-            Ok(_) => {
-                for id in ids {
-                    out.push(self.unreachable(id, "answered with the wrong number of replies"));
-                }
-            }
-            Err(what) => {
-                for id in ids {
-                    out.push(self.unreachable(id, &what));
-                }
-            }
+            return true;
         }
         self.last = Some(conn);
+        self.take_replies(out, partial, &mut state.close_client)
+            .await
     }
 
     /// Runs `requests` on the client's dedicated connection (opened with the lane's
     /// handshake if it has none), follows the session state they change, and unpins the
     /// client when none is left.
-    async fn dedicated(&mut self, requests: Messages, out: &mut Messages, close_client: &mut bool) {
+    async fn dedicated(
+        &mut self,
+        requests: Messages,
+        out: &mut Messages,
+        close_client: &mut bool,
+        partial: bool,
+    ) {
         if self.pinned.is_none() {
             let handshake = self.lane.handshake(self.name.as_ref());
             match dedicated::open(&self.pool.shared, &handshake).await {
@@ -626,41 +730,49 @@ impl SharedSink {
             }
         }
         let mut requests = requests;
-        let effects: Vec<(MessageId, Kind)> = requests
-            .iter_mut()
-            .filter_map(|r| {
-                let kind = classify(r);
-                (!matches!(
-                    kind,
-                    Kind::Shared
-                        | Kind::Pin
-                        | Kind::GetName
-                        | Kind::SetInfo
-                        | Kind::Quit
-                        | Kind::Wait(_)
-                        | Kind::BadName
-                ))
-                .then_some((r.id, kind))
-            })
-            .collect();
+        let effects = requests.iter_mut().filter_map(|r| {
+            let kind = classify(r);
+            (!matches!(
+                kind,
+                Kind::Shared
+                    | Kind::Pin
+                    | Kind::GetName
+                    | Kind::SetInfo
+                    | Kind::Quit
+                    | Kind::Wait(_)
+                    | Kind::BadName
+            ))
+            .then_some((r.id, kind))
+        });
+        self.effects.extend(effects);
         let Some(pinned) = &mut self.pinned else {
             return;
         };
-        let responses = pinned.conn.run(requests, close_client).await;
-        for (id, kind) in effects {
+        let responses = pinned.conn.run(requests, close_client, partial).await;
+        let backlog = pinned.conn.backlog();
+        // Replies come in request order: an effect whose request has no reply yet, while a
+        // later request has one, was silenced by CLIENT REPLY.
+        let answered_up_to = responses.iter().filter_map(|r| r.request_id).max();
+        for (id, kind) in std::mem::take(&mut self.effects) {
             // `Some(true)`: accepted; `Some(false)`: refused; `None`: not known (silenced
             // by CLIENT REPLY, or not answered because the connection broke).
-            let accepted = responses
-                .iter()
-                .find(|r| r.request_id == Some(id))
-                .and_then(|r| (!r.is_empty()).then(|| !r.is_error()));
-            self.follow(kind, accepted);
+            match responses.iter().find(|r| r.request_id == Some(id)) {
+                Some(r) => {
+                    let accepted = (!r.is_empty()).then(|| !r.is_error());
+                    self.follow(kind, accepted);
+                }
+                None if backlog && answered_up_to.is_none_or(|up_to| id > up_to) => {
+                    self.effects.push((id, kind))
+                }
+                None => self.follow(kind, None),
+            }
         }
         out.extend(responses);
         if !self.pinned_for_good
             && !self.pinned_until_reset
             && !self.watching
             && !self.in_multi
+            && !backlog
             && self.pinned.as_ref().is_some_and(|p| p.conn.clean())
         {
             self.pinned = None;

@@ -21,14 +21,16 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use super::Shared;
 use super::dedicated::{self, OpenError, Opened};
+use crate::budget::{self, Held};
 use crate::codec::redis::ResponseDecoder;
 use crate::codec::redis::frame::RedisFrame;
 use crate::metrics::{self, Counter, Gauge};
@@ -119,6 +121,8 @@ pub struct PoolMetrics {
     pub pins: Counter,
     /// Pushes that arrived on a shared connection (answer nobody; dropped).
     pub stray: Counter,
+    /// Clients disconnected for holding their cap of replies too long.
+    pub cut_off: Counter,
 }
 
 /// The shared connections of one configured sink.
@@ -163,6 +167,11 @@ impl Pool {
                 stray: metrics::counter(
                     "shotover_redis_shared_stray_pushes_count",
                     "RESP3 pushes that arrived on a shared upstream connection and were dropped.",
+                    &labels,
+                ),
+                cut_off: metrics::counter(
+                    "shotover_redis_shared_cut_off_count",
+                    "Clients disconnected because they held max_buffered_reply_bytes of replies from a shared connection for too long.",
                     &labels,
                 ),
             },
@@ -266,18 +275,161 @@ impl Lane {
     }
 }
 
+/// How long a shared connection's reader waits for a client to take replies when the
+/// client already holds its cap of them; then the client is cut off, so that it cannot
+/// stall the clients it shares the connection with.
+pub const STALL: Duration = Duration::from_secs(1);
+
+/// What a client receives from shared connections: replies in order, in chunks.
+pub enum Chunk {
+    /// The next replies. The permit is the client's room they take; the bytes count
+    /// against the process budget until dropped.
+    Frames {
+        frames: Vec<Bytes>,
+        _room: Option<OwnedSemaphorePermit>,
+        _held: Held,
+    },
+    /// The batch in flight failed: its replies not received yet will not come. `cut_off`:
+    /// the client held its cap of replies too long and must be disconnected.
+    Failed { text: String, cut_off: bool },
+}
+
+/// Where a client's replies go: one per client connection, for all its batches (it has one
+/// in flight at a time).
+pub struct Mailbox {
+    tx: mpsc::UnboundedSender<Chunk>,
+    /// Room for the client's replies: `max_buffered_reply_bytes` permits.
+    room: Arc<Semaphore>,
+    cap: usize,
+}
+
+impl Mailbox {
+    pub fn new(cap: usize) -> (Mailbox, mpsc::UnboundedReceiver<Chunk>) {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mailbox = Mailbox {
+            tx,
+            room: Arc::new(Semaphore::new(cap)),
+            cap,
+        };
+        (mailbox, rx)
+    }
+
+    fn clone_for_batch(&self) -> Mailbox {
+        Mailbox {
+            tx: self.tx.clone(),
+            room: self.room.clone(),
+            cap: self.cap,
+        }
+    }
+}
+
 /// One client batch for a shared connection; answered with one reply per frame, or with
-/// the error text.
+/// an error, through the client's mailbox.
 struct Batch {
     frames: Vec<Bytes>,
-    reply: oneshot::Sender<Result<Vec<Bytes>, String>>,
+    to: Mailbox,
 }
 
 /// A batch written and waiting for its replies.
 struct Waiting {
     count: usize,
-    replies: Vec<Bytes>,
-    reply: oneshot::Sender<Result<Vec<Bytes>, String>>,
+    got: usize,
+    to: Mailbox,
+    /// Replies read and not handed over yet, with the room they take.
+    chunk: Vec<Bytes>,
+    chunk_bytes: usize,
+    permit: Option<OwnedSemaphorePermit>,
+    /// The client went away or was cut off: the rest of its replies are dropped.
+    dropped: bool,
+}
+
+impl Waiting {
+    fn new(count: usize, to: Mailbox) -> Self {
+        Waiting {
+            count,
+            got: 0,
+            to,
+            chunk: Vec::with_capacity(count),
+            chunk_bytes: 0,
+            permit: None,
+            dropped: false,
+        }
+    }
+
+    /// Hands the replies read so far to the client.
+    fn hand_over(&mut self) {
+        if self.chunk.is_empty() {
+            return;
+        }
+        let chunk = Chunk::Frames {
+            frames: std::mem::take(&mut self.chunk),
+            _room: self.permit.take(),
+            _held: Held::new(std::mem::take(&mut self.chunk_bytes)),
+        };
+        if self.to.tx.send(chunk).is_err() {
+            self.dropped = true;
+        }
+    }
+
+    fn fail(&mut self, text: String, cut_off: bool) {
+        self.chunk.clear();
+        self.permit = None;
+        self.dropped = true;
+        let _ = self.to.tx.send(Chunk::Failed { text, cut_off });
+    }
+
+    /// Takes one reply, waiting (at most [`STALL`]) for room in the client's cap.
+    async fn take(&mut self, frame: Bytes, metrics: &PoolMetrics) {
+        self.got += 1;
+        if self.dropped || self.to.tx.is_closed() {
+            self.dropped = true;
+            return;
+        }
+        // Over the process budget, a client gets a reply only when it holds none.
+        let want = if budget::over() {
+            self.to.cap
+        } else {
+            frame.len()
+        };
+        let want = want.clamp(1, self.to.cap.min(u32::MAX as usize)) as u32;
+        let permit = match self.to.room.clone().try_acquire_many_owned(want) {
+            Ok(permit) => permit,
+            Err(_) => {
+                self.hand_over();
+                let room = self.to.room.clone();
+                let acquired = tokio::select! {
+                    permit = room.acquire_many_owned(want) => permit.ok(),
+                    _ = self.to.tx.closed() => None,
+                    _ = tokio::time::sleep(STALL) => None,
+                };
+                match acquired {
+                    Some(permit) => permit,
+                    None if self.to.tx.is_closed() => {
+                        self.dropped = true;
+                        return;
+                    }
+                    None => {
+                        metrics.cut_off.inc();
+                        self.fail(
+                            format!(
+                                "the client did not read its replies: it held {} bytes of them for {} s, and a shared connection cannot wait for it (use a connection of its own: leave connection_count out)",
+                                self.to.cap,
+                                STALL.as_secs()
+                            ),
+                            true,
+                        );
+                        return;
+                    }
+                }
+            }
+        };
+        match &mut self.permit {
+            Some(held) => held.merge(permit),
+            None => self.permit = Some(permit),
+        }
+        self.chunk_bytes += frame.len();
+        self.chunk.push(frame);
+    }
 }
 
 /// A shared connection, as the clients see it.
@@ -292,19 +444,20 @@ impl ConnHandle {
         !self.tx.is_closed()
     }
 
-    /// Sends `frames` and waits for their replies (one per frame, in order).
-    pub async fn call(&self, frames: Vec<Bytes>) -> Result<Vec<Bytes>, String> {
+    /// Queues `frames`; their replies arrive in `to`, in order. `Err` when the connection
+    /// closed before they could be queued.
+    pub async fn send(&self, frames: Vec<Bytes>, to: &Mailbox) -> Result<(), String> {
         let n = frames.len();
-        let (reply, rx) = oneshot::channel();
         self.in_flight.fetch_add(n, Ordering::Relaxed);
-        if self.tx.send(Batch { frames, reply }).await.is_err() {
+        let batch = Batch {
+            frames,
+            to: to.clone_for_batch(),
+        };
+        if self.tx.send(batch).await.is_err() {
             self.in_flight.fetch_sub(n, Ordering::Relaxed);
             return Err("closed the shared connection before the requests were sent".into());
         }
-        match rx.await {
-            Ok(result) => result,
-            Err(_) => Err("closed the shared connection (the requests may have run)".into()),
-        }
+        Ok(())
     }
 }
 
@@ -360,6 +513,7 @@ where
         cancel,
         pool.metrics.clone(),
         addr,
+        pool.shared.read_timeout,
     ));
     Arc::new(ConnHandle { tx, in_flight })
 }
@@ -386,7 +540,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         let mut bytes = 0;
         while let Some(batch) = next.take() {
             let count = batch.frames.len();
-            if batch.reply.is_closed() {
+            if batch.to.tx.is_closed() {
                 // Its client went away before it was written.
                 in_flight.fetch_sub(count, Ordering::Relaxed);
             } else {
@@ -394,16 +548,15 @@ async fn write_loop<W: AsyncWrite + Unpin>(
                     bytes += frame.len();
                     outbox.push(frame);
                 }
-                let waiting = Waiting {
-                    count,
-                    replies: Vec::with_capacity(count),
-                    reply: batch.reply,
-                };
-                if let Err(mpsc::error::SendError(w)) = slots.send(waiting) {
+                if let Err(mpsc::error::SendError(mut w)) =
+                    slots.send(Waiting::new(count, batch.to))
+                {
                     // The reader stopped: nothing more goes out on this connection.
-                    let _ = w.reply.send(Err(
+                    in_flight.fetch_sub(count, Ordering::Relaxed);
+                    w.fail(
                         "closed the shared connection before the requests were sent".into(),
-                    ));
+                        false,
+                    );
                     break 'run;
                 }
             }
@@ -424,9 +577,10 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     rx.close();
     while let Ok(batch) = rx.try_recv() {
         in_flight.fetch_sub(batch.frames.len(), Ordering::Relaxed);
-        let _ = batch.reply.send(Err(
-            "closed the shared connection before the requests were sent".into(),
-        ));
+        let _ = batch.to.tx.send(Chunk::Failed {
+            text: "closed the shared connection before the requests were sent".into(),
+            cut_off: false,
+        });
     }
 }
 
@@ -440,6 +594,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
     cancel: CancellationToken,
     metrics: PoolMetrics,
     addr: String,
+    read_timeout: Option<Duration>,
 ) {
     let mut current: Option<Waiting> = None;
     let error = 'run: loop {
@@ -464,13 +619,17 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     }
                 },
             };
-            waiting.replies.push(frame);
-            if waiting.replies.len() == waiting.count
-                && let Some(done) = current.take()
+            waiting.take(frame, &metrics).await;
+            if waiting.got == waiting.count
+                && let Some(mut done) = current.take()
             {
                 in_flight.fetch_sub(done.count, Ordering::Relaxed);
-                let _ = done.reply.send(Ok(done.replies));
+                done.hand_over();
             }
+        }
+        // Replies of a batch whose rest has not arrived yet go to their client now.
+        if let Some(waiting) = current.as_mut() {
+            waiting.hand_over();
         }
         if buf.is_empty() && buf.capacity() > 1024 * 1024 {
             buf = BytesMut::with_capacity(16 * 1024);
@@ -478,6 +637,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
         if buf.capacity() - buf.len() < 4096 {
             buf.reserve(16 * 1024);
         }
+        let waiting = current.is_some() || !slots.is_empty();
+        let timeout = async {
+            match read_timeout {
+                Some(limit) if waiting => tokio::time::sleep(limit).await,
+                _ => std::future::pending().await,
+            }
+        };
         tokio::select! {
             read = reader.read_buf(&mut buf) => match read {
                 Ok(0) => break format!("upstream {addr} closed the connection"),
@@ -485,6 +651,17 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 Err(e) => break format!("upstream {addr} failed: {e}"),
             },
             _ = cancel.cancelled() => break format!("upstream {addr}: the shared connection failed"),
+            // A batch written while nothing was waiting: take it now, so that the read
+            // timeout covers it. (Only then: it costs a wake-up per batch.)
+            next = slots.recv(), if read_timeout.is_some() && current.is_none() && !slots.is_closed() => {
+                if let Some(next) = next {
+                    current = Some(next);
+                }
+            }
+            _ = timeout => break format!(
+                "upstream {addr} sent no reply within the read_timeout of {} s",
+                read_timeout.map_or(0, |t| t.as_secs())
+            ),
         }
     };
     cancel.cancel();
@@ -496,11 +673,13 @@ async fn read_loop<R: AsyncRead + Unpin>(
     }
     slots.close();
     let text = format!("{error} (the requests may have run)");
-    for waiting in current
+    for mut waiting in current
         .into_iter()
         .chain(std::iter::from_fn(|| slots.try_recv().ok()))
     {
         in_flight.fetch_sub(waiting.count, Ordering::Relaxed);
-        let _ = waiting.reply.send(Err(text.clone()));
+        // What arrived still reaches the client; the rest fails.
+        waiting.hand_over();
+        waiting.fail(text.clone(), false);
     }
 }

@@ -1,0 +1,103 @@
+//! The process-wide budget for reply bytes the proxy holds: replies read from an upstream
+//! and not written to their client yet. Each connection has its own cap (a sink's
+//! `max_buffered_reply_bytes`); this budget protects the process (a sidecar's memory limit)
+//! when many connections hold replies at once. Over the budget, every connection takes one
+//! reply at a time until it has written what it holds, and shared upstream connections stop
+//! queueing replies for a client that already has some waiting.
+//!
+//! Bytes are counted with [`Held`] guards, one per batch of replies, so the count costs an
+//! atomic add and subtract per batch, not per frame.
+
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use crate::metrics::{self, Gauge};
+
+static BUDGET: AtomicUsize = AtomicUsize::new(DEFAULT_WITHOUT_LIMIT);
+
+/// The budget when the process has no memory limit.
+const DEFAULT_WITHOUT_LIMIT: usize = 1024 * 1024 * 1024;
+
+fn held_gauge() -> &'static Gauge {
+    static HELD: OnceLock<Gauge> = OnceLock::new();
+    HELD.get_or_init(|| {
+        metrics::gauge(
+            "shotover_buffered_reply_bytes",
+            "Reply bytes read from upstreams and not written to their clients yet.",
+            &[],
+        )
+    })
+}
+
+/// Sets the budget (`config.yaml`'s `max_buffered_reply_bytes`), or the default: half the
+/// memory limit of the process's cgroup, or 1 GiB without one. Returns the budget in force.
+pub fn configure(bytes: Option<usize>) -> usize {
+    let budget = bytes.unwrap_or_else(|| {
+        cgroup_memory_limit()
+            .map(|limit| limit / 2)
+            .unwrap_or(DEFAULT_WITHOUT_LIMIT)
+    });
+    BUDGET.store(budget, Ordering::Relaxed);
+    metrics::gauge(
+        "shotover_buffered_reply_bytes_budget",
+        "The process-wide budget for reply bytes held for clients (max_buffered_reply_bytes).",
+        &[],
+    )
+    .set(budget as i64);
+    held_gauge();
+    budget
+}
+
+/// Whether the replies held across the process exceed the budget.
+pub fn over() -> bool {
+    held_gauge().get() > BUDGET.load(Ordering::Relaxed) as i64
+}
+
+/// Counts `n` bytes as held until dropped.
+#[must_use]
+pub struct Held(usize);
+
+impl Held {
+    pub fn new(n: usize) -> Held {
+        if n > 0 {
+            held_gauge().add(n as i64);
+        }
+        Held(n)
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        if self.0 > 0 {
+            held_gauge().add(-(self.0 as i64));
+        }
+    }
+}
+
+/// The memory limit of this process's cgroup (v2, else v1), if it has one.
+fn cgroup_memory_limit() -> Option<usize> {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let own = read("/proc/self/cgroup")?;
+    for line in own.lines() {
+        // v2: `0::/path`; v1: `N:memory:/path`.
+        let mut parts = line.splitn(3, ':');
+        let (_, controllers, path) = (parts.next()?, parts.next()?, parts.next()?);
+        let (root, file) = if controllers.is_empty() {
+            ("/sys/fs/cgroup", "memory.max")
+        } else if controllers.split(',').any(|c| c == "memory") {
+            ("/sys/fs/cgroup/memory", "memory.limit_in_bytes")
+        } else {
+            continue;
+        };
+        // Inside a container its own cgroup is mounted at the root.
+        for dir in [format!("{root}{path}"), root.to_string()] {
+            if let Some(limit) = read(&format!("{dir}/{file}"))
+                .and_then(|t| t.trim().parse::<usize>().ok())
+                .filter(|l| *l < 1 << 60)
+            {
+                return Some(limit);
+            }
+        }
+    }
+    None
+}

@@ -1,0 +1,304 @@
+//! Bounded memory: the replies the proxy holds for a client stay under the sink's
+//! `max_buffered_reply_bytes` whatever the client pipelines, a client that does not read is
+//! held back (dedicated mode) or cut off (shared mode) without costing the others anything,
+//! and `read_timeout` fails requests an upstream never answers.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::time::{Duration, Instant};
+
+use crate::helpers::*;
+
+/// The load: 200 GETs of a 10 MB value, pipelined.
+const VALUE: usize = 10 * 1024 * 1024;
+const PIPELINE: usize = 200;
+/// A sidecar's memory limit: the proxy must stay well under it.
+const LIMIT_KIB: u64 = 128 * 1024;
+
+/// Stores a `len`-byte value under `key`, straight on Redis (too large for redis-cli's argv).
+fn set_large(key: &str, len: usize) {
+    let mut redis = TcpStream::connect(redis_addr()).expect("connect to Redis");
+    let head = format!("*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${len}\r\n", key.len());
+    redis.write_all(head.as_bytes()).expect("write");
+    redis.write_all(&vec![b'v'; len]).expect("write");
+    redis.write_all(b"\r\n").expect("write");
+    let mut reply = [0u8; 5];
+    redis.read_exact(&mut reply).expect("SET reply");
+    assert_eq!(&reply, b"+OK\r\n");
+}
+
+fn gets(key: &str, n: usize) -> Vec<u8> {
+    format!("*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len())
+        .repeat(n)
+        .into_bytes()
+}
+
+/// The bytes of `n` replies to GET of the value.
+fn replies_len(n: usize) -> usize {
+    n * (format!("${VALUE}\r\n").len() + VALUE + 2)
+}
+
+/// A kB field of /proc/<pid>/status (`VmRSS`, `VmHWM`).
+fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+}
+
+/// Reads until EOF or `want` bytes (whichever first); returns the count and the last bytes.
+fn read_all(stream: &mut TcpStream, want: usize, limit: Duration) -> (usize, Vec<u8>) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    let started = Instant::now();
+    let mut buf = vec![0u8; 1024 * 1024];
+    let mut total = 0;
+    let mut tail = Vec::new();
+    while total < want {
+        assert!(
+            started.elapsed() < limit,
+            "read {total} of {want} bytes in {limit:?}"
+        );
+        match stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => {
+                total += n;
+                tail.extend_from_slice(&buf[..n]);
+                if tail.len() > 4096 {
+                    tail.drain(..tail.len() - 4096);
+                }
+            }
+            Err(e) => panic!("reading after {total} bytes: {e}"),
+        }
+    }
+    (total, tail)
+}
+
+/// Another client, served while the large pipeline is in flight.
+fn ping_works(port: u16) -> bool {
+    let mut other = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    other
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    other.write_all(b"*1\r\n$4\r\nPING\r\n").expect("write");
+    let mut reply = [0u8; 7];
+    other.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
+}
+
+fn topology(port: u16, mode: Mode, sink_extra: &str) -> String {
+    let topology = passthrough(port, &redis_addr(), "").replace(
+        "connect_timeout_ms: 3000",
+        &format!("connect_timeout_ms: 3000{sink_extra}"),
+    );
+    match mode {
+        // One shared connection: the client that does not read shares it with the others.
+        Mode::Shared => topology.replace(
+            "connect_timeout_ms: 3000",
+            "connect_timeout_ms: 3000\n            connection_count: 1",
+        ),
+        Mode::Dedicated => topology,
+    }
+}
+
+/// 2 GB of replies pass through a client that reads them; the proxy's peak RSS stays far below them, and another client is
+/// served meanwhile.
+fn large_pipeline_passes_within_the_reply_cap(mode: Mode) {
+    let key = prefix("large-pipeline");
+    set_large(&key, VALUE);
+    let port = free_port();
+    let shotover = Shotover::start(&topology(port, mode, ""));
+    let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    client.write_all(&gets(&key, PIPELINE)).expect("write");
+    let pid = shotover.pid();
+    let reader = std::thread::spawn(move || {
+        read_all(&mut client, replies_len(PIPELINE), Duration::from_secs(240))
+    });
+    let mut pings = 0;
+    while !reader.is_finished() {
+        assert!(ping_works(port), "another client is served");
+        pings += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (total, tail) = reader.join().expect("reader");
+    assert_eq!(total, replies_len(PIPELINE), "every reply");
+    assert!(tail.ends_with(b"vvvv\r\n"));
+    let peak = status_kib(pid, "VmHWM");
+    assert!(
+        peak < LIMIT_KIB,
+        "peak RSS {peak} KiB for {} MiB of replies",
+        replies_len(PIPELINE) >> 20
+    );
+    eprintln!("peak RSS {peak} KiB, {pings} pings served meanwhile");
+    shotover.stop();
+}
+
+/// A connection of its own: a client that does not read holds the proxy's reading of its
+/// replies (Redis keeps them), not its memory; once it reads, nothing is lost.
+fn a_client_that_does_not_read_holds_no_more_than_its_cap() {
+    let key = prefix("unread");
+    set_large(&key, VALUE);
+    let port = free_port();
+    let shotover = Shotover::start(&topology(port, Mode::Dedicated, ""));
+    let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    client.write_all(&gets(&key, PIPELINE)).expect("write");
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        assert!(ping_works(port), "another client is served");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let rss = status_kib(shotover.pid(), "VmHWM");
+    assert!(
+        rss < LIMIT_KIB,
+        "peak RSS {rss} KiB while the client reads nothing"
+    );
+    let (total, _) = read_all(&mut client, replies_len(PIPELINE), Duration::from_secs(240));
+    assert_eq!(total, replies_len(PIPELINE), "nothing lost once it reads");
+    shotover.stop();
+}
+
+/// A shared connection cannot wait for a client that does not read: past its cap for a
+/// second, the client is cut off with an error for its remaining requests, and the clients
+/// sharing the connection go on.
+fn a_client_that_does_not_read_is_cut_off_from_a_shared_connection() {
+    let key = prefix("unread-shared");
+    set_large(&key, VALUE);
+    let port = free_port();
+    let shotover = Shotover::start(&topology(port, Mode::Shared, ""));
+    let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    client.write_all(&gets(&key, PIPELINE)).expect("write");
+    wait_until("the client to be cut off", Duration::from_secs(20), || {
+        shotover
+            .metric("shotover_redis_shared_cut_off_count{chain=\"redis\",transform=\"sink\"}")
+            .is_some_and(|v| v == 1.0)
+    });
+    for _ in 0..5 {
+        assert!(ping_works(port), "the clients sharing the connection go on");
+    }
+    let rss = status_kib(shotover.pid(), "VmHWM");
+    assert!(rss < LIMIT_KIB, "peak RSS {rss} KiB");
+    let (total, tail) = read_all(&mut client, usize::MAX, Duration::from_secs(60));
+    assert!(
+        total < replies_len(PIPELINE),
+        "the rest was not held for it"
+    );
+    let tail = String::from_utf8_lossy(&tail);
+    assert!(tail.contains("did not read its replies"), "{tail}");
+    shotover.stop_expecting(&["did not read its replies"]);
+}
+
+/// An upstream that accepts and answers the handshake (`CLIENT SETNAME` of shared
+/// connections) but nothing else.
+fn black_hole() -> (String, std::thread::JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+    let addr = listener.local_addr().expect("addr").to_string();
+    let thread = std::thread::spawn(move || {
+        for stream in listener.incoming().take(4) {
+            let Ok(mut stream) = stream else { return };
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = stream.read(&mut buf) {
+                    if n == 0 {
+                        return;
+                    }
+                    let text = String::from_utf8_lossy(&buf[..n]).to_string();
+                    for _ in text.matches("SETNAME").take(1) {
+                        let _ = stream.write_all(b"+OK\r\n");
+                    }
+                }
+            });
+        }
+    });
+    (addr, thread)
+}
+
+fn read_timeout_fails_requests_a_black_holed_upstream_never_answers(mode: Mode) {
+    let (upstream, _thread) = black_hole();
+    let port = free_port();
+    let topology = passthrough(port, &upstream, "").replace(
+        "connect_timeout_ms: 3000",
+        "connect_timeout_ms: 3000\n            read_timeout: 1",
+    );
+    let shotover = mode.start(&topology);
+    let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let get = b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n";
+    let started = Instant::now();
+    client.write_all(get).expect("write");
+    let reply = String::from_utf8_lossy(&read_available(&mut client, 1, Duration::from_secs(10)))
+        .into_owned();
+    let took = started.elapsed();
+    assert!(
+        reply.starts_with("-ERR shotover: upstream") && reply.contains("read_timeout of 1 s"),
+        "{reply:?}"
+    );
+    assert!(
+        took >= Duration::from_secs(1) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+    match mode {
+        // The client's own connection broke: the client connection is closed with it.
+        Mode::Dedicated => {
+            let (rest, _) = read_all(&mut client, 1, Duration::from_secs(10));
+            assert_eq!(rest, 0, "closed");
+        }
+        // Only the shared connection failed: the client stays, and its next request tries a
+        // new one (which the black hole does not answer either).
+        Mode::Shared => {
+            client.write_all(get).expect("write");
+            let reply =
+                String::from_utf8_lossy(&read_available(&mut client, 1, Duration::from_secs(10)))
+                    .into_owned();
+            assert!(reply.contains("read_timeout of 1 s"), "{reply:?}");
+        }
+    }
+    shotover.stop_expecting(&[
+        "upstream connection broke",
+        "shared upstream connection failed",
+    ]);
+}
+
+/// A blocking command may wait longer than `read_timeout`.
+async fn read_timeout_spares_blocking_commands(mode: Mode) {
+    let port = free_port();
+    let topology = passthrough(port, &redis_addr(), "").replace(
+        "connect_timeout_ms: 3000",
+        "connect_timeout_ms: 3000\n            read_timeout: 1",
+    );
+    let shotover = mode.start(&topology);
+    let mut con = connect(port).await;
+    let started = Instant::now();
+    let got: Option<(String, String)> = redis::cmd("BLPOP")
+        .arg(prefix("never-pushed"))
+        .arg(3)
+        .query_async(&mut con)
+        .await
+        .expect("BLPOP times out by itself");
+    assert_eq!(got, None);
+    assert!(started.elapsed() >= Duration::from_secs(3));
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut con)
+        .await
+        .expect("PING");
+    assert_eq!(pong, "PONG");
+    shotover.stop();
+}
+
+crate::in_both_modes!(
+    async: [read_timeout_spares_blocking_commands],
+    sync: [
+        large_pipeline_passes_within_the_reply_cap,
+        read_timeout_fails_requests_a_black_holed_upstream_never_answers,
+    ],
+);
+
+#[test]
+fn dedicated_client_that_does_not_read_holds_no_more_than_its_cap() {
+    a_client_that_does_not_read_holds_no_more_than_its_cap()
+}
+
+#[test]
+fn shared_client_that_does_not_read_is_cut_off() {
+    a_client_that_does_not_read_is_cut_off_from_a_shared_connection()
+}
