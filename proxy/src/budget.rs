@@ -66,6 +66,31 @@ impl Held {
     }
 }
 
+/// Bytes a run collects before they count against the budget: small runs never touch the
+/// shared count.
+const STEP: usize = 64 * 1024;
+
+/// Counts the bytes a sink collects during one run, in steps of 64 KiB, until dropped.
+#[derive(Default)]
+pub struct Tally {
+    uncounted: usize,
+    held: Option<Held>,
+}
+
+impl Tally {
+    pub fn add(&mut self, n: usize) {
+        self.uncounted += n;
+        if self.uncounted >= STEP {
+            let n = std::mem::take(&mut self.uncounted);
+            held_gauge().add(n as i64);
+            match &mut self.held {
+                Some(held) => held.0 += n,
+                None => self.held = Some(Held(n)),
+            }
+        }
+    }
+}
+
 impl Drop for Held {
     fn drop(&mut self) {
         if self.0 > 0 {

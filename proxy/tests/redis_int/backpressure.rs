@@ -159,6 +159,34 @@ fn a_client_that_does_not_read_holds_no_more_than_its_cap() {
     shotover.stop();
 }
 
+/// The process budget caps what all connections hold together: a connection whose own cap
+/// is 64 MiB holds one reply at a time once the process holds 8 MiB.
+fn the_process_budget_holds_a_connection_below_its_own_cap() {
+    let key = prefix("budget");
+    set_large(&key, VALUE);
+    let port = free_port();
+    let topology = topology(
+        port,
+        Mode::Dedicated,
+        "\n            max_buffered_reply_bytes: 67108864",
+    );
+    let shotover = Shotover::start_with_config(&topology, "max_buffered_reply_bytes: 8388608\n");
+    assert_eq!(
+        shotover.metric("shotover_buffered_reply_bytes_budget"),
+        Some(8388608.0)
+    );
+    let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let n = 40;
+    client.write_all(&gets(&key, n)).expect("write");
+    std::thread::sleep(Duration::from_secs(3));
+    let rss = status_kib(shotover.pid(), "VmHWM");
+    // Without the budget the connection would hold 64 MiB of replies on top.
+    assert!(rss < 56 * 1024, "peak RSS {rss} KiB");
+    let (total, _) = read_all(&mut client, replies_len(n), Duration::from_secs(120));
+    assert_eq!(total, replies_len(n), "nothing lost once it reads");
+    shotover.stop();
+}
+
 /// A shared connection cannot wait for a client that does not read: past its cap for a
 /// second, the client is cut off with an error for its remaining requests, and the clients
 /// sharing the connection go on.
@@ -301,4 +329,9 @@ fn dedicated_client_that_does_not_read_holds_no_more_than_its_cap() {
 #[test]
 fn shared_client_that_does_not_read_is_cut_off() {
     a_client_that_does_not_read_is_cut_off_from_a_shared_connection()
+}
+
+#[test]
+fn dedicated_process_budget_holds_a_connection_below_its_own_cap() {
+    the_process_budget_holds_a_connection_below_its_own_cap()
 }

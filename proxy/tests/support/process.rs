@@ -70,12 +70,27 @@ impl Shotover {
 
     /// Starts the proxy without waiting; extra arguments are passed on.
     pub fn spawn(topology: &str, args: &[&str]) -> Shotover {
+        Shotover::spawn_with_config(topology, "", args)
+    }
+
+    /// Starts the proxy with `config` (lines) added to its config.yaml and waits until it
+    /// is ready.
+    #[allow(dead_code)]
+    pub fn start_with_config(topology: &str, config: &str) -> Shotover {
+        let shotover = Shotover::spawn_with_config(topology, config, &[]);
+        shotover.wait_ready();
+        shotover
+    }
+
+    fn spawn_with_config(topology: &str, config: &str, args: &[&str]) -> Shotover {
         let dir = temp_dir("proxy");
         let observability = format!("127.0.0.1:{}", free_port());
         std::fs::write(dir.join("topology.yaml"), topology).expect("writing topology.yaml");
         std::fs::write(
             dir.join("config.yaml"),
-            format!("main_log_level: \"info\"\nobservability_interface: \"{observability}\"\n"),
+            format!(
+                "main_log_level: \"info\"\nobservability_interface: \"{observability}\"\n{config}"
+            ),
         )
         .expect("writing config.yaml");
         let mut child = Command::new(env!("CARGO_BIN_EXE_shotover"))

@@ -252,6 +252,7 @@ impl Dedicated {
     ) -> Messages {
         let cap = self.shared.reply_cap;
         let mut read = 0;
+        let mut tally = budget::Tally::default();
         while self.replies.waiting() {
             if partial && read > 0 && (read >= cap || budget::over()) {
                 return responses;
@@ -267,6 +268,7 @@ impl Dedicated {
                 Err(e) => return self.broke(e, responses, close_client),
             };
             read += frame.len();
+            tally.add(frame.len());
             self.replies.classify(frame, &mut responses);
             if let Some(blocking) = self.blocking
                 && responses.last().and_then(|r| r.request_id) >= Some(blocking)

@@ -585,6 +585,7 @@ impl SharedSink {
     ) -> bool {
         let cap = self.pool.shared.reply_cap;
         let mut taken = 0;
+        let mut tally = budget::Tally::default();
         while !self.awaiting.is_empty() {
             if partial && taken > 0 && (taken >= cap || budget::over()) {
                 return false;
@@ -596,6 +597,7 @@ impl SharedSink {
                             break;
                         };
                         taken += frame.len();
+                        tally.add(frame.len());
                         out.push(Message::response(Some(id), frame));
                     }
                 }
