@@ -295,6 +295,109 @@ async fn resp3_invalidation_pushes_reach_a_tracking_client_that_sends_nothing(mo
     shotover.stop();
 }
 
+/// Reads from `stream` until what arrived ends with `tail`, or fails after 5 s.
+fn read_until(stream: &mut std::net::TcpStream, tail: &[u8], what: &str) -> Vec<u8> {
+    let mut got = Vec::new();
+    wait_until(what, Duration::from_secs(5), || {
+        got.extend(read_available(stream, 1, Duration::from_millis(100)));
+        got.ends_with(tail)
+    });
+    got
+}
+
+/// Client-side caching with a redirect, as against Redis directly: the target (RESP3, which
+/// only asked for its id) receives the invalidation pushes while it sends nothing, still
+/// with `CLIENT REPLY OFF`, and when it goes away the tracking client gets
+/// `tracking-redir-broken`.
+async fn resp3_tracking_redirect_reaches_a_silent_target_and_reports_it_gone(mode: Mode) {
+    use std::io::Write;
+    let port = free_port();
+    let shotover = mode.start(&passthrough(port, &redis_addr(), ""));
+    let key = format!("{}redirected", prefix("redirect"));
+    let connect_raw = || std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let mut target = connect_raw();
+    target.write_all(b"HELLO 3\r\n").expect("write");
+    // HELLO's map ends with its (empty) list of modules.
+    read_until(&mut target, b"$7\r\nmodules\r\n*0\r\n", "the HELLO reply");
+    target.write_all(b"CLIENT ID\r\n").expect("write");
+    let reply = String::from_utf8_lossy(&read_until(&mut target, b"\r\n", "the CLIENT ID reply"))
+        .into_owned();
+    let id = reply
+        .strip_prefix(':')
+        .map(|id| id.trim_end().to_string())
+        .unwrap_or_else(|| panic!("CLIENT ID reply {reply:?}"));
+    let mut tracker = connect_raw();
+    tracker
+        .write_all(
+            format!("HELLO 3\r\nCLIENT TRACKING on REDIRECT {id}\r\nGET {key}\r\n").as_bytes(),
+        )
+        .expect("write");
+    read_until(
+        &mut tracker,
+        b"+OK\r\n_\r\n",
+        "HELLO, TRACKING and GET replies",
+    );
+    let mut writer = connect(port).await;
+    let push = format!(
+        ">2\r\n$10\r\ninvalidate\r\n*1\r\n${}\r\n{key}\r\n",
+        key.len()
+    );
+    let () = redis::cmd("SET")
+        .arg(&key)
+        .arg("one")
+        .query_async(&mut writer)
+        .await
+        .expect("SET");
+    read_until(
+        &mut target,
+        push.as_bytes(),
+        "the invalidation push on the target",
+    );
+    // With replies off, pushes still reach the target.
+    target.write_all(b"CLIENT REPLY OFF\r\n").expect("write");
+    tracker
+        .write_all(format!("GET {key}\r\n").as_bytes())
+        .expect("write");
+    read_until(&mut tracker, b"$3\r\none\r\n", "the tracked GET");
+    std::thread::sleep(Duration::from_millis(200));
+    let () = redis::cmd("SET")
+        .arg(&key)
+        .arg("two")
+        .query_async(&mut writer)
+        .await
+        .expect("SET");
+    let after_off = read_until(&mut target, push.as_bytes(), "the push with replies off");
+    assert_eq!(
+        String::from_utf8_lossy(&after_off),
+        push,
+        "nothing but the push"
+    );
+    // The target goes away: at the next invalidation Redis tells the tracking client.
+    drop(target);
+    tracker
+        .write_all(format!("GET {key}\r\n").as_bytes())
+        .expect("write");
+    read_until(&mut tracker, b"$3\r\ntwo\r\n", "the tracked GET");
+    wait_until(
+        "the target's upstream connection to close",
+        Duration::from_secs(5),
+        || {
+            !redis_cli(&["-p", &redis_port(), "CLIENT", "LIST"])
+                .lines()
+                .any(|l| l.starts_with(&format!("id={id} ")))
+        },
+    );
+    let () = redis::cmd("SET")
+        .arg(&key)
+        .arg("three")
+        .query_async(&mut writer)
+        .await
+        .expect("SET");
+    let broken = format!(">2\r\n$21\r\ntracking-redir-broken\r\n:{id}\r\n");
+    read_until(&mut tracker, broken.as_bytes(), "tracking-redir-broken");
+    shotover.stop();
+}
+
 async fn client_reply_off_and_skip_silence_replies_without_hanging(mode: Mode) {
     let port = free_port();
     let shotover = mode.start(&passthrough(port, &redis_addr(), ""));
@@ -574,6 +677,7 @@ crate::in_both_modes!(
         redis_py_with_resp3_works_through_the_proxy,
         redis_cli_talks_through_the_proxy,
         resp3_invalidation_pushes_reach_a_tracking_client_that_sends_nothing,
+        resp3_tracking_redirect_reaches_a_silent_target_and_reports_it_gone,
         client_reply_off_and_skip_silence_replies_without_hanging,
         quit_pipelined_with_more_commands_answers_up_to_quit_and_closes,
         monitor_streams_other_clients_commands_until_reset,

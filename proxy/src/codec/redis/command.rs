@@ -26,6 +26,9 @@ pub enum CommandKind {
     ClientTracking(bool),
     /// `CLIENT REPLY ON|OFF|SKIP`: the server stops (or resumes) replying.
     ClientReply(ReplyMode),
+    /// `CLIENT ID`: the client learns its id, and may give it to another client as the
+    /// target of its tracking (`CLIENT TRACKING on REDIRECT <id>`).
+    ClientId,
     Other,
 }
 
@@ -125,6 +128,8 @@ fn kind_of(name: &[u8], arg1: Option<&[u8]>, arg2: Option<&[u8]>) -> CommandKind
         CommandKind::EndMulti
     } else if is("CLIENT") && arg1.is_some_and(|a| a.eq_ignore_ascii_case(b"TRACKING")) {
         CommandKind::ClientTracking(!arg2.is_some_and(|a| a.eq_ignore_ascii_case(b"OFF")))
+    } else if is("CLIENT") && arg1.is_some_and(|a| a.eq_ignore_ascii_case(b"ID")) {
+        CommandKind::ClientId
     } else if is("CLIENT") && arg1.is_some_and(|a| a.eq_ignore_ascii_case(b"REPLY")) {
         match arg2 {
             Some(m) if m.eq_ignore_ascii_case(b"OFF") => CommandKind::ClientReply(ReplyMode::Off),

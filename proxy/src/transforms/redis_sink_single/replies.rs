@@ -42,6 +42,7 @@ impl ReplyTracker {
             && !self.resp.subscribed()
             && !self.resp.monitoring
             && !self.resp.tracking
+            && !self.resp.redirect_target
             && !self.resp.quit
             && !self.resp.silent_pushes
             && self.resp.replies == Replies::On
@@ -120,6 +121,7 @@ impl ReplyTracker {
         self.resp.subscribed()
             || self.resp.monitoring
             || self.resp.tracking
+            || (self.resp.redirect_target && self.resp.resp3)
             || self.resp.silent_pushes
     }
 
@@ -191,6 +193,8 @@ impl ReplyTracker {
                     self.resp = RespState {
                         replies: self.resp.replies,
                         in_multi: self.resp.in_multi,
+                        // The id stays: other clients may still redirect to it.
+                        redirect_target: self.resp.redirect_target,
                         ..RespState::default()
                     }
                 }
@@ -201,6 +205,7 @@ impl ReplyTracker {
                 }
                 CommandKind::Quit => self.resp.quit = true,
                 CommandKind::ClientTracking(on) => self.resp.tracking = on,
+                CommandKind::ClientId => self.resp.redirect_target = true,
                 _ => {}
             }
         }
@@ -270,6 +275,9 @@ struct RespState {
     shard_channels: HashSet<Bytes>,
     monitoring: bool,
     tracking: bool,
+    /// The client asked for its id: another client may redirect its tracking here, and a
+    /// RESP3 connection then receives invalidation pushes at any time.
+    redirect_target: bool,
     quit: bool,
     /// `CLIENT REPLY OFF`/`SKIP`: the server sends no reply to the next request(s).
     replies: Replies,
