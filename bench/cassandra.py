@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
-"""Cassandra direct vs through shotover, in one run, on loopback, driven by latte.
+"""Cassandra direct vs through this proxy vs through upstream Shotover, in one run, on
+loopback, driven by latte.
 
-    bench/cassandra.py [--duration 15] [--skip-build]
+    bench/cassandra.py [--duration 15] [--skip-build] [--no-upstream]
 
 Starts Cassandra through e2e/services, installs latte (a published CQL load tool, from
 crates.io, into ~/.cache/shotover-bench/latte) the first time, builds and starts the release
-proxy with a passthrough topology (Cassandra source -> CassandraSinkSingle, metrics on,
-nobody scraping), loads 100,000 rows, then runs latte's prepared `read` and `write`
-(bench/cassandra/workload.rn) at 1 and 64 concurrent requests, each against Cassandra
-directly and through the proxy, twice in opposite orders (after a warm-up of the node). Prints requests/s, p50 and p99 side by
-side, the proxy/direct ratio, the added p50, the proxy's CPU seconds per million requests,
-and its RSS.
+proxy and upstream Shotover 0.7.4 (bench/upstream-shotover, built from crates.io as for
+bench/redis.py) with the same passthrough topology (Cassandra source -> CassandraSinkSingle,
+metrics on, nobody scraping), loads 100,000 rows, then runs latte's prepared `read` and
+`write` (bench/cassandra/workload.rn) at 1 and 64 concurrent requests, each against
+Cassandra directly and through both proxies, in two rounds of opposite orders (after a
+warm-up of the node). Prints requests/s, p50 and p99 side by side, each proxy's ratio to
+direct and ours to upstream's, the added p50, each proxy's CPU seconds per million
+requests, and their RSS.
 """
 import argparse
 import json
@@ -37,8 +40,12 @@ def ensure_latte():
                     "--root", LATTE_ROOT], check=True)
 
 
+UPSTREAM_DIR = os.path.join(ROOT, "bench", "upstream-shotover")
+UPSTREAM_BIN = os.path.join(UPSTREAM_DIR, "target", "release", "upstream-shotover")
+
+
 def proxied_requests(obs_port):
-    """Requests that entered the proxy's chain so far (warmups included), from /metrics."""
+    """Requests that entered our proxy's chain so far (warmups included), from /metrics."""
     with socket.create_connection(("127.0.0.1", obs_port), timeout=5) as conn:
         conn.sendall(b"GET /metrics HTTP/1.0\r\nHost: bench\r\n\r\n")
         data = b""
@@ -84,11 +91,34 @@ def mean(results):
     return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
 
 
+def start_proxy(key, binary, tmp, direct, extra_args):
+    """Starts a proxy with the passthrough topology; returns (process, port, obs_port)."""
+    port, obs_port = free_port(), free_port()
+    topology = os.path.join(tmp, f"{key}-topology.yaml")
+    config = os.path.join(tmp, f"{key}-config.yaml")
+    with open(topology, "w") as f:
+        f.write(f"""sources:
+  - Cassandra:
+      name: "cql"
+      listen_addr: "127.0.0.1:{port}"
+      chain:
+        - CassandraSinkSingle:
+            remote_address: "{direct}"
+            connect_timeout_ms: 3000
+""")
+    with open(config, "w") as f:
+        f.write(f'main_log_level: "warn"\nobservability_interface: "127.0.0.1:{obs_port}"\n')
+    proc = subprocess.Popen([binary, "-t", topology, "-c", config, *extra_args])
+    wait_port(port)
+    return proc, port, obs_port
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--duration", type=int, default=15, help="seconds per measured run")
     ap.add_argument("--skip-build", action="store_true")
-    ap.add_argument("--proxy-arg", action="append", default=[], help="extra argument for shotover (repeatable)")
+    ap.add_argument("--no-upstream", action="store_true", help="leave upstream Shotover out")
+    ap.add_argument("--proxy-arg", action="append", default=[], help="extra argument for our shotover (repeatable)")
     args = ap.parse_args()
 
     env = services_env("cassandra")
@@ -96,66 +126,87 @@ def main():
     ensure_latte()
     if not args.skip_build:
         subprocess.run(["cargo", "build", "--release", "--locked", "-p", "shotover"], cwd=ROOT, check=True)
-    proxy_port, obs_port = free_port(), free_port()
+        if not args.no_upstream:
+            print("building upstream Shotover 0.7.4 (minutes the first time)", file=sys.stderr)
+            subprocess.run(["cargo", "build", "--release", "--locked", "--target-dir",
+                            os.path.join(UPSTREAM_DIR, "target")], cwd=UPSTREAM_DIR, check=True)
+    if not args.no_upstream and not os.access(UPSTREAM_BIN, os.X_OK):
+        sys.exit(f"{UPSTREAM_BIN} is missing (drop --skip-build, or pass --no-upstream)")
     tmp = tempfile.mkdtemp(prefix="shotover-bench-cql-")
-    with open(os.path.join(tmp, "topology.yaml"), "w") as f:
-        f.write(f"""sources:
-  - Cassandra:
-      name: "cql"
-      listen_addr: "127.0.0.1:{proxy_port}"
-      chain:
-        - CassandraSinkSingle:
-            remote_address: "{direct}"
-            connect_timeout_ms: 3000
-""")
-    with open(os.path.join(tmp, "config.yaml"), "w") as f:
-        f.write(f'main_log_level: "warn"\nobservability_interface: "127.0.0.1:{obs_port}"\n')
-    proxy = subprocess.Popen([os.path.join(ROOT, "target/release/shotover"),
-                              "-t", os.path.join(tmp, "topology.yaml"),
-                              "-c", os.path.join(tmp, "config.yaml"), *args.proxy_arg])
-    proxied = f"127.0.0.1:{proxy_port}"
+    paths = ["direct", "ours"] + ([] if args.no_upstream else ["upstream"])
+    procs, addrs, obs = {}, {"direct": direct}, {}
     try:
-        wait_port(proxy_port)
-        time.sleep(0.2)
-        rss_idle = rss_mib(proxy.pid)
+        procs["ours"], port, obs["ours"] = start_proxy(
+            "ours", os.path.join(ROOT, "target/release/shotover"), tmp, direct, args.proxy_arg)
+        addrs["ours"] = f"127.0.0.1:{port}"
+        if "upstream" in paths:
+            procs["upstream"], port, obs["upstream"] = start_proxy("upstream", UPSTREAM_BIN, tmp, direct, [])
+            addrs["upstream"] = f"127.0.0.1:{port}"
+        time.sleep(0.5)
+        rss_idle = {k: rss_mib(p.pid) for k, p in procs.items()}
         latte(["schema", WORKLOAD, direct], tmp)
         latte(["load", WORKLOAD, direct, "-q"], tmp)
         # Warm the node (JIT, caches) on both operations before measuring anything.
         for function in ("read", "write"):
             run(direct, function, 64, 10, tmp)
+        # Our proxy counts its requests in /metrics; upstream's CPU is divided by the
+        # requests latte made through it (warm-ups included, as latte counts them).
         rows = []
         for concurrency in (1, 64):
             for function in ("read", "write"):
                 # Two rounds in opposite orders, so that a drift of the node's speed during
-                # the run weighs on both paths alike; each figure is the mean of its two runs.
-                runs = {direct: [], proxied: []}
-                cpu = n = 0.0
-                for order in ((direct, proxied), (proxied, direct)):
-                    for addr in order:
-                        cpu0, n0 = cpu_seconds(proxy.pid), proxied_requests(obs_port)
-                        runs[addr].append(run(addr, function, concurrency, args.duration, tmp))
-                        if addr == proxied:
-                            cpu += cpu_seconds(proxy.pid) - cpu0
-                            n += proxied_requests(obs_port) - n0
-                d, p = (mean(runs[direct]), mean(runs[proxied]))
-                rows.append((concurrency, function, d, p, cpu / max(n, 1) * 1e6))
-        rss_after = rss_mib(proxy.pid)
+                # the run weighs on every path alike; each figure is the mean of its runs.
+                runs = {k: [] for k in paths}
+                cpu = {k: 0.0 for k in procs}
+                n = {k: 0.0 for k in procs}
+                for order in (paths, paths[::-1]):
+                    for key in order:
+                        if key in procs:
+                            cpu0 = cpu_seconds(procs[key].pid)
+                            n0 = proxied_requests(obs["ours"]) if key == "ours" else 0
+                        result = run(addrs[key], function, concurrency, args.duration, tmp)
+                        runs[key].append(result)
+                        if key in procs:
+                            cpu[key] += cpu_seconds(procs[key].pid) - cpu0
+                            if key == "ours":
+                                n[key] += proxied_requests(obs["ours"]) - n0
+                            else:
+                                # latte's count covers the measured part; add the warm-up's
+                                # share at the same rate.
+                                n[key] += result["requests"] * (args.duration + 2) / args.duration
+                means = {k: mean(v) for k, v in runs.items()}
+                per_m = {k: cpu[k] / max(n[k], 1) * 1e6 for k in procs}
+                rows.append((concurrency, function, means, per_m))
+        rss_after = {k: rss_mib(p.pid) for k, p in procs.items()}
     finally:
-        proxy.terminate()
-        proxy.wait(timeout=30)
+        for p in procs.values():
+            p.terminate()
+            p.wait(timeout=30)
 
+    labels = {"direct": "direct", "ours": "this proxy", "upstream": "upstream 0.7.4"}
     print()
     print(f"latte {LATTE_VERSION}, prepared statements, 1 thread, 1 connection, 2 runs of {args.duration} s "
-          f"(+2 s warmup) per path and load, Cassandra {env.get('CASSANDRA_VERSION', '?')} on {direct}")
-    print("| concurrency | op | direct req/s | proxied req/s | ratio | direct p50 µs | proxied p50 µs "
-          "| added p50 µs | direct p99 µs | proxied p99 µs | proxy CPU s / 1M req |")
-    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for concurrency, function, d, p, cpu in rows:
-        print(f"| {concurrency} | {function} | {d['rps']:,.0f} | {p['rps']:,.0f} | {p['rps'] / d['rps']:.2f}x "
-              f"| {d['p50']:.0f} | {p['p50']:.0f} | {p['p50'] - d['p50']:+.0f} | {d['p99']:.0f} | {p['p99']:.0f} "
-              f"| {cpu:.1f} |")
+          f"(+2 s warmup) per path and load, Cassandra {env.get('CASSANDRA_VERSION', '?')} on {direct}, "
+          f"commit {subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip()}")
+    print("| in flight | op | path | req/s | vs direct | p50 µs | added p50 µs | p99 µs | proxy CPU s / 1M req |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|---:|")
+    for concurrency, function, means, per_m in rows:
+        d = means["direct"]
+        for key in paths:
+            m = means[key]
+            cpu = f"{per_m[key]:.1f}" if key in per_m else ""
+            added = "" if key == "direct" else f"{m['p50'] - d['p50']:+.0f}"
+            print(f"| {concurrency} | {function} | {labels[key]} | {m['rps']:,.0f} | {m['rps'] / d['rps']:.2f}x "
+                  f"| {m['p50']:.0f} | {added} | {m['p99']:.0f} | {cpu} |")
+    if "upstream" in paths:
+        print()
+        print("| in flight | op | this proxy / upstream (req/s) |")
+        print("|---:|---|---:|")
+        for concurrency, function, means, _ in rows:
+            print(f"| {concurrency} | {function} | {means['ours']['rps'] / means['upstream']['rps']:.2f}x |")
     print()
-    print(f"proxy RSS: idle {rss_idle:.1f} MiB, after all runs {rss_after:.1f} MiB")
+    for key in procs:
+        print(f"{labels[key]} RSS: idle {rss_idle[key]:.1f} MiB, after all runs {rss_after[key]:.1f} MiB")
 
 
 if __name__ == "__main__":

@@ -5,8 +5,8 @@
 //! reply at a time until it has written what it holds, and shared upstream connections stop
 //! queueing replies for a client that already has some waiting.
 //!
-//! Bytes are counted with [`Held`] guards, one per batch of replies, so the count costs an
-//! atomic add and subtract per batch, not per frame.
+//! Bytes are counted with [`Held`] guards, one per batch of replies of at least 64 KiB, so
+//! the count costs nothing for small batches and an atomic add and subtract per large one.
 
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -58,10 +58,13 @@ pub fn over() -> bool {
 pub struct Held(usize);
 
 impl Held {
+    /// Counts `n` bytes if they are at least 64 KiB: smaller amounts are left out, so that
+    /// the common small batches never write the count other threads read.
     pub fn new(n: usize) -> Held {
-        if n > 0 {
-            held_gauge().add(n as i64);
+        if n < STEP {
+            return Held(0);
         }
+        held_gauge().add(n as i64);
         Held(n)
     }
 }

@@ -279,6 +279,8 @@ impl Lane {
 /// client already holds its cap of them; then the client is cut off, so that it cannot
 /// stall the clients it shares the connection with.
 pub const STALL: Duration = Duration::from_secs(1);
+/// Reply bytes a batch may hand to its client without taking room in its cap.
+const SLACK: usize = 64 * 1024;
 
 /// What a client receives from shared connections: replies in order, in chunks.
 pub enum Chunk {
@@ -335,9 +337,11 @@ struct Waiting {
     count: usize,
     got: usize,
     to: Mailbox,
-    /// Replies read and not handed over yet, with the room they take.
+    /// Replies read and not handed over yet, with the room they take: `permit` covers
+    /// `permitted` of their `chunk_bytes` (up to [`SLACK`] may go without).
     chunk: Vec<Bytes>,
     chunk_bytes: usize,
+    permitted: usize,
     permit: Option<OwnedSemaphorePermit>,
     /// The client went away or was cut off: the rest of its replies are dropped.
     dropped: bool,
@@ -351,6 +355,7 @@ impl Waiting {
             to,
             chunk: Vec::with_capacity(count),
             chunk_bytes: 0,
+            permitted: 0,
             permit: None,
             dropped: false,
         }
@@ -361,6 +366,7 @@ impl Waiting {
         if self.chunk.is_empty() {
             return;
         }
+        self.permitted = 0;
         let chunk = Chunk::Frames {
             frames: std::mem::take(&mut self.chunk),
             _room: self.permit.take(),
@@ -378,32 +384,38 @@ impl Waiting {
         let _ = self.to.tx.send(Chunk::Failed { text, cut_off });
     }
 
-    /// Takes one reply, waiting (at most [`STALL`]) for room in the client's cap.
+    /// Takes one reply, waiting (at most [`STALL`]) for room in the client's cap. Replies
+    /// take room only once those not covered reach [`SLACK`], so small batches never touch
+    /// the client's semaphore.
     async fn take(&mut self, frame: Bytes, metrics: &PoolMetrics) {
         self.got += 1;
         if self.dropped || self.to.tx.is_closed() {
             self.dropped = true;
             return;
         }
+        let over = budget::over();
+        let uncovered = (self.chunk_bytes + frame.len()).saturating_sub(self.permitted);
+        if uncovered < SLACK && !over {
+            self.push(frame);
+            return;
+        }
+        let max = self.to.cap.min(u32::MAX as usize);
         // Over the process budget, a client gets a reply only when it holds none.
-        let want = if budget::over() {
-            self.to.cap
-        } else {
-            frame.len()
-        };
-        let want = want.clamp(1, self.to.cap.min(u32::MAX as usize)) as u32;
-        let permit = match self.to.room.clone().try_acquire_many_owned(want) {
-            Ok(permit) => permit,
+        let want = if over { max } else { uncovered.clamp(1, max) };
+        let permit = match self.to.room.clone().try_acquire_many_owned(want as u32) {
+            Ok(permit) => (permit, want),
             Err(_) => {
+                // Hand over what is read, then wait for room for this reply alone.
                 self.hand_over();
+                let want = if over { max } else { frame.len().clamp(1, max) };
                 let room = self.to.room.clone();
                 let acquired = tokio::select! {
-                    permit = room.acquire_many_owned(want) => permit.ok(),
+                    permit = room.acquire_many_owned(want as u32) => permit.ok(),
                     _ = self.to.tx.closed() => None,
                     _ = tokio::time::sleep(STALL) => None,
                 };
                 match acquired {
-                    Some(permit) => permit,
+                    Some(permit) => (permit, want),
                     None if self.to.tx.is_closed() => {
                         self.dropped = true;
                         return;
@@ -423,10 +435,16 @@ impl Waiting {
                 }
             }
         };
+        let (permit, covered) = permit;
+        self.permitted += covered;
         match &mut self.permit {
             Some(held) => held.merge(permit),
             None => self.permit = Some(permit),
         }
+        self.push(frame);
+    }
+
+    fn push(&mut self, frame: Bytes) {
         self.chunk_bytes += frame.len();
         self.chunk.push(frame);
     }
