@@ -84,8 +84,8 @@ pub struct RedisSinkSingleConfig {
     /// arriving from the server (default: wait as long as the server takes). Blocking
     /// commands (`BLPOP`, `XREAD BLOCK`, ...) and subscriptions are exempt while they wait.
     /// On a connection of the client's own, its waiting requests get `-ERR` and the client
-    /// connection is closed; on a shared connection, the requests in flight on it get
-    /// `-ERR` and the clients stay connected.
+    /// connection is closed; on a shared connection (limit plus 1 s, the longest WAIT it
+    /// carries), the requests in flight on it get `-ERR` and the clients stay connected.
     #[serde(
         alias = "read_timeout",
         default,

@@ -2,8 +2,8 @@
 //! and not written to their client yet. Each connection has its own cap (a sink's
 //! `max_buffered_reply_bytes`); this budget protects the process (a sidecar's memory limit)
 //! when many connections hold replies at once. Over the budget, every connection takes one
-//! reply at a time until it has written what it holds, and shared upstream connections stop
-//! queueing replies for a client that already has some waiting.
+//! reply at a time until it has written what it holds, and on shared upstream connections
+//! every reply takes room in its client's cap (no slack for small batches).
 //!
 //! Bytes are counted with [`Held`] guards, one per batch of replies of at least 64 KiB, so
 //! the count costs nothing for small batches and an atomic add and subtract per large one.

@@ -207,17 +207,11 @@ where
                 }
                 read = self.stream.read_buf(&mut self.read_buf) => match read {
                     Ok(0) => {
-                        // Every complete request was sent above; let held ones go, and
-                        // write every answer (the client may only have shut down its
-                        // sending side).
-                        loop {
-                            if let Some(ended) = self.run_batch(Vec::new(), true).await {
-                                return ended;
-                            }
-                            if !self.backlog {
-                                return Ended::ClientClosed;
-                            }
-                        }
+                        // Every complete request was answered above; let held ones go. (A
+                        // client that only shut down its sending side loses answers still
+                        // held back by the reply cap, as Redis frees a client at EOF.)
+                        let _ = self.run_batch(Vec::new(), true).await;
+                        return Ended::ClientClosed;
                     }
                     Ok(_) => {}
                     Err(e) => return Ended::Io(e),

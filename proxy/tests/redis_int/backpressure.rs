@@ -217,6 +217,31 @@ fn a_client_that_does_not_read_is_cut_off_from_a_shared_connection() {
     shotover.stop_expecting(&["did not read its replies"]);
 }
 
+/// Many replies each below the slack a batch may take without room (here 60 KiB each,
+/// 90 MB in all) are bounded by the client's cap all the same.
+fn many_medium_replies_to_a_client_that_does_not_read_are_bounded_too() {
+    let key = prefix("medium-shared");
+    let len = 60 * 1024;
+    set_large(&key, len);
+    let port = free_port();
+    let shotover = Shotover::start(&topology(port, Mode::Shared, ""));
+    let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    client.write_all(&gets(&key, 1500)).expect("write");
+    wait_until("the client to be cut off", Duration::from_secs(20), || {
+        shotover
+            .metric("shotover_redis_shared_cut_off_count{chain=\"redis\",transform=\"sink\"}")
+            .is_some_and(|v| v == 1.0)
+    });
+    assert!(
+        ping_works(port),
+        "the client sharing the connection goes on"
+    );
+    let rss = status_kib(shotover.pid(), "VmHWM");
+    assert!(rss < 64 * 1024, "peak RSS {rss} KiB");
+    drop(client);
+    shotover.stop_expecting(&["did not read its replies"]);
+}
+
 /// An upstream that accepts and answers the handshake (`CLIENT SETNAME` of shared
 /// connections) but nothing else.
 fn black_hole() -> (String, std::thread::JoinHandle<()>) {
@@ -334,4 +359,9 @@ fn shared_client_that_does_not_read_is_cut_off() {
 #[test]
 fn dedicated_process_budget_holds_a_connection_below_its_own_cap() {
     the_process_budget_holds_a_connection_below_its_own_cap()
+}
+
+#[test]
+fn shared_many_medium_replies_to_a_client_that_does_not_read_are_bounded() {
+    many_medium_replies_to_a_client_that_does_not_read_are_bounded_too()
 }

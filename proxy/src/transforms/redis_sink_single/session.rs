@@ -309,6 +309,8 @@ pub struct SharedSink {
     /// Session effects of requests on the dedicated connection whose replies are still to
     /// come.
     effects: Vec<(MessageId, Kind)>,
+    /// Reply bytes taken from shared connections in this run of the chain, against the cap.
+    taken: usize,
 }
 
 impl SharedSink {
@@ -331,6 +333,7 @@ impl SharedSink {
             awaiting: VecDeque::new(),
             deferred: Vec::new(),
             effects: Vec::new(),
+            taken: 0,
         }
     }
 }
@@ -339,6 +342,7 @@ impl SharedSink {
 impl Transform for SharedSink {
     async fn transform(&mut self, state: &mut ChainState<'_>) -> Result<Messages, ChainError> {
         let partial = state.partial;
+        self.taken = 0;
         let mut requests = std::mem::take(&mut state.requests);
         if !self.deferred.is_empty() {
             let mut deferred = std::mem::take(&mut self.deferred);
@@ -374,11 +378,13 @@ impl Transform for SharedSink {
         let mut requests = requests.into_iter();
         // Sends the stateless run so far; when its replies are not all in (the reply cap),
         // the rest of the batch waits for a later run of the chain.
+        let cap = self.pool.shared.reply_cap;
         macro_rules! send_run_or_defer {
             ($request:expr) => {
                 if !self
                     .send_shared(&mut run, &mut on_last, &mut out, state, partial)
                     .await
+                    || (partial && self.taken >= cap)
                 {
                     self.deferred = std::iter::once($request).chain(requests).collect();
                     state.more = true;
@@ -566,9 +572,10 @@ impl SharedSink {
         }
     }
 
-    /// Whether replies to requests already sent are still to come.
+    /// Whether replies to requests already sent are still to come, or requests of a batch
+    /// wait to be sent.
     fn backlog(&self) -> bool {
-        !self.awaiting.is_empty() || self.pinned_backlog()
+        !self.awaiting.is_empty() || !self.deferred.is_empty() || self.pinned_backlog()
     }
 
     fn pinned_backlog(&self) -> bool {
@@ -584,10 +591,9 @@ impl SharedSink {
         close_client: &mut bool,
     ) -> bool {
         let cap = self.pool.shared.reply_cap;
-        let mut taken = 0;
         let mut tally = budget::Tally::default();
         while !self.awaiting.is_empty() {
-            if partial && taken > 0 && (taken >= cap || budget::over()) {
+            if partial && self.taken > 0 && (self.taken >= cap || budget::over()) {
                 return false;
             }
             match self.replies.recv().await {
@@ -596,7 +602,7 @@ impl SharedSink {
                         let Some(id) = self.awaiting.pop_front() else {
                             break;
                         };
-                        taken += frame.len();
+                        self.taken += frame.len();
                         tally.add(frame.len());
                         out.push(Message::response(Some(id), frame));
                     }

@@ -281,6 +281,8 @@ impl Lane {
 pub const STALL: Duration = Duration::from_secs(1);
 /// Reply bytes a batch may hand to its client without taking room in its cap.
 const SLACK: usize = 64 * 1024;
+/// Added to `read_timeout` on shared connections: the longest `WAIT` they carry.
+const SHARED_WAIT_ALLOWANCE: Duration = Duration::from_millis(super::session::MAX_SHARED_WAIT_MS);
 
 /// What a client receives from shared connections: replies in order, in chunks.
 pub enum Chunk {
@@ -337,12 +339,14 @@ struct Waiting {
     count: usize,
     got: usize,
     to: Mailbox,
-    /// Replies read and not handed over yet, with the room they take: `permit` covers
-    /// `permitted` of their `chunk_bytes` (up to [`SLACK`] may go without).
+    /// Replies read and not handed over yet, with the room they take.
     chunk: Vec<Bytes>,
     chunk_bytes: usize,
-    permitted: usize,
     permit: Option<OwnedSemaphorePermit>,
+    /// Bytes of this batch's replies taken so far, and how many of them took room: up to
+    /// [`SLACK`] per batch may go without.
+    received: usize,
+    permitted: usize,
     /// The client went away or was cut off: the rest of its replies are dropped.
     dropped: bool,
 }
@@ -355,8 +359,9 @@ impl Waiting {
             to,
             chunk: Vec::with_capacity(count),
             chunk_bytes: 0,
-            permitted: 0,
             permit: None,
+            received: 0,
+            permitted: 0,
             dropped: false,
         }
     }
@@ -366,7 +371,6 @@ impl Waiting {
         if self.chunk.is_empty() {
             return;
         }
-        self.permitted = 0;
         let chunk = Chunk::Frames {
             frames: std::mem::take(&mut self.chunk),
             _room: self.permit.take(),
@@ -393,21 +397,21 @@ impl Waiting {
             self.dropped = true;
             return;
         }
+        // Over the process budget, every reply takes room: no slack.
         let over = budget::over();
-        let uncovered = (self.chunk_bytes + frame.len()).saturating_sub(self.permitted);
+        let uncovered = (self.received + frame.len()).saturating_sub(self.permitted);
         if uncovered < SLACK && !over {
             self.push(frame);
             return;
         }
         let max = self.to.cap.min(u32::MAX as usize);
-        // Over the process budget, a client gets a reply only when it holds none.
-        let want = if over { max } else { uncovered.clamp(1, max) };
+        let want = uncovered.clamp(1, max);
         let permit = match self.to.room.clone().try_acquire_many_owned(want as u32) {
             Ok(permit) => (permit, want),
             Err(_) => {
                 // Hand over what is read, then wait for room for this reply alone.
                 self.hand_over();
-                let want = if over { max } else { frame.len().clamp(1, max) };
+                let want = frame.len().clamp(1, max);
                 let room = self.to.room.clone();
                 let acquired = tokio::select! {
                     permit = room.acquire_many_owned(want as u32) => permit.ok(),
@@ -445,8 +449,23 @@ impl Waiting {
     }
 
     fn push(&mut self, frame: Bytes) {
+        self.received += frame.len();
         self.chunk_bytes += frame.len();
         self.chunk.push(frame);
+    }
+}
+
+impl Drop for Waiting {
+    /// A batch dropped before it was answered (its connection's task ended without failing
+    /// it, say by a panic) still gets an answer: its client must not wait forever.
+    fn drop(&mut self) {
+        if self.got < self.count && !self.dropped {
+            self.hand_over();
+            let _ = self.to.tx.send(Chunk::Failed {
+                text: "the shared connection stopped (the requests may have run)".into(),
+                cut_off: false,
+            });
+        }
     }
 }
 
@@ -656,9 +675,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
             buf.reserve(16 * 1024);
         }
         let waiting = current.is_some() || !slots.is_empty();
+        // A WAIT on a shared connection may be silent for up to its longest allowed
+        // timeout: the limit is read_timeout plus that.
         let timeout = async {
             match read_timeout {
-                Some(limit) if waiting => tokio::time::sleep(limit).await,
+                Some(limit) if waiting => tokio::time::sleep(limit + SHARED_WAIT_ALLOWANCE).await,
                 _ => std::future::pending().await,
             }
         };
