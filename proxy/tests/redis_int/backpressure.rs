@@ -77,6 +77,19 @@ fn read_all(stream: &mut TcpStream, want: usize, limit: Duration) -> (usize, Vec
     (total, tail)
 }
 
+/// Waits until the proxy holds replies it cannot write (the client reads nothing).
+fn wait_holding(shotover: &Shotover) {
+    wait_until(
+        "the proxy to hold unread replies",
+        Duration::from_secs(20),
+        || {
+            shotover
+                .metric("shotover_buffered_reply_bytes")
+                .is_some_and(|v| v > 0.0)
+        },
+    );
+}
+
 /// Another client, served while the large pipeline is in flight.
 fn ping_works(port: u16) -> bool {
     let mut other = TcpStream::connect(("127.0.0.1", port)).expect("connect");
@@ -120,7 +133,6 @@ fn large_pipeline_passes_within_the_reply_cap(mode: Mode) {
     while !reader.is_finished() {
         assert!(ping_works(port), "another client is served");
         pings += 1;
-        std::thread::sleep(Duration::from_millis(50));
     }
     let (total, tail) = reader.join().expect("reader");
     assert_eq!(total, replies_len(PIPELINE), "every reply");
@@ -144,10 +156,9 @@ fn a_client_that_does_not_read_holds_no_more_than_its_cap() {
     let shotover = Shotover::start(&topology(port, Mode::Dedicated, ""));
     let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     client.write_all(&gets(&key, PIPELINE)).expect("write");
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(3) {
+    wait_holding(&shotover);
+    for _ in 0..10 {
         assert!(ping_works(port), "another client is served");
-        std::thread::sleep(Duration::from_millis(100));
     }
     let rss = status_kib(shotover.pid(), "VmHWM");
     assert!(
@@ -178,7 +189,7 @@ fn the_process_budget_holds_a_connection_below_its_own_cap() {
     let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     let n = 40;
     client.write_all(&gets(&key, n)).expect("write");
-    std::thread::sleep(Duration::from_secs(3));
+    wait_holding(&shotover);
     let rss = status_kib(shotover.pid(), "VmHWM");
     // Without the budget the connection would hold 64 MiB of replies on top.
     assert!(rss < 56 * 1024, "peak RSS {rss} KiB");

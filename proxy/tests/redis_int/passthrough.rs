@@ -359,7 +359,6 @@ async fn resp3_tracking_redirect_reaches_a_silent_target_and_reports_it_gone(mod
         .write_all(format!("GET {key}\r\n").as_bytes())
         .expect("write");
     read_until(&mut tracker, b"$3\r\none\r\n", "the tracked GET");
-    std::thread::sleep(Duration::from_millis(200));
     let () = redis::cmd("SET")
         .arg(&key)
         .arg("two")
