@@ -289,13 +289,19 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     let tcp = tokio::net::TcpListener::bind(opts.addr)
         .await
         .with_context(|| format!("cannot listen on --addr {}", opts.addr))?;
-    let listener = tls::TlsListener::spawn(tcp, tls::server_config(resolver)?, shutdown.clone())?;
-    info!(addr = %axum::serve::Listener::local_addr(&listener)?, "serving admission requests on POST /inject");
+    // New connections are accepted until the drain, not just until SIGTERM: during the
+    // shutdown delay a Service still sends some here, and a closed listener would refuse them
+    // (or reset those already in its backlog, which the apiserver reports as an EOF).
     let drain = CancellationToken::new();
+    let listener = tls::TlsListener::spawn(tcp, tls::server_config(resolver)?, drain.clone())?;
+    info!(addr = %axum::serve::Listener::local_addr(&listener)?, "serving admission requests on POST /inject");
+    let router = admission::router(state).layer(axum::middleware::map_response(
+        close_when_stopping(shutdown.clone()),
+    ));
     let server = tokio::spawn({
         let drain = drain.clone();
         async move {
-            axum::serve(listener, admission::router(state))
+            axum::serve(listener, router)
                 .with_graceful_shutdown(drain.cancelled_owned())
                 .await
         }
@@ -329,6 +335,24 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
     http_task.await.ok();
     info!("stopped");
     Ok(())
+}
+
+/// Once shutting down, every answer carries `Connection: close`: the apiserver then opens
+/// its next connection through the Service (to a Pod that stays) instead of reusing one to
+/// this Pod, so few idle keep-alive connections are left for the drain to close under a
+/// request the apiserver is about to send (an HTTP/1.1 POST that it would not retry).
+fn close_when_stopping(
+    shutdown: CancellationToken,
+) -> impl Fn(axum::response::Response) -> std::future::Ready<axum::response::Response> + Clone {
+    move |mut response: axum::response::Response| {
+        if shutdown.is_cancelled() {
+            response.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+        }
+        std::future::ready(response)
+    }
 }
 
 /// The names the serving certificate is issued for.
@@ -425,6 +449,27 @@ mod tests {
         assert_eq!(parse_duration("0s"), Ok(Duration::ZERO));
         assert!(parse_duration("1w").is_err());
         assert!(parse_duration("h").is_err());
+    }
+
+    #[test]
+    fn answers_close_their_connection_once_shutting_down() {
+        let shutdown = CancellationToken::new();
+        let layer = close_when_stopping(shutdown.clone());
+        let answer = |layer: &dyn Fn(
+            axum::response::Response,
+        ) -> std::future::Ready<axum::response::Response>| {
+            layer(axum::response::Response::new(axum::body::Body::empty()))
+                .into_inner()
+                .headers()
+                .get(axum::http::header::CONNECTION)
+                .cloned()
+        };
+        assert_eq!(answer(&layer), None, "keep-alive while serving");
+        shutdown.cancel();
+        assert_eq!(
+            answer(&layer).as_ref().map(|v| v.as_bytes()),
+            Some(&b"close"[..])
+        );
     }
 
     #[test]

@@ -137,6 +137,14 @@ impl Setup {
                 &format!("operator.watchNamespace={}", cluster.ns),
                 "--set",
                 "webhook.certificate.names={127.0.0.1}",
+                // The test runs the webhook and the operator itself. With a node in the
+                // cluster (the node tests run in the same control plane) the chart's own Pods
+                // would run too, sharing the Secret and renewing its certificate for their
+                // own names and lifetime.
+                "--set",
+                "webhook.replicas=0",
+                "--set",
+                "operator.replicas=0",
                 "--set-json",
                 &format!("webhook.namespaceSelector={selector}"),
             ],
