@@ -17,6 +17,16 @@ pub enum TransformConfig {
     /// connection (upstream's `ValkeySinkSingle`).
     #[serde(alias = "ValkeySinkSingle")]
     RedisSinkSingle(RedisSinkSingleConfig),
+    /// Sends every request to the master of its slot in a Redis Cluster, over connections to
+    /// each node shared by all client connections (upstream's `ValkeySinkCluster`). Hides the
+    /// cluster: clients see one Redis.
+    #[serde(alias = "ValkeySinkCluster")]
+    RedisSinkCluster(RedisSinkClusterConfig),
+    /// Rewrites the ports in `CLUSTER SLOTS`, `CLUSTER NODES`, `CLUSTER SHARDS` replies and in
+    /// `MOVED`/`ASK` errors, so that cluster-aware clients talk to the proxies (upstream's
+    /// `ValkeyClusterPortsRewrite`).
+    #[serde(alias = "ValkeyClusterPortsRewrite")]
+    RedisClusterPortsRewrite(RedisClusterPortsRewriteConfig),
     /// Sends every CQL request to one Cassandra node over one upstream connection per client
     /// connection, with the client's own handshake, stream ids and compression.
     CassandraSinkSingle(CassandraSinkSingleConfig),
@@ -105,6 +115,62 @@ pub struct RedisSinkSingleConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub max_buffered_reply_bytes: Option<usize>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RedisSinkClusterConfig {
+    /// Name of this transform in logs and metrics (default: the transform's kind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Nodes of the cluster, `host:port`, asked for the slot map (`CLUSTER SLOTS`) in turn
+    /// until one answers. The other nodes are learnt from the map.
+    #[serde(alias = "first_contact_points")]
+    pub first_contact_points: Vec<String>,
+    /// Do not hide the cluster: commands without a key go to this node alone (its `CLUSTER`
+    /// replies, `INFO`, `DBSIZE`, ...), as for a cluster-aware client talking to that node.
+    /// Commands with keys still go to their slot's master.
+    #[serde(
+        alias = "direct_destination",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub direct_destination: Option<String>,
+    /// Connections to each node, shared by every client connection (default 1, at most 64).
+    /// A client whose session needs a connection of its own (a subscription, a blocking
+    /// command, WATCH) gets one to the node concerned while it needs it.
+    #[serde(
+        alias = "connection_count",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub connection_count: Option<usize>,
+    /// How long to wait for the TCP (and TLS) connection to a node, in milliseconds.
+    #[serde(alias = "connect_timeout_ms", default = "default_connect_timeout_ms")]
+    pub connect_timeout_ms: u64,
+    /// TLS towards the nodes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConnectorConfig>,
+    /// Fail the requests in flight to a node when this many seconds pass with nothing at all
+    /// arriving from it (default: wait as long as it takes); the clients stay connected.
+    /// An extension of this project.
+    #[serde(
+        alias = "read_timeout",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub read_timeout: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct RedisClusterPortsRewriteConfig {
+    /// Name of this transform in logs and metrics (default: the transform's kind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The port written over every node's port: the port the proxies listen on.
+    #[serde(alias = "new_port")]
+    pub new_port: u16,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
@@ -342,6 +408,10 @@ impl TransformConfig {
     pub const KINDS: &'static [&'static str] = &[
         "RedisSinkSingle",
         "ValkeySinkSingle",
+        "RedisSinkCluster",
+        "ValkeySinkCluster",
+        "RedisClusterPortsRewrite",
+        "ValkeyClusterPortsRewrite",
         "CassandraSinkSingle",
         "CassandraPeersRewrite",
         "RequestThrottling",
@@ -358,6 +428,8 @@ impl TransformConfig {
     pub fn kind(&self) -> &'static str {
         match self {
             TransformConfig::RedisSinkSingle(_) => "RedisSinkSingle",
+            TransformConfig::RedisSinkCluster(_) => "RedisSinkCluster",
+            TransformConfig::RedisClusterPortsRewrite(_) => "RedisClusterPortsRewrite",
             TransformConfig::CassandraSinkSingle(_) => "CassandraSinkSingle",
             TransformConfig::CassandraPeersRewrite(_) => "CassandraPeersRewrite",
             TransformConfig::RequestThrottling(_) => "RequestThrottling",
@@ -375,6 +447,8 @@ impl TransformConfig {
     pub fn explicit_name(&self) -> Option<&str> {
         match self {
             TransformConfig::RedisSinkSingle(c) => c.name.as_deref(),
+            TransformConfig::RedisSinkCluster(c) => c.name.as_deref(),
+            TransformConfig::RedisClusterPortsRewrite(c) => c.name.as_deref(),
             TransformConfig::CassandraSinkSingle(c) => c.name.as_deref(),
             TransformConfig::CassandraPeersRewrite(c) => c.name.as_deref(),
             TransformConfig::RequestThrottling(c) => c.name.as_deref(),
@@ -397,6 +471,7 @@ impl TransformConfig {
         matches!(
             self,
             TransformConfig::RedisSinkSingle(_)
+                | TransformConfig::RedisSinkCluster(_)
                 | TransformConfig::CassandraSinkSingle(_)
                 | TransformConfig::NullSink(_)
                 | TransformConfig::DebugReturner(_)
@@ -406,9 +481,10 @@ impl TransformConfig {
     /// The protocols this transform works on; `None` means any.
     pub fn protocols(&self) -> Option<&'static [Protocol]> {
         match self {
-            TransformConfig::RedisSinkSingle(_) | TransformConfig::DebugReturner(_) => {
-                Some(&[Protocol::Redis])
-            }
+            TransformConfig::RedisSinkSingle(_)
+            | TransformConfig::RedisSinkCluster(_)
+            | TransformConfig::RedisClusterPortsRewrite(_)
+            | TransformConfig::DebugReturner(_) => Some(&[Protocol::Redis]),
             TransformConfig::CassandraSinkSingle(_) | TransformConfig::CassandraPeersRewrite(_) => {
                 Some(&[Protocol::Cassandra])
             }

@@ -238,7 +238,7 @@ impl Checker {
         protocol: Option<Protocol>,
     ) {
         if items.is_empty() {
-            self.err(path, "chain is empty: it must end in a sink (RedisSinkSingle, CassandraSinkSingle, NullSink or DebugReturner)");
+            self.err(path, "chain is empty: it must end in a sink (RedisSinkSingle, RedisSinkCluster, CassandraSinkSingle, NullSink or DebugReturner)");
             return;
         }
         let last = items.len() - 1;
@@ -326,6 +326,52 @@ impl Checker {
                     MAX_FRAME_BYTES,
                     format!("{path}.maxBufferedReplyBytes"),
                 );
+            }
+            TransformConfig::RedisSinkCluster(c) => {
+                if c.first_contact_points.is_empty() {
+                    self.err(
+                        format!("{path}.firstContactPoints"),
+                        "must name at least one node of the cluster (host:port)",
+                    );
+                }
+                for (i, point) in c.first_contact_points.iter().enumerate() {
+                    if let Err(msg) = check_remote_addr(point) {
+                        self.err(format!("{path}.firstContactPoints[{i}]"), msg);
+                    }
+                }
+                if let Some(direct) = &c.direct_destination
+                    && let Err(msg) = check_remote_addr(direct)
+                {
+                    self.err(format!("{path}.directDestination"), msg);
+                }
+                if c.connect_timeout_ms == 0 {
+                    self.err(format!("{path}.connectTimeoutMs"), "must be at least 1");
+                }
+                self.at_most(
+                    Some(c.connect_timeout_ms),
+                    MAX_TIMEOUT_MS,
+                    format!("{path}.connectTimeoutMs"),
+                );
+                if let Some(tls) = &c.tls {
+                    self.check_connector_tls(tls, &format!("{path}.tls"));
+                }
+                if c.connection_count == Some(0) {
+                    self.err(format!("{path}.connectionCount"), "must be at least 1");
+                }
+                self.at_most(
+                    c.connection_count.map(|v| v as u64),
+                    MAX_SHARED_CONNECTIONS,
+                    format!("{path}.connectionCount"),
+                );
+                self.read_timeout(c.read_timeout, path);
+            }
+            TransformConfig::RedisClusterPortsRewrite(c) => {
+                if c.new_port == 0 {
+                    self.err(
+                        format!("{path}.newPort"),
+                        "must be a port number from 1 to 65535",
+                    );
+                }
             }
             TransformConfig::CassandraSinkSingle(c) => {
                 self.check_sink(

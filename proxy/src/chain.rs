@@ -119,6 +119,21 @@ pub struct ChainState<'a> {
     rest: &'a mut [Link],
 }
 
+impl ChainState<'static> {
+    /// A state with no chain after it, for a transform that runs sinks of its own (the
+    /// cluster sink runs one sink per node).
+    pub(crate) fn detached(requests: Messages, partial: bool) -> Self {
+        ChainState {
+            requests,
+            flush: false,
+            close_client: false,
+            partial,
+            more: false,
+            rest: &mut [],
+        }
+    }
+}
+
 impl ChainState<'_> {
     /// Passes `self.requests` to the next transform and returns its responses. Call it at
     /// most once per `transform` call.

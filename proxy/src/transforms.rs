@@ -8,6 +8,8 @@ pub mod debug_returner;
 pub mod null_sink;
 pub mod query_counter;
 pub mod query_type_filter;
+pub mod redis_cluster_ports_rewrite;
+pub mod redis_sink_cluster;
 pub mod redis_sink_single;
 pub mod request_throttling;
 pub mod tee;
@@ -38,6 +40,12 @@ fn build_transform(chain: &str, config: &TransformConfig) -> Result<Box<dyn Tran
         TransformConfig::RedisSinkSingle(c) => {
             Box::new(redis_sink_single::RedisSinkSingleBuilder::new(c, chain)?)
         }
+        TransformConfig::RedisSinkCluster(c) => {
+            Box::new(redis_sink_cluster::RedisSinkClusterBuilder::new(c, chain)?)
+        }
+        TransformConfig::RedisClusterPortsRewrite(c) => Box::new(
+            redis_cluster_ports_rewrite::RedisClusterPortsRewriteBuilder::new(c),
+        ),
         TransformConfig::CassandraSinkSingle(c) => Box::new(
             cassandra_sink_single::CassandraSinkSingleBuilder::new(c, chain)?,
         ),

@@ -33,10 +33,10 @@ use crate::message::{Message, Messages};
 use crate::metrics::Counter;
 use crate::upstream::{Upstream, failed_requests_counter};
 
-mod dedicated;
+pub(crate) mod dedicated;
 mod replies;
-mod session;
-mod shared;
+pub(crate) mod session;
+pub(crate) mod shared;
 
 use dedicated::Dedicated;
 
@@ -51,17 +51,17 @@ pub struct RedisSinkSingleBuilder {
 }
 
 /// Default of `max_buffered_reply_bytes`.
-const DEFAULT_REPLY_CAP: usize = 4 * 1024 * 1024;
+pub(crate) const DEFAULT_REPLY_CAP: usize = 4 * 1024 * 1024;
 
 /// What every client connection's sink shares: the upstream, its settings and the sink's
 /// metrics.
 pub(crate) struct Shared {
-    upstream: Upstream,
-    failed_requests: Counter,
+    pub(crate) upstream: Upstream,
+    pub(crate) failed_requests: Counter,
     /// How long requests may wait with nothing arriving (`read_timeout`).
-    read_timeout: Option<Duration>,
+    pub(crate) read_timeout: Option<Duration>,
     /// Most reply bytes held for one client (`max_buffered_reply_bytes`).
-    reply_cap: usize,
+    pub(crate) reply_cap: usize,
 }
 
 impl Shared {

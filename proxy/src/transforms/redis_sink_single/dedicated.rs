@@ -45,14 +45,14 @@ enum Conn {
 }
 
 /// A freshly opened connection whose handshake was answered.
-pub(super) struct Opened {
+pub(crate) struct Opened {
     pub stream: UpstreamStream,
     pub read_buf: BytesMut,
     pub decoder: ResponseDecoder,
 }
 
 /// Why a connection could not be opened.
-pub(super) enum OpenError {
+pub(crate) enum OpenError {
     /// TCP or TLS failed, or the server went away during the handshake.
     Unreachable(String),
     /// The server answered a handshake command with this error reply.
@@ -62,7 +62,7 @@ pub(super) enum OpenError {
 /// Connects and runs `handshake` (AUTH, HELLO, SELECT, CLIENT SETNAME), each command's
 /// reply read before the connection is used. The handshake is part of connecting: it has
 /// the connect timeout too.
-pub(super) async fn open(shared: &Shared, handshake: &[Bytes]) -> Result<Opened, OpenError> {
+pub(crate) async fn open(shared: &Shared, handshake: &[Bytes]) -> Result<Opened, OpenError> {
     let limit = shared.upstream.connect_timeout;
     match tokio::time::timeout(limit, open_within(shared, handshake)).await {
         Ok(result) => result,
@@ -132,6 +132,60 @@ async fn open_within(shared: &Shared, handshake: &[Bytes]) -> Result<Opened, Ope
         read_buf,
         decoder,
     })
+}
+
+/// Opens a connection with `handshake`, sends `requests` and returns their replies (one
+/// each), then closes it: for the cluster sink's `CLUSTER SLOTS` and `COMMAND`.
+pub(crate) async fn exchange(
+    shared: &Shared,
+    handshake: &[Bytes],
+    requests: &[Bytes],
+) -> Result<Vec<Bytes>, String> {
+    let limit = shared.upstream.connect_timeout.max(std::time::Duration::from_secs(5));
+    let work = async {
+        let Opened {
+            mut stream,
+            mut read_buf,
+            mut decoder,
+        } = open(shared, handshake).await.map_err(|e| match e {
+            OpenError::Unreachable(what) => what,
+            OpenError::Refused(reply) => String::from_utf8_lossy(
+                reply.strip_suffix(b"\r\n").unwrap_or(&reply),
+            )
+            .into_owned(),
+        })?;
+        let mut outbox = Outbox::default();
+        for r in requests {
+            outbox.push(r.clone());
+        }
+        outbox
+            .write_to(&mut stream)
+            .await
+            .map_err(|e| format!("failed: {e}"))?;
+        let mut replies = Vec::with_capacity(requests.len());
+        while replies.len() < requests.len() {
+            match decoder.decode(&mut read_buf) {
+                Ok(Some(reply)) => {
+                    replies.push(reply);
+                    continue;
+                }
+                Ok(None) => {}
+                Err(e) => return Err(format!("sent a malformed reply: {e}")),
+            }
+            read_buf.reserve(16 * 1024);
+            match stream.read_buf(&mut read_buf).await {
+                Ok(0) => return Err("closed the connection".into()),
+                Ok(_) => {}
+                Err(e) => return Err(format!("failed: {e}")),
+            }
+        }
+        let _ = stream.shutdown().await;
+        Ok(replies)
+    };
+    match tokio::time::timeout(limit, work).await {
+        Ok(result) => result,
+        Err(_) => Err(format!("did not answer within {} ms", limit.as_millis())),
+    }
 }
 
 /// A frame the reader task queued, holding its share of the connection's reply cap and of

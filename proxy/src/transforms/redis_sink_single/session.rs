@@ -81,6 +81,17 @@ enum Kind {
     Wait(u64),
 }
 
+/// [`classify`], for a sink of a cluster (`cluster`): there `ASKING` is sent by the cluster
+/// sink itself, in the same batch as the request it is for, so it travels with it.
+fn classify_for(cluster: bool, request: &mut Message) -> Kind {
+    match classify(request) {
+        Kind::PinUntilReset if cluster && request.command().name.eq_ignore_ascii_case(b"ASKING") => {
+            Kind::Shared
+        }
+        kind => kind,
+    }
+}
+
 /// Reads what `request` means for the session.
 fn classify(request: &mut Message) -> Kind {
     let command = request.command();
@@ -311,6 +322,8 @@ pub struct SharedSink {
     effects: Vec<(MessageId, Kind)>,
     /// Reply bytes taken from shared connections in this run of the chain, against the cap.
     taken: usize,
+    /// Part of a cluster sink (see [`classify_for`]).
+    cluster: bool,
 }
 
 impl SharedSink {
@@ -334,7 +347,27 @@ impl SharedSink {
             deferred: Vec::new(),
             effects: Vec::new(),
             taken: 0,
+            cluster: false,
         }
+    }
+
+    /// A node's sink inside a cluster sink.
+    pub fn for_cluster(pool: Arc<Pool>, force_run: Arc<Notify>) -> Self {
+        SharedSink {
+            cluster: true,
+            ..SharedSink::new(pool, force_run)
+        }
+    }
+
+    /// The commands that give a new connection this client's session (credentials,
+    /// protocol, database), for connections the cluster sink opens on its behalf.
+    pub fn session_handshake(&self) -> Vec<Bytes> {
+        self.lane.handshake(None)
+    }
+
+    /// Whether the client holds a dedicated connection (its session state needs one).
+    pub fn is_pinned(&self) -> bool {
+        self.pinned.is_some()
     }
 }
 
@@ -399,7 +432,7 @@ impl Transform for SharedSink {
                     .await;
                 break;
             }
-            match classify(&mut request) {
+            match classify_for(self.cluster, &mut request) {
                 Kind::Shared | Kind::EndMulti | Kind::Unwatch => run.push(request),
                 Kind::Wait(timeout) if timeout == 0 || timeout > MAX_SHARED_WAIT_MS => {
                     out.push(Message::error_reply(
@@ -738,8 +771,9 @@ impl SharedSink {
             }
         }
         let mut requests = requests;
+        let cluster = self.cluster;
         let effects = requests.iter_mut().filter_map(|r| {
-            let kind = classify(r);
+            let kind = classify_for(cluster, r);
             (!matches!(
                 kind,
                 Kind::Shared
