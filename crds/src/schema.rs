@@ -16,8 +16,7 @@ pub const SINK_KINDS: [&str; 4] = [
 
 /// CEL (on a chain): the chain is not empty and its last transform is a sink.
 pub const CHAIN_ENDS_IN_SINK_RULE: &str = "size(self) > 0 && (has(self[size(self) - 1].RedisSinkSingle) || has(self[size(self) - 1].CassandraSinkSingle) || has(self[size(self) - 1].NullSink) || has(self[size(self) - 1].DebugReturner))";
-pub const CHAIN_ENDS_IN_SINK_MESSAGE: &str =
-    "a chain must end in a sink (RedisSinkSingle, CassandraSinkSingle, NullSink or DebugReturner)";
+pub const CHAIN_ENDS_IN_SINK_MESSAGE: &str = "a chain must end in a sink (RedisSinkSingle, RedisSinkCluster, CassandraSinkSingle, NullSink or DebugReturner)";
 
 /// CEL (on the sources list): no two sources share a name.
 pub const UNIQUE_SOURCE_NAMES_RULE: &str = "self.all(a, self.exists_one(b, (has(a.Redis) ? a.Redis.name : has(a.Cassandra) ? a.Cassandra.name : '') == (has(b.Redis) ? b.Redis.name : has(b.Cassandra) ? b.Cassandra.name : '')))";

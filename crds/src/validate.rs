@@ -107,6 +107,9 @@ pub const MAX_SHARED_CONNECTIONS: u64 = 64;
 const MAX_IDLE_SECONDS: u64 = 365 * 24 * 3600;
 const MAX_FRAME_BYTES: u64 = 4 * 1024 * 1024 * 1024;
 const MAX_TIMEOUT_MS: u64 = 3_600_000;
+/// Longest Coalesce flush interval: a year. Upstream's own `cluster-dr` test topology sets
+/// 1 000 000 000 ms ("unreasonably large") to mean "flush by count only".
+const MAX_FLUSH_INTERVAL_MS: u64 = 365 * 24 * 3_600_000;
 const MAX_QUEUE: u64 = 1_000_000;
 /// Smallest per-connection reply cap of a Redis sink.
 pub const MIN_REPLY_BUFFER: usize = 64 * 1024;
@@ -247,7 +250,7 @@ impl Checker {
             let item_path = format!("{path}[{i}]");
             if i == last && !t.is_sink() {
                 let msg = format!(
-                    "{} is not a sink, but it ends the chain: a chain must end in a sink (RedisSinkSingle, CassandraSinkSingle, NullSink or DebugReturner)",
+                    "{} is not a sink, but it ends the chain: a chain must end in a sink (RedisSinkSingle, RedisSinkCluster, CassandraSinkSingle, NullSink or DebugReturner)",
                     describe(t)
                 );
                 self.err(&item_path, msg);
@@ -441,7 +444,7 @@ impl Checker {
                 );
                 self.at_most(
                     c.flush_when_millis_since_last_flush,
-                    MAX_TIMEOUT_MS,
+                    MAX_FLUSH_INTERVAL_MS,
                     format!("{path}.flushWhenMillisSinceLastFlush"),
                 );
             }

@@ -43,9 +43,9 @@ fn build_transform(chain: &str, config: &TransformConfig) -> Result<Box<dyn Tran
         TransformConfig::RedisSinkCluster(c) => {
             Box::new(redis_sink_cluster::RedisSinkClusterBuilder::new(c, chain)?)
         }
-        TransformConfig::RedisClusterPortsRewrite(c) => Box::new(
-            redis_cluster_ports_rewrite::RedisClusterPortsRewriteBuilder::new(c),
-        ),
+        TransformConfig::RedisClusterPortsRewrite(c) => {
+            Box::new(redis_cluster_ports_rewrite::RedisClusterPortsRewriteBuilder::new(c))
+        }
         TransformConfig::CassandraSinkSingle(c) => Box::new(
             cassandra_sink_single::CassandraSinkSingleBuilder::new(c, chain)?,
         ),

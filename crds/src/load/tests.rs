@@ -9,10 +9,9 @@ use crate::transform::{
 };
 use crate::validate::validate;
 
-const KINDS: &str = "RedisSinkSingle, ValkeySinkSingle, CassandraSinkSingle, CassandraPeersRewrite, RequestThrottling, \
+const KINDS: &str = "RedisSinkSingle, ValkeySinkSingle, RedisSinkCluster, ValkeySinkCluster, RedisClusterPortsRewrite, ValkeyClusterPortsRewrite, CassandraSinkSingle, CassandraPeersRewrite, RequestThrottling, \
                      NullSink, DebugPrinter, DebugReturner, QueryCounter, QueryTypeFilter, Coalesce, Tee";
-const SINKS: &str =
-    "a chain must end in a sink (RedisSinkSingle, CassandraSinkSingle, NullSink or DebugReturner)";
+const SINKS: &str = "a chain must end in a sink (RedisSinkSingle, RedisSinkCluster, CassandraSinkSingle, NullSink or DebugReturner)";
 
 /// The full error report of a topology that must not load.
 fn errors_of(yaml: &str) -> String {
@@ -627,13 +626,53 @@ fn unknown_query_type_is_reported_with_its_index() {
 }
 
 #[test]
-fn unknown_transform_kind_lists_the_accepted_kinds() {
+fn upstream_cluster_sink_topologies_load_with_their_values() {
+    // shotover-proxy `tests/test-configs/valkey/cluster-ports-rewrite/topology.yaml`.
+    let t = loaded(
+        r#"---
+sources:
+  - Valkey:
+      name: "valkey"
+      listen_addr: "127.0.0.1:6380"
+      chain:
+        - ValkeyClusterPortsRewrite:
+           name: "valkey-cluster-ports-rewrite"
+           new_port: 6380
+        - ValkeySinkCluster:
+            name: "valkey-sink-cluster"
+            first_contact_points: ["127.0.0.1:2220", "127.0.0.1:2221"]
+            direct_destination: "127.0.0.1:2220"
+            connection_count: 2
+            connect_timeout_ms: 3000
+"#,
+    );
+    let chain = &redis_source(&t, 0).chain;
+    match (&chain[0], &chain[1]) {
+        (TransformConfig::RedisClusterPortsRewrite(p), TransformConfig::RedisSinkCluster(c)) => {
+            assert_eq!(p.new_port, 6380);
+            assert_eq!(c.first_contact_points, ["127.0.0.1:2220", "127.0.0.1:2221"]);
+            assert_eq!(c.direct_destination.as_deref(), Some("127.0.0.1:2220"));
+            assert_eq!(c.connection_count, Some(2));
+            assert_eq!(c.name.as_deref(), Some("valkey-sink-cluster"));
+        }
+        other => panic!("{other:?}"),
+    }
     assert_eq!(
         errors_of(&with_chain(
             "[{RedisSinkCluster: {first_contact_points: []}}]"
         )),
+        "invalid topology (1 error):\n  sources[0].chain[0].firstContactPoints: must name at least one node of the cluster (host:port)"
+    );
+}
+
+#[test]
+fn unknown_transform_kind_lists_the_accepted_kinds() {
+    assert_eq!(
+        errors_of(&with_chain(
+            "[{CassandraSinkCluster: {first_contact_points: []}}]"
+        )),
         format!(
-            "invalid topology (1 error):\n  sources[0].chain[0]: unknown transform `RedisSinkCluster`, expected one of: {KINDS}"
+            "invalid topology (1 error):\n  sources[0].chain[0]: unknown transform `CassandraSinkCluster`, expected one of: {KINDS}"
         )
     );
     assert_eq!(
@@ -714,7 +753,7 @@ fn sink_in_mid_chain_is_reported_with_what_it_hides() {
 fn empty_chain_is_reported() {
     assert_eq!(
         errors_of(&with_chain("[]")),
-        "invalid topology (1 error):\n  sources[0].chain: chain is empty: it must end in a sink (RedisSinkSingle, CassandraSinkSingle, NullSink or DebugReturner)"
+        "invalid topology (1 error):\n  sources[0].chain: chain is empty: it must end in a sink (RedisSinkSingle, RedisSinkCluster, CassandraSinkSingle, NullSink or DebugReturner)"
     );
 }
 
@@ -878,8 +917,8 @@ fn tee_sub_chain_semantic_errors_are_reported_with_their_paths() {
             "invalid topology (4 errors):\n  \
              sources[0].chain[0].chain[0]: DebugPrinter is not a sink, but it ends the chain: {SINKS}\n  \
              sources[0].chain[0].behavior.SubchainOnMismatch.chain[0]: NullSink is a sink in the middle of the chain: the 1 transform(s) after it would never run\n  \
-             sources[0].chain[1].chain: chain is empty: it must end in a sink (RedisSinkSingle, CassandraSinkSingle, NullSink or DebugReturner)\n  \
-             sources[0].chain[1].behavior.SubchainOnMismatch.chain: chain is empty: it must end in a sink (RedisSinkSingle, CassandraSinkSingle, NullSink or DebugReturner)"
+             sources[0].chain[1].chain: chain is empty: it must end in a sink (RedisSinkSingle, RedisSinkCluster, CassandraSinkSingle, NullSink or DebugReturner)\n  \
+             sources[0].chain[1].behavior.SubchainOnMismatch.chain: chain is empty: it must end in a sink (RedisSinkSingle, RedisSinkCluster, CassandraSinkSingle, NullSink or DebugReturner)"
         )
     );
 }

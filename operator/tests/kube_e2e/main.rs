@@ -279,7 +279,7 @@ async fn the_apiserver_refuses_what_cel_can_see() {
         (
             "no-sink",
             no_sink,
-            "a chain must end in a sink (RedisSinkSingle, CassandraSinkSingle, NullSink or DebugReturner)",
+            "a chain must end in a sink (RedisSinkSingle, RedisSinkCluster, CassandraSinkSingle, NullSink or DebugReturner)",
         ),
         ("duplicate", duplicate, "source names must be unique"),
         ("negative", negative, "replicas must be 0 or more"),

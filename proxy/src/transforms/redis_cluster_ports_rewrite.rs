@@ -53,7 +53,10 @@ fn asked(request: &mut Message) -> Option<Asked> {
     let sub = command.arg1.as_ref()?;
     if sub.eq_ignore_ascii_case(b"SLOTS") {
         Some(Asked::Slots)
-    } else if sub.eq_ignore_ascii_case(b"NODES") || sub.eq_ignore_ascii_case(b"REPLICAS") || sub.eq_ignore_ascii_case(b"SLAVES") {
+    } else if sub.eq_ignore_ascii_case(b"NODES")
+        || sub.eq_ignore_ascii_case(b"REPLICAS")
+        || sub.eq_ignore_ascii_case(b"SLAVES")
+    {
         Some(Asked::Nodes)
     } else if sub.eq_ignore_ascii_case(b"SHARDS") {
         Some(Asked::Shards)
@@ -144,7 +147,9 @@ fn rewrite(bytes: &Bytes, kind: Asked, port: u16) -> Option<Bytes> {
                     // `txt:` prefix kept.
                     let (prefix, body) = text.split_at(4.min(text.len()));
                     let mut out = prefix.to_vec();
-                    out.extend_from_slice(nodes_text(&Bytes::copy_from_slice(body), port).as_bytes());
+                    out.extend_from_slice(
+                        nodes_text(&Bytes::copy_from_slice(body), port).as_bytes(),
+                    );
                     RedisFrame::Verbatim(out.into())
                 }
                 _ => RedisFrame::Bulk(nodes_text(&text, port).into()),
@@ -237,7 +242,7 @@ mod tests {
             b"*1\r\n*4\r\n:0\r\n:16383\r\n*3\r\n$9\r\n127.0.0.1\r\n:7000\r\n$2\r\nid\r\n*3\r\n$9\r\n127.0.0.1\r\n:7003\r\n$2\r\nid\r\n",
         );
         assert_eq!(
-            rewrite(&slots, Asked::Slots, 6380).unwrap(),
+            rewrite(&slots, Asked::Slots, 6380).expect("ok"),
             Bytes::from_static(
                 b"*1\r\n*4\r\n:0\r\n:16383\r\n*3\r\n$9\r\n127.0.0.1\r\n:6380\r\n$2\r\nid\r\n*3\r\n$9\r\n127.0.0.1\r\n:6380\r\n$2\r\nid\r\n"
             )
@@ -262,7 +267,8 @@ mod tests {
                 RedisFrame::Integer(7000),
             ])]),
         ])]);
-        let out = RedisFrame::parse(&rewrite(&shards.to_bytes(), Asked::Shards, 1).unwrap()).unwrap();
+        let out = RedisFrame::parse(&rewrite(&shards.to_bytes(), Asked::Shards, 1).expect("ok"))
+            .expect("ok");
         assert!(format!("{out:?}").contains("Integer(1)"));
     }
 }

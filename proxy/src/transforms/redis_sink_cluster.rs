@@ -51,6 +51,11 @@ const REFRESH_MIN_INTERVAL: Duration = Duration::from_millis(500);
 /// Ids of the requests the sink makes itself (parts of a split request, ASKING, a
 /// transaction's MULTI): far above the ids of a client's requests.
 const SUB: MessageId = 1 << 63;
+/// How long requests that could not be sent to a node (it is down) are tried again, as the
+/// map is learnt again, before they get the error: long enough for a replica to take over
+/// in a cluster whose `cluster-node-timeout` is a few seconds.
+pub const UNSENT_RETRY_FOR: Duration = Duration::from_secs(10);
+const UNSENT_RETRY_PAUSE: Duration = Duration::from_millis(250);
 /// How many masters a SCAN cursor can tell apart (its low bits).
 const SCAN_NODE_BITS: u32 = 10;
 
@@ -166,7 +171,10 @@ impl TransformBuilder for RedisSinkClusterBuilder {
         if !self.cluster.periodic.swap(true, Ordering::Relaxed) {
             tokio::spawn(periodic_refresh(Arc::downgrade(&self.cluster)));
         }
-        Box::new(ClusterSink::new(self.cluster.clone(), ctx.force_run.clone()))
+        Box::new(ClusterSink::new(
+            self.cluster.clone(),
+            ctx.force_run.clone(),
+        ))
     }
 }
 
@@ -225,10 +233,7 @@ impl Cluster {
     }
 
     fn nodes(&self) -> Vec<Arc<Node>> {
-        self.nodes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.nodes.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn map(&self) -> (Arc<SlotMap>, u64) {
@@ -257,7 +262,11 @@ impl Cluster {
         let (map, _) = self.map();
         let nodes = self.nodes();
         let mut candidates: Vec<String> = Vec::new();
-        for i in map.masters.iter().chain(map.replicas.iter().flat_map(|(_, r)| r)) {
+        for i in map
+            .masters
+            .iter()
+            .chain(map.replicas.iter().flat_map(|(_, r)| r))
+        {
             if let Some(node) = nodes.get(*i as usize) {
                 candidates.push(node.addr.clone());
             }
@@ -281,8 +290,7 @@ impl Cluster {
                     continue;
                 }
             };
-            let replies = match dedicated::exchange(&node.pool.shared, handshake, &requests).await
-            {
+            let replies = match dedicated::exchange(&node.pool.shared, handshake, &requests).await {
                 Ok(replies) => replies,
                 Err(e) => {
                     errors.push(format!("{addr} {e}"));
@@ -355,6 +363,8 @@ struct Job {
     /// Send `ASKING` first (an ASK redirect).
     ask: bool,
     redirects: u8,
+    /// The slot it is for (so that a retry goes to the slot's master of the time).
+    slot: Option<u16>,
 }
 
 /// A request answered by the replies of several jobs (or whose reply is rewritten).
@@ -405,6 +415,14 @@ struct ClusterSink {
     /// The node of the client's WATCH.
     watch: Option<u16>,
     next_sub: MessageId,
+}
+
+/// Whether a sink's error reply says the request never reached the node.
+fn not_sent(reply: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(reply);
+    text.contains("is unreachable")
+        || text.contains("before the requests were sent")
+        || text.contains("did not answer the connection handshake")
 }
 
 fn sub_is(id: MessageId) -> bool {
@@ -509,6 +527,7 @@ impl ClusterSink {
         close_client: &mut bool,
     ) -> Result<(), ChainError> {
         let mut refresh = false;
+        let deadline = Instant::now() + UNSENT_RETRY_FOR;
         while !jobs.is_empty() {
             // One batch per node, in request order.
             let mut groups: Vec<(u16, Messages)> = Vec::new();
@@ -535,6 +554,7 @@ impl ClusterSink {
                 sent.push(job);
             }
             let responses = self.run_groups(groups, close_client).await?;
+            let mut unsent = Vec::new();
             for response in responses {
                 let Some(id) = response.request_id else {
                     out.push(response);
@@ -543,6 +563,15 @@ impl ClusterSink {
                 let reply = response.raw_bytes().cloned().unwrap_or_default();
                 if reply.starts_with(b"-ERR shotover: upstream") {
                     refresh = true;
+                    // Never sent (the node is down, or its connection closed first): safe
+                    // to send again once the map says where, within the deadline.
+                    if not_sent(&reply)
+                        && Instant::now() < deadline
+                        && let Some(at) = sent.iter().position(|j| j.id == id)
+                    {
+                        unsent.push(sent.swap_remove(at));
+                        continue;
+                    }
                 }
                 if let Some((ask, slot, target)) = slots::redirect(&reply)
                     && let Some(at) = sent.iter().position(|j| j.id == id)
@@ -583,6 +612,20 @@ impl ClusterSink {
                     continue;
                 }
                 self.deliver(response, pending, drops, out);
+            }
+            if !unsent.is_empty() {
+                // A failover in progress: wait for the map to show the new master.
+                tokio::time::sleep(UNSENT_RETRY_PAUSE).await;
+                let handshake = self.handshake();
+                let _ = self.cluster.refresh(&handshake, false).await;
+                let _ = self.load_map().await;
+                for mut job in unsent {
+                    if let Some(node) = job.slot.and_then(|s| self.master(s)) {
+                        job.node = node;
+                    }
+                    jobs.push(job);
+                }
+                refresh = false;
             }
         }
         if refresh {
@@ -717,7 +760,12 @@ impl ClusterSink {
         if self.txn.is_some() {
             return self.queue(request, route, jobs, out);
         }
-        let single = |this: &mut Self, node: Option<u16>, request: Message, jobs: &mut Vec<Job>, out: &mut Messages| {
+        let single = |this: &mut Self,
+                      node: Option<u16>,
+                      slot: Option<u16>,
+                      request: Message,
+                      jobs: &mut Vec<Job>,
+                      out: &mut Messages| {
             match node {
                 Some(node) => jobs.push(Job {
                     node,
@@ -725,6 +773,7 @@ impl ClusterSink {
                     bytes: request.into_bytes(),
                     ask: false,
                     redirects: 0,
+                    slot,
                 }),
                 None => {
                     this.cluster.failed_requests.inc();
@@ -735,16 +784,23 @@ impl ClusterSink {
         match route {
             Route::Slot(slot) => {
                 let node = self.master(slot);
-                single(self, node, request, jobs, out);
+                single(self, node, Some(slot), request, jobs, out);
             }
             Route::Any => {
                 let node = self.home();
-                single(self, node, request, jobs, out);
+                single(self, node, None, request, jobs, out);
             }
             Route::PubSub => {
-                let node = self.pubsub.or_else(|| self.home());
+                // Every client subscribes on the master of slot 0 (and stays on that node
+                // while subscribed), where PUBLISH goes too: the cluster carries messages to
+                // every node, but a node counts only its own receivers.
+                let node = self.pubsub.or_else(|| self.master(0));
                 self.pubsub = node;
-                single(self, node, request, jobs, out);
+                single(self, node, None, request, jobs, out);
+            }
+            Route::Publish => {
+                let node = self.master(0);
+                single(self, node, None, request, jobs, out);
             }
             Route::CrossSlot => out.push(error(id, CROSSSLOT)),
             Route::Local(reply) => out.push(Message::response(Some(id), Bytes::from_static(reply))),
@@ -762,13 +818,17 @@ impl ClusterSink {
                         bytes: Bytes::from_static(b"*1\r\n$5\r\nRESET\r\n"),
                         ask: false,
                         redirects: 0,
+                        slot: None,
                     });
                 }
                 self.session.clear();
                 self.txn = None;
                 self.watch = None;
                 self.pubsub = None;
-                out.push(Message::response(Some(id), Bytes::from_static(b"+RESET\r\n")));
+                out.push(Message::response(
+                    Some(id),
+                    Bytes::from_static(b"+RESET\r\n"),
+                ));
             }
             Route::Session => {
                 let bytes = request.into_bytes();
@@ -831,6 +891,7 @@ impl ClusterSink {
                         bytes,
                         ask: false,
                         redirects: 0,
+                        slot: Some(slot),
                     });
                     subs.push(sub);
                     positions.push(keys);
@@ -861,11 +922,11 @@ impl ClusterSink {
                 (Some(node), Some(w)) if node != w => out.push(error(id, CROSSSLOT)),
                 (Some(node), _) => {
                     self.watch = Some(node);
-                    single(self, Some(node), request, jobs, out);
+                    single(self, Some(node), None, request, jobs, out);
                 }
             },
             Route::Unwatch => match self.watch.take() {
-                Some(node) => single(self, Some(node), request, jobs, out),
+                Some(node) => single(self, Some(node), None, request, jobs, out),
                 None => out.push(Message::response(Some(id), Bytes::from_static(b"+OK\r\n"))),
             },
         }
@@ -893,6 +954,7 @@ impl ClusterSink {
                     bytes: bytes.clone(),
                     ask: false,
                     redirects: 0,
+                    slot: None,
                 });
                 sub
             })
@@ -901,7 +963,13 @@ impl ClusterSink {
 
     /// `SCAN cursor ...`: the cursor's low bits say which master (in slot order), the rest
     /// is that master's cursor.
-    fn scan(&mut self, mut request: Message, jobs: &mut Vec<Job>, pending: &mut Vec<Pending>, out: &mut Messages) {
+    fn scan(
+        &mut self,
+        mut request: Message,
+        jobs: &mut Vec<Job>,
+        pending: &mut Vec<Pending>,
+        out: &mut Messages,
+    ) {
         let id = request.id;
         let Some(mut args) = route::args(&mut request) else {
             out.push(error(id, "ERR shotover: malformed request"));
@@ -933,6 +1001,7 @@ impl ClusterSink {
             bytes: RedisFrame::command(args).to_bytes(),
             ask: false,
             redirects: 0,
+            slot: None,
         });
         pending.push(Pending::Scan {
             id,
@@ -944,7 +1013,13 @@ impl ClusterSink {
     }
 
     /// A request inside MULTI: held until EXEC (answered `+QUEUED`), or refused.
-    fn queue(&mut self, request: Message, route: Route, jobs: &mut Vec<Job>, out: &mut Messages) -> bool {
+    fn queue(
+        &mut self,
+        request: Message,
+        route: Route,
+        jobs: &mut Vec<Job>,
+        out: &mut Messages,
+    ) -> bool {
         let id = request.id;
         let txn = self.txn.as_mut().expect("in a transaction");
         match route {
@@ -959,6 +1034,7 @@ impl ClusterSink {
                         bytes: Bytes::from_static(b"*1\r\n$7\r\nUNWATCH\r\n"),
                         ask: false,
                         redirects: 0,
+                        slot: None,
                     });
                 }
                 out.push(Message::response(Some(id), Bytes::from_static(b"+OK\r\n")));
@@ -968,11 +1044,17 @@ impl ClusterSink {
             Route::Slot(slot) if txn.slot.is_none_or(|s| s == slot) => {
                 txn.slot = Some(slot);
                 txn.queued.push(request.into_bytes());
-                out.push(Message::response(Some(id), Bytes::from_static(b"+QUEUED\r\n")));
+                out.push(Message::response(
+                    Some(id),
+                    Bytes::from_static(b"+QUEUED\r\n"),
+                ));
             }
             Route::Any | Route::Unwatch => {
                 txn.queued.push(request.into_bytes());
-                out.push(Message::response(Some(id), Bytes::from_static(b"+QUEUED\r\n")));
+                out.push(Message::response(
+                    Some(id),
+                    Bytes::from_static(b"+QUEUED\r\n"),
+                ));
             }
             Route::Slot(_) | Route::CrossSlot | Route::Split { .. } => {
                 txn.aborted = true;
@@ -1008,6 +1090,7 @@ impl ClusterSink {
                     bytes: Bytes::from_static(b"*1\r\n$7\r\nUNWATCH\r\n"),
                     ask: false,
                     redirects: 0,
+                    slot: None,
                 });
             }
             out.push(error(
@@ -1041,6 +1124,7 @@ impl ClusterSink {
                 bytes,
                 ask: false,
                 redirects: 0,
+                slot: None,
             });
         };
         push(self, Bytes::from_static(b"*1\r\n$5\r\nMULTI\r\n"));
@@ -1053,12 +1137,16 @@ impl ClusterSink {
             bytes: Bytes::from_static(b"*1\r\n$4\r\nEXEC\r\n"),
             ask: false,
             redirects: 0,
+            slot: None,
         });
         true
     }
 }
 
-async fn run_sink(sink: &mut SharedSink, requests: Messages) -> Result<(Messages, bool), ChainError> {
+async fn run_sink(
+    sink: &mut SharedSink,
+    requests: Messages,
+) -> Result<(Messages, bool), ChainError> {
     let mut state = ChainState::detached(requests, false);
     let responses = sink.transform(&mut state).await?;
     Ok((responses, state.close_client))
@@ -1099,15 +1187,27 @@ impl Transform for ClusterSink {
         let mut pending = Vec::new();
         let mut requests = requests.into_iter();
         for request in requests.by_ref() {
-            if !self.plan(request, &mut jobs, &mut pending, &mut out, &mut state.close_client) {
+            if !self.plan(
+                request,
+                &mut jobs,
+                &mut pending,
+                &mut out,
+                &mut state.close_client,
+            ) {
                 break;
             }
         }
         // Nothing is answered after QUIT.
         drop(requests);
         let mut drops = Vec::new();
-        self.run_jobs(jobs, &mut pending, &mut drops, &mut out, &mut state.close_client)
-            .await?;
+        self.run_jobs(
+            jobs,
+            &mut pending,
+            &mut drops,
+            &mut out,
+            &mut state.close_client,
+        )
+        .await?;
         for p in pending {
             match p {
                 Pending::Parts {
@@ -1139,10 +1239,7 @@ impl Transform for ClusterSink {
                     masters,
                     reply,
                     ..
-                } => out.push(Message::response(
-                    Some(id),
-                    scan_reply(reply, at, masters),
-                )),
+                } => out.push(Message::response(Some(id), scan_reply(reply, at, masters))),
             }
         }
         Ok(out)

@@ -2,6 +2,7 @@
 //! (started by `e2e/services up redis redis-tls`).
 
 mod backpressure;
+mod cluster;
 mod failures;
 mod helpers;
 mod lifecycle;

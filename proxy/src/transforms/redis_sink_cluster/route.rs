@@ -108,6 +108,9 @@ pub enum Route {
     Unwatch,
     /// A subscription command (not sharded): to the client's pub/sub node.
     PubSub,
+    /// `PUBLISH`: to the node every client of the proxy subscribes on, so that its count
+    /// of receivers counts them.
+    Publish,
     /// Answered by the proxy with this reply.
     Local(&'static [u8]),
     /// Session commands, sent to every master the client uses (and replayed on new ones).
@@ -215,6 +218,7 @@ pub fn route(request: &mut Message, table: Option<&CommandTable>) -> Route {
         },
         b"UNWATCH" => Route::Unwatch,
         b"SUBSCRIBE" | b"PSUBSCRIBE" | b"UNSUBSCRIBE" | b"PUNSUBSCRIBE" => Route::PubSub,
+        b"PUBLISH" => Route::Publish,
         b"SSUBSCRIBE" | b"SUNSUBSCRIBE" => match by_keys(&args[1..]) {
             // SUNSUBSCRIBE without channels: the pub/sub node's.
             Route::Any => Route::PubSub,
@@ -238,8 +242,9 @@ pub fn route(request: &mut Message, table: Option<&CommandTable>) -> Route {
             Route::Slot(_) => Route::CrossSlot,
             other => other,
         },
-        b"ZUNION" | b"ZINTER" | b"ZDIFF" | b"ZINTERCARD" | b"SINTERCARD" | b"LMPOP"
-        | b"ZMPOP" => numkeys(&args, 1),
+        b"ZUNION" | b"ZINTER" | b"ZDIFF" | b"ZINTERCARD" | b"SINTERCARD" | b"LMPOP" | b"ZMPOP" => {
+            numkeys(&args, 1)
+        }
         b"BLMPOP" | b"BZMPOP" => numkeys(&args, 2),
         b"XREAD" | b"XREADGROUP" => {
             match args.iter().position(|a| a.eq_ignore_ascii_case(b"STREAMS")) {
@@ -259,9 +264,9 @@ pub fn route(request: &mut Message, table: Option<&CommandTable>) -> Route {
             }
             by_keys(keys)
         }
-        b"MIGRATE" => Route::Local(
-            b"-ERR shotover: MIGRATE is not supported through RedisSinkCluster\r\n",
-        ),
+        b"MIGRATE" => {
+            Route::Local(b"-ERR shotover: MIGRATE is not supported through RedisSinkCluster\r\n")
+        }
         _ => {
             let spec = table.and_then(|t| {
                 let full = sub.as_ref().map(|s| {
@@ -290,8 +295,18 @@ pub fn route(request: &mut Message, table: Option<&CommandTable>) -> Route {
 fn special(upper: &[u8]) -> bool {
     matches!(
         upper,
-        b"WATCH" | b"SSUBSCRIBE" | b"SUNSUBSCRIBE" | b"DEL" | b"UNLINK" | b"EXISTS" | b"TOUCH"
-            | b"MGET" | b"SORT" | b"SORT_RO" | b"GEORADIUS" | b"GEORADIUSBYMEMBER"
+        b"WATCH"
+            | b"SSUBSCRIBE"
+            | b"SUNSUBSCRIBE"
+            | b"DEL"
+            | b"UNLINK"
+            | b"EXISTS"
+            | b"TOUCH"
+            | b"MGET"
+            | b"SORT"
+            | b"SORT_RO"
+            | b"GEORADIUS"
+            | b"GEORADIUSBYMEMBER"
     )
 }
 
@@ -313,7 +328,7 @@ fn keys_of(args: &[Bytes], spec: KeySpec, argc: usize) -> Vec<&Bytes> {
 
 fn split(args: &[Bytes], head: usize, group: usize, merge: Merge) -> Route {
     let keys = args[head..].iter().step_by(group);
-    if args.len() <= head || (args.len() - head) % group != 0 {
+    if args.len() <= head || !(args.len() - head).is_multiple_of(group) {
         // Malformed (no keys, or a key without its value): the node says so.
         return match args.get(head) {
             Some(key) => Route::Slot(slot(key)),
@@ -352,11 +367,17 @@ pub fn split_parts(args: &[Bytes], head: usize, group: usize) -> Vec<(u16, Bytes
 /// Merges the replies of a split or fanned-out request. `positions[i]` are the key
 /// positions of part `i` (for [`Merge::Values`]); `total` the number of keys.
 pub fn merge(merge: Merge, replies: Vec<Bytes>, positions: &[Vec<usize>], total: usize) -> Bytes {
-    if let Some(error) = replies.iter().find(|r| matches!(r.first(), Some(b'-' | b'!'))) {
+    if let Some(error) = replies
+        .iter()
+        .find(|r| matches!(r.first(), Some(b'-' | b'!')))
+    {
         return error.clone();
     }
     match merge {
-        Merge::First => replies.into_iter().next().unwrap_or_else(|| Bytes::from_static(b"+OK\r\n")),
+        Merge::First => replies
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| Bytes::from_static(b"+OK\r\n")),
         Merge::Sum => {
             let mut sum = 0i64;
             for r in &replies {
@@ -448,7 +469,10 @@ mod tests {
         assert_eq!(r(&["MSETNX", "foo", "1", "bar", "2"]), Route::CrossSlot);
         assert_eq!(r(&["OBJECT", "ENCODING", "foo"]), Route::Slot(12182));
         assert_eq!(r(&["EVAL", "return 1", "0"]), Route::Any);
-        assert_eq!(r(&["EVAL", "s", "2", "{x}a", "{x}b", "arg"]), Route::Slot(slot(b"x")));
+        assert_eq!(
+            r(&["EVAL", "s", "2", "{x}a", "{x}b", "arg"]),
+            Route::Slot(slot(b"x"))
+        );
         assert_eq!(r(&["EVAL", "s", "2", "foo", "bar"]), Route::CrossSlot);
         assert_eq!(
             r(&["XREAD", "COUNT", "1", "STREAMS", "foo", "0"]),
@@ -468,7 +492,10 @@ mod tests {
         assert_eq!(r(&["WATCH", "foo", "bar"]), Route::CrossSlot);
         assert_eq!(r(&["UNKNOWNCMD", "foo"]), Route::Slot(12182));
         // Without the learnt table, the first argument is the key.
-        assert_eq!(route(&mut request(&["GET", "foo"]), None), Route::Slot(12182));
+        assert_eq!(
+            route(&mut request(&["GET", "foo"]), None),
+            Route::Slot(12182)
+        );
     }
 
     #[test]
@@ -507,7 +534,10 @@ mod tests {
         assert_eq!(
             merge(
                 Merge::First,
-                vec![Bytes::from_static(b"+OK\r\n"), Bytes::from_static(b"-ERR no\r\n")],
+                vec![
+                    Bytes::from_static(b"+OK\r\n"),
+                    Bytes::from_static(b"-ERR no\r\n")
+                ],
                 &[],
                 0
             ),

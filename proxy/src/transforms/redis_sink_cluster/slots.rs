@@ -102,10 +102,8 @@ pub fn parse_cluster_slots(reply: &Bytes, answered_by: &str) -> Result<Vec<Range
             RedisFrame::Integer(n) if (0..SLOTS as i64).contains(n) => Some(*n as u16),
             _ => None,
         };
-        let (Some(start), Some(end)) = (
-            items.first().and_then(int),
-            items.get(1).and_then(int),
-        ) else {
+        let (Some(start), Some(end)) = (items.first().and_then(int), items.get(1).and_then(int))
+        else {
             return Err("a CLUSTER SLOTS range has no valid slot bounds".into());
         };
         let mut nodes = items[2..].iter().map(|node| node_addr(node, default_host));
@@ -190,7 +188,7 @@ mod tests {
         let reply = Bytes::from_static(
             b"*2\r\n*4\r\n:0\r\n:5460\r\n*3\r\n$9\r\n127.0.0.1\r\n:7000\r\n$4\r\nid-a\r\n*3\r\n$9\r\n127.0.0.1\r\n:7003\r\n$4\r\nid-d\r\n*3\r\n:5461\r\n:16383\r\n*2\r\n$0\r\n\r\n:7001\r\n",
         );
-        let ranges = parse_cluster_slots(&reply, "10.0.0.9:7001").unwrap();
+        let ranges = parse_cluster_slots(&reply, "10.0.0.9:7001").expect("ok");
         assert_eq!(
             ranges,
             vec![
@@ -210,7 +208,7 @@ mod tests {
         );
         let error = Bytes::from_static(b"-ERR This instance has cluster support disabled\r\n");
         assert_eq!(
-            parse_cluster_slots(&error, "a:1").unwrap_err(),
+            parse_cluster_slots(&error, "a:1").expect_err("an error"),
             "ERR This instance has cluster support disabled"
         );
         assert!(parse_cluster_slots(&Bytes::from_static(b"*1\r\n:3\r\n"), "a:1").is_err());

@@ -141,7 +141,10 @@ pub(crate) async fn exchange(
     handshake: &[Bytes],
     requests: &[Bytes],
 ) -> Result<Vec<Bytes>, String> {
-    let limit = shared.upstream.connect_timeout.max(std::time::Duration::from_secs(5));
+    let limit = shared
+        .upstream
+        .connect_timeout
+        .max(std::time::Duration::from_secs(5));
     let work = async {
         let Opened {
             mut stream,
@@ -149,10 +152,9 @@ pub(crate) async fn exchange(
             mut decoder,
         } = open(shared, handshake).await.map_err(|e| match e {
             OpenError::Unreachable(what) => what,
-            OpenError::Refused(reply) => String::from_utf8_lossy(
-                reply.strip_suffix(b"\r\n").unwrap_or(&reply),
-            )
-            .into_owned(),
+            OpenError::Refused(reply) => {
+                String::from_utf8_lossy(reply.strip_suffix(b"\r\n").unwrap_or(&reply)).into_owned()
+            }
         })?;
         let mut outbox = Outbox::default();
         for r in requests {

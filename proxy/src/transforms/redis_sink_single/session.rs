@@ -85,7 +85,9 @@ enum Kind {
 /// sink itself, in the same batch as the request it is for, so it travels with it.
 fn classify_for(cluster: bool, request: &mut Message) -> Kind {
     match classify(request) {
-        Kind::PinUntilReset if cluster && request.command().name.eq_ignore_ascii_case(b"ASKING") => {
+        Kind::PinUntilReset
+            if cluster && request.command().name.eq_ignore_ascii_case(b"ASKING") =>
+        {
             Kind::Shared
         }
         kind => kind,

@@ -1,0 +1,545 @@
+//! `RedisSinkCluster` and `RedisClusterPortsRewrite` in front of the real Redis Cluster of
+//! `e2e/services up redis-cluster` (3 masters, 3 replicas): plain and cluster-aware clients,
+//! commands over every master, contact points that are down, resharding and failover under
+//! traffic.
+//!
+//! Tests that change the cluster's layout or flush it hold [`LAYOUT`] for writing; the
+//! others hold it for reading, so they never see each other's reshard or FLUSHALL.
+
+use std::collections::HashMap;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use redis::AsyncCommands;
+
+use crate::helpers::*;
+
+static LAYOUT: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
+/// The cluster's nodes. A missing cluster is a failure, not a skip.
+fn cluster_addrs() -> Vec<String> {
+    std::env::var("REDIS_CLUSTER_ADDRS")
+        .expect("REDIS_CLUSTER_ADDRS is not set: start the cluster with `eval \"$(e2e/services up redis-cluster)\"` (the test command does this)")
+        .split(',')
+        .map(str::to_string)
+        .collect()
+}
+
+fn port_of(addr: &str) -> String {
+    addr.rsplit_once(':').expect("host:port").1.to_string()
+}
+
+fn cli(addr: &str, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-p", &port_of(addr)])
+        .args(args)
+        .output()
+        .expect("running redis-cli (e2e/services installs it)");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+/// `CLUSTER NODES` of the first node that answers: (id, addr, is master, master id).
+fn nodes() -> Vec<(String, String, bool, String)> {
+    for addr in cluster_addrs() {
+        let text = cli(&addr, &["cluster", "nodes"]);
+        if text.is_empty() {
+            continue;
+        }
+        return text
+            .lines()
+            .filter(|l| !l.contains("fail"))
+            .map(|l| {
+                let f: Vec<&str> = l.split(' ').collect();
+                let addr = f[1].split('@').next().unwrap_or_default().to_string();
+                (
+                    f[0].to_string(),
+                    addr,
+                    f[2].contains("master"),
+                    f[3].to_string(),
+                )
+            })
+            .collect();
+    }
+    panic!("no cluster node answered CLUSTER NODES");
+}
+
+fn hiding_topology(port: u16, points: &[String], extra: &str) -> String {
+    let points: Vec<String> = points.iter().map(|p| format!("\"{p}\"")).collect();
+    format!(
+        r#"
+sources:
+  - Valkey:
+      name: "redis"
+      listen_addr: "127.0.0.1:{port}"
+      chain:
+        - ValkeySinkCluster:
+            name: "cluster"
+            first_contact_points: [{}]
+            connect_timeout_ms: 2000
+{extra}
+"#,
+        points.join(", ")
+    )
+}
+
+fn cluster_ok() -> bool {
+    let mut masters = 0;
+    for addr in cluster_addrs() {
+        if !cli(&addr, &["cluster", "info"]).contains("cluster_state:ok") {
+            return false;
+        }
+        let info = cli(&addr, &["info", "replication"]);
+        if info.contains("role:master") {
+            masters += 1;
+        } else if !info.contains("master_link_status:up") {
+            return false;
+        }
+    }
+    masters == 3
+}
+
+#[test]
+fn redis_py_sees_one_redis_through_the_hiding_proxy() {
+    let _layout = LAYOUT.blocking_read();
+    let port = free_port();
+    let shotover = Shotover::start(&hiding_topology(port, &cluster_addrs()[..2], ""));
+    let out = python(
+        "cluster_plain.py",
+        &[
+            "127.0.0.1",
+            &port.to_string(),
+            &prefix("cluster_plain"),
+            &cluster_addrs().join(","),
+        ],
+    );
+    assert!(out.contains("cluster plain ok"), "{out}");
+    shotover.stop();
+}
+
+#[test]
+fn cluster_aware_redis_py_talks_only_to_the_proxy_with_the_ports_rewrite() {
+    let _layout = LAYOUT.blocking_read();
+    let port = free_port();
+    let topology = ports_rewrite_topology(port);
+    let shotover = Shotover::start(&topology);
+    let out = python(
+        "cluster_aware.py",
+        &["127.0.0.1", &port.to_string(), &prefix("cluster_aware")],
+    );
+    assert!(out.contains("cluster aware ok"), "{out}");
+    // What a cluster-aware client reads names the proxy's port only.
+    let slots = redis_cli(&["-p", &port.to_string(), "cluster", "slots"]);
+    let cluster_ports: Vec<String> = cluster_addrs().iter().map(|a| port_of(a)).collect();
+    assert!(slots.contains(&port.to_string()), "{slots}");
+    assert!(
+        !slots
+            .lines()
+            .any(|l| cluster_ports.contains(&l.to_string())),
+        "{slots}"
+    );
+    let nodes = redis_cli(&["-p", &port.to_string(), "cluster", "nodes"]);
+    assert_eq!(nodes.lines().count(), 6, "{nodes}");
+    assert!(
+        nodes.lines().all(|l| l
+            .split(' ')
+            .nth(1)
+            .is_some_and(|a| a.starts_with(&format!("127.0.0.1:{port}@")))),
+        "{nodes}"
+    );
+    shotover.stop();
+}
+
+fn ports_rewrite_topology(port: u16) -> String {
+    format!(
+        r#"
+sources:
+  - Valkey:
+      name: "redis"
+      listen_addr: "127.0.0.1:{port}"
+      chain:
+        - ValkeyClusterPortsRewrite:
+            new_port: {port}
+        - ValkeySinkCluster:
+            first_contact_points: ["{}"]
+            connect_timeout_ms: 3000
+"#,
+        cluster_addrs()[0]
+    )
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_redis_crate_cluster_client_works_through_the_ports_rewrite() {
+    let _layout = LAYOUT.read().await;
+    let port = free_port();
+    let shotover = Shotover::start(&ports_rewrite_topology(port));
+    let client = redis::cluster::ClusterClient::new(vec![format!("redis://127.0.0.1:{port}/")])
+        .expect("cluster client");
+    let mut conn = client
+        .get_async_connection()
+        .await
+        .expect("the cluster client connects through the proxy");
+    let p = prefix("crate_cluster");
+    for i in 0..300 {
+        let () = conn.set(format!("{p}{i}"), i).await.expect("SET");
+    }
+    for i in (0..300).step_by(37) {
+        let got: i64 = conn.get(format!("{p}{i}")).await.expect("GET");
+        assert_eq!(got, i);
+    }
+    let tagged: Vec<String> = (0..10).map(|i| format!("{{{p}t}}{i}")).collect();
+    for (i, k) in tagged.iter().enumerate() {
+        let () = conn.set(k, i).await.expect("SET");
+    }
+    let values: Vec<i64> = conn.mget(&tagged).await.expect("MGET in one slot");
+    assert_eq!(values, (0..10).collect::<Vec<i64>>());
+    // The cluster client sends a pipeline to one node: its keys share a slot.
+    let mut pipe = redis::pipe();
+    for k in &tagged {
+        pipe.incr(k, 100);
+    }
+    let incremented: Vec<i64> = pipe.query_async(&mut conn).await.expect("pipeline");
+    assert_eq!(incremented, (100..110).collect::<Vec<i64>>());
+    let _: i64 = conn.del(&tagged).await.expect("DEL");
+    for i in 0..300 {
+        let _: i64 = conn.del(format!("{p}{i}")).await.expect("DEL");
+    }
+    shotover.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keyless_commands_reach_every_master() {
+    let _layout = LAYOUT.write().await;
+    let port = free_port();
+    let shotover = Shotover::start(&hiding_topology(port, &cluster_addrs(), ""));
+    let mut conn = connect(port).await;
+    let p = prefix("keyless");
+    let masters: Vec<String> = nodes().into_iter().filter(|n| n.2).map(|n| n.1).collect();
+    assert_eq!(masters.len(), 3);
+    let () = redis::cmd("FLUSHALL")
+        .query_async(&mut conn)
+        .await
+        .expect("FLUSHALL");
+    for m in &masters {
+        assert_eq!(cli(m, &["dbsize"]), "0", "{m} was flushed");
+    }
+    for i in 0..300 {
+        let () = conn.set(format!("{p}{i}"), i).await.expect("SET");
+    }
+    let direct: i64 = masters
+        .iter()
+        .map(|m| cli(m, &["dbsize"]).parse::<i64>().expect("dbsize"))
+        .sum();
+    assert_eq!(direct, 300);
+    assert!(masters.iter().all(|m| cli(m, &["dbsize"]) != "0"));
+    let dbsize: i64 = redis::cmd("DBSIZE")
+        .query_async(&mut conn)
+        .await
+        .expect("DBSIZE");
+    assert_eq!(dbsize, 300);
+    let mut keys: Vec<String> = conn.keys(format!("{p}*")).await.expect("KEYS");
+    keys.sort();
+    let mut expected: Vec<String> = (0..300).map(|i| format!("{p}{i}")).collect();
+    expected.sort();
+    assert_eq!(keys, expected);
+    let pong: String = redis::cmd("PING")
+        .query_async(&mut conn)
+        .await
+        .expect("PING");
+    assert_eq!(pong, "PONG");
+    let () = redis::cmd("FLUSHDB")
+        .query_async(&mut conn)
+        .await
+        .expect("FLUSHDB");
+    let dbsize: i64 = redis::cmd("DBSIZE")
+        .query_async(&mut conn)
+        .await
+        .expect("DBSIZE");
+    assert_eq!(dbsize, 0);
+    // A command whose keys span slots and that cannot be split is refused as Redis
+    // Cluster refuses it.
+    let err = redis::cmd("RENAME")
+        .arg("a")
+        .arg("b")
+        .query_async::<()>(&mut conn)
+        .await
+        .expect_err("cross-slot RENAME");
+    assert!(err.to_string().contains("same slot"), "{err}");
+    shotover.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn contact_points_that_are_down_are_skipped_and_all_down_is_an_error_per_request() {
+    let _layout = LAYOUT.read().await;
+    let dead = [
+        format!("127.0.0.1:{}", free_port()),
+        format!("127.0.0.1:{}", free_port()),
+    ];
+    let port = free_port();
+    let mut points = dead.to_vec();
+    points.push(cluster_addrs()[1].clone());
+    let shotover = Shotover::start(&hiding_topology(port, &points, ""));
+    let mut conn = connect(port).await;
+    let key = format!("{}k", prefix("contact"));
+    let () = conn
+        .set(&key, "v")
+        .await
+        .expect("SET past the dead contact points");
+    let got: String = conn.get(&key).await.expect("GET");
+    assert_eq!(got, "v");
+    let _: i64 = conn.del(&key).await.expect("DEL");
+    shotover.stop();
+
+    let port = free_port();
+    let shotover = Shotover::start(&hiding_topology(port, &dead, ""));
+    let mut conn = connect(port).await;
+    for _ in 0..2 {
+        let err = conn.get::<_, String>("k").await.expect_err("no node is up");
+        let text = err.to_string();
+        assert!(
+            text.contains(&dead[0]) && text.contains(&dead[1]),
+            "the error names the contact points: {text}"
+        );
+    }
+    // The client connection is still served.
+    let err = redis::cmd("PING")
+        .query_async::<String>(&mut conn)
+        .await
+        .expect_err("still no node");
+    assert!(err.to_string().contains("CLUSTER SLOTS"), "{err}");
+    shotover.stop_expecting(&["slot map"]);
+}
+
+/// INCRs over `keys` until `stop`, checking each reply against the count kept here. Returns
+/// the counts and the errors seen.
+async fn incr_traffic(
+    port: u16,
+    keys: Vec<String>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> (HashMap<String, i64>, Vec<String>) {
+    let mut conn = connect(port).await;
+    let mut counts: HashMap<String, i64> = HashMap::new();
+    let mut errors = Vec::new();
+    let mut i = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let key = &keys[i % keys.len()];
+        i += 1;
+        let mut pipe = redis::pipe();
+        pipe.incr(key, 1).get(key);
+        match pipe.query_async::<(i64, i64)>(&mut conn).await {
+            Ok((n, read)) => {
+                let expected = counts.get(key).copied().unwrap_or(0) + 1;
+                assert_eq!(n, expected, "INCR {key} answered {n}, expected {expected}");
+                assert_eq!(read, n, "GET {key} after INCR");
+                counts.insert(key.clone(), n);
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    (counts, errors)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn resharding_a_slot_range_under_traffic_loses_nothing() {
+    let _layout = LAYOUT.write().await;
+    let port = free_port();
+    let shotover = Shotover::start(&hiding_topology(port, &cluster_addrs(), ""));
+    let masters: Vec<(String, String, bool, String)> =
+        nodes().into_iter().filter(|n| n.2).collect();
+    let (from, to) = (&masters[0], &masters[1]);
+    let p = prefix("reshard");
+    let keys: Vec<String> = (0..400).map(|i| format!("{p}{i}")).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = tokio::spawn(incr_traffic(port, keys.clone(), stop.clone()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let reshard = tokio::task::spawn_blocking({
+        let (seed, from, to) = (from.1.clone(), from.0.clone(), to.0.clone());
+        move || {
+            Command::new("redis-cli")
+                .args([
+                    "--cluster",
+                    "reshard",
+                    &seed,
+                    "--cluster-from",
+                    &from,
+                    "--cluster-to",
+                    &to,
+                ])
+                .args([
+                    "--cluster-slots",
+                    "1500",
+                    "--cluster-yes",
+                    "--cluster-pipeline",
+                    "5",
+                ])
+                .output()
+                .expect("redis-cli --cluster reshard")
+        }
+    })
+    .await
+    .expect("reshard");
+    assert!(
+        reshard.status.success(),
+        "reshard failed: {}",
+        String::from_utf8_lossy(&reshard.stdout)
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (counts, errors) = traffic.await.expect("traffic");
+    assert!(
+        errors.is_empty(),
+        "requests failed during the reshard: {errors:?}"
+    );
+    let mut conn = connect(port).await;
+    for (key, n) in &counts {
+        let got: i64 = conn.get(key).await.expect("GET");
+        assert_eq!(got, *n, "{key}");
+    }
+    let total: i64 = counts.values().sum();
+    assert!(
+        total > 100,
+        "traffic ran during the reshard ({total} INCRs)"
+    );
+    let redirects: f64 = shotover
+        .metrics()
+        .lines()
+        .filter(|l| l.starts_with("shotover_redis_cluster_redirects_count{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    assert!(redirects > 0.0, "the reshard was seen as redirects");
+    let _: i64 = conn.del(&keys).await.expect("DEL");
+    shotover.stop();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_master_killed_under_traffic_fails_only_requests_in_flight_and_its_replica_takes_over() {
+    let _layout = LAYOUT.write().await;
+    let port = free_port();
+    let shotover = Shotover::start(&hiding_topology(port, &cluster_addrs(), ""));
+    let p = prefix("failover");
+    let keys: Vec<String> = (0..60).map(|i| format!("{p}{i}")).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = tokio::spawn(incr_traffic(port, keys.clone(), stop.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    // Kill the master of the first key's slot.
+    // Kill the master of the first key (the one node that answers GET for it directly).
+    let victim_addr = nodes()
+        .into_iter()
+        .filter(|n| n.2)
+        .find(|n| cli(&n.1, &["get", &keys[0]]).parse::<i64>().is_ok())
+        .map(|n| n.1)
+        .expect("the key's master");
+    let dir = std::env::var("REDIS_CLUSTER_DIR").expect("REDIS_CLUSTER_DIR (e2e/services)");
+    let victim_port = port_of(&victim_addr);
+    let pid = std::fs::read_to_string(format!("{dir}/{victim_port}/pid")).expect("pidfile");
+    let killed_at = Instant::now();
+    assert!(
+        Command::new("kill")
+            .args(["-9", pid.trim()])
+            .status()
+            .expect("kill")
+            .success(),
+        "kill -9 {pid}"
+    );
+    // Traffic goes on once a replica is promoted.
+    wait_until("a replica to take over", Duration::from_secs(30), || {
+        nodes().iter().filter(|n| n.2 && n.1 != victim_addr).count() == 3
+    });
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (counts, errors) = traffic.await.expect("traffic");
+    eprintln!(
+        "failover after {:?}: {} INCRs answered, {} failed: {errors:?}",
+        killed_at.elapsed(),
+        counts.values().sum::<i64>(),
+        errors.len()
+    );
+    // One client, one pipeline in flight: at most that one fails.
+    assert!(errors.len() <= 1, "{errors:?}");
+    let mut conn = connect(port).await;
+    for (key, n) in &counts {
+        let got: i64 = conn.get(key).await.expect("GET after the failover");
+        assert!(
+            got == *n || got == *n + 1,
+            "{key}: {got} after {n} acknowledged INCRs (one more may have run before the kill)"
+        );
+    }
+    let _: i64 = conn.del(&keys).await.expect("DEL");
+    shotover.stop_expecting(&["shared upstream connection failed", "slot map"]);
+
+    // The killed node comes back as a replica, so the cluster is whole again.
+    let node_dir = format!("{dir}/{victim_port}");
+    let status = Command::new("redis-server")
+        .args([
+            "--port",
+            &victim_port,
+            "--bind",
+            "127.0.0.1",
+            "--cluster-enabled",
+            "yes",
+        ])
+        .args(["--cluster-config-file", &format!("{node_dir}/nodes.conf")])
+        .args([
+            "--cluster-node-timeout",
+            "3000",
+            "--dir",
+            &node_dir,
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args([
+            "--daemonize",
+            "yes",
+            "--logfile",
+            &format!("{node_dir}/log"),
+        ])
+        .args(["--pidfile", &format!("{node_dir}/pid")])
+        .status()
+        .expect("redis-server");
+    assert!(status.success());
+    wait_until(
+        "the cluster to be whole again",
+        Duration::from_secs(60),
+        cluster_ok,
+    );
+}
+
+#[test]
+fn upstream_cluster_topologies_start() {
+    // shotover-proxy's own test-configs that use these transforms, unchanged but for the
+    // listen port (and the certificate paths, made here).
+    let dir = temp_dir("upstream-cluster");
+    let certs = dir.join("tests/test-configs/valkey/tls/certs");
+    std::fs::create_dir_all(&certs).expect("certs dir");
+    let ca = rcgen::generate_simple_self_signed(vec!["localhost".into()]).expect("cert");
+    std::fs::write(certs.join("localhost_CA.crt"), ca.cert.pem()).expect("ca");
+    std::fs::write(certs.join("localhost.crt"), ca.cert.pem()).expect("crt");
+    std::fs::write(certs.join("localhost.key"), ca.key_pair.serialize_pem()).expect("key");
+    for name in [
+        "cluster-auth",
+        "cluster-dr",
+        "cluster-handling",
+        "cluster-hiding",
+        "cluster-ports-rewrite",
+        "cluster-tls",
+        "cluster-tls-no-source-encryption",
+    ] {
+        let text = std::fs::read_to_string(format!(
+            "{}/tests/redis_int/upstream/{name}.yaml",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .expect("upstream topology");
+        let port = free_port();
+        let text = text
+            .replace("127.0.0.1:6379", &format!("127.0.0.1:{port}"))
+            .replace("127.0.0.1:6380", &format!("127.0.0.1:{port}"))
+            .replace(
+                "tests/test-configs/",
+                &format!("{}/tests/test-configs/", dir.display()),
+            );
+        let shotover = Shotover::start(&text);
+        shotover.stop();
+    }
+}
