@@ -415,6 +415,8 @@ struct ClusterSink {
     /// The node of the client's WATCH.
     watch: Option<u16>,
     next_sub: MessageId,
+    /// The cluster's commands, once learnt.
+    table: Option<Arc<CommandTable>>,
 }
 
 /// Whether a sink's error reply says the request never reached the node.
@@ -453,6 +455,7 @@ impl ClusterSink {
             txn: None,
             watch: None,
             next_sub: SUB,
+            table: None,
         }
     }
 
@@ -755,8 +758,10 @@ impl ClusterSink {
         close_client: &mut bool,
     ) -> bool {
         let id = request.id;
-        let table = self.cluster.commands();
-        let route = route::route(&mut request, table.as_deref());
+        if self.table.is_none() {
+            self.table = self.cluster.commands();
+        }
+        let route = route::route(&mut request, self.table.as_deref());
         if self.txn.is_some() {
             return self.queue(request, route, jobs, out);
         }

@@ -543,3 +543,101 @@ fn upstream_cluster_topologies_start() {
         shotover.stop();
     }
 }
+
+/// A fake cluster node for what a real cluster does not do on purpose: `CLUSTER SLOTS` says
+/// it serves every slot, and every keyed request is answered `MOVED` to itself. Returns its
+/// port and the number of MOVED replies it sent.
+fn node_that_moves_everything_to_itself() -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let moved = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = moved.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { return };
+            let counter = counter.clone();
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 4096];
+                loop {
+                    let n = match stream.read(&mut chunk) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => n,
+                    };
+                    buf.extend_from_slice(&chunk[..n]);
+                    // Whole requests: `*N` then N `$len` lines with their data.
+                    while let Some((args, used)) = parse_request(&buf) {
+                        buf.drain(..used);
+                        let name = args
+                            .first()
+                            .map(|a| a.to_ascii_uppercase())
+                            .unwrap_or_default();
+                        let reply = match &name[..] {
+                            b"CLUSTER" => format!(
+                                "*1\r\n*3\r\n:0\r\n:16383\r\n*2\r\n$9\r\n127.0.0.1\r\n:{port}\r\n"
+                            ),
+                            b"COMMAND" => "*0\r\n".to_string(),
+                            b"CLIENT" | b"ASKING" => "+OK\r\n".to_string(),
+                            _ => {
+                                counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                format!("-MOVED 12182 127.0.0.1:{port}\r\n")
+                            }
+                        };
+                        if stream.write_all(reply.as_bytes()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (port, moved)
+}
+
+fn parse_request(buf: &[u8]) -> Option<(Vec<Vec<u8>>, usize)> {
+    let line = |at: usize| -> Option<(&[u8], usize)> {
+        let end = buf[at..].windows(2).position(|w| w == b"\r\n")? + at;
+        Some((&buf[at..end], end + 2))
+    };
+    let (head, mut at) = line(0)?;
+    let count: usize = std::str::from_utf8(head.strip_prefix(b"*")?)
+        .ok()?
+        .parse()
+        .ok()?;
+    let mut args = Vec::with_capacity(count);
+    for _ in 0..count {
+        let (len, next) = line(at)?;
+        let len: usize = std::str::from_utf8(len.strip_prefix(b"$")?)
+            .ok()?
+            .parse()
+            .ok()?;
+        if buf.len() < next + len + 2 {
+            return None;
+        }
+        args.push(buf[next..next + len].to_vec());
+        at = next + len + 2;
+    }
+    Some((args, at))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redirect_loop_ends_after_its_bound_with_an_error_and_the_client_goes_on() {
+    let (node, moved) = node_that_moves_everything_to_itself();
+    let port = free_port();
+    let shotover = Shotover::start(&hiding_topology(port, &[format!("127.0.0.1:{node}")], ""));
+    let mut conn = connect(port).await;
+    for round in 1..=2 {
+        let err = conn
+            .get::<_, String>("foo")
+            .await
+            .expect_err("a redirect loop");
+        assert!(
+            err.to_string().contains("redirected this request 6 times"),
+            "{err}"
+        );
+        // The first try and 5 redirects followed.
+        assert_eq!(moved.load(std::sync::atomic::Ordering::Relaxed), 6 * round);
+    }
+    shotover.stop();
+}

@@ -177,12 +177,16 @@ pub fn route(request: &mut Message, table: Option<&CommandTable>) -> Route {
     if name.len() > 24 {
         return Route::Any;
     }
-    let upper = name.to_ascii_uppercase();
+    let mut buf = [0u8; 24];
+    let upper = &mut buf[..name.len()];
+    upper.copy_from_slice(&name);
+    upper.make_ascii_uppercase();
+    let upper: &[u8] = upper;
     // The commonest case first, without parsing the request: one key, first argument.
-    if let Some(spec) = table.and_then(|t| t.get(&upper))
+    if let Some(spec) = table.and_then(|t| t.get(upper))
         && spec.first == 1
         && spec.last == 1
-        && !special(&upper)
+        && !special(upper)
     {
         return match request.command().arg1.as_ref() {
             Some(key) => Route::Slot(slot(key)),
@@ -193,7 +197,7 @@ pub fn route(request: &mut Message, table: Option<&CommandTable>) -> Route {
         return Route::Any;
     };
     let sub = args.get(1).map(|s| s.to_ascii_uppercase());
-    match &upper[..] {
+    match upper {
         b"MGET" => split(&args, 1, 1, Merge::Values),
         b"MSET" => split(&args, 1, 2, Merge::First),
         b"DEL" | b"UNLINK" | b"EXISTS" | b"TOUCH" => split(&args, 1, 1, Merge::Sum),
@@ -270,12 +274,12 @@ pub fn route(request: &mut Message, table: Option<&CommandTable>) -> Route {
         _ => {
             let spec = table.and_then(|t| {
                 let full = sub.as_ref().map(|s| {
-                    let mut f = upper.clone();
+                    let mut f = upper.to_vec();
                     f.push(b'|');
                     f.extend_from_slice(s);
                     f
                 });
-                full.and_then(|f| t.get(&f)).or_else(|| t.get(&upper))
+                full.and_then(|f| t.get(&f)).or_else(|| t.get(upper))
             });
             match spec {
                 Some(spec) if spec.first > 0 => by_keys(keys_of(&args, spec, argc)),
