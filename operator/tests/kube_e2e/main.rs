@@ -467,6 +467,12 @@ async fn two_operators_elect_one_leader_and_hand_over_on_shutdown() {
     } else {
         (&second, &first)
     };
+    // The standby's metrics listener may come up after the leader won (a loaded machine):
+    // wait for it, so that the look below sees what it says rather than nothing.
+    wait_for("the standby's metrics", Duration::from_secs(30), || async {
+        standby.metric("shotover_operator_leader").map(|_| ())
+    })
+    .await;
     // Both serve; only one leads, at every look over two renewal periods of the lease.
     support::holds_for(
         "one leader, the standby idle",

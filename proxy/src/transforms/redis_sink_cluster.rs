@@ -51,6 +51,10 @@ const REFRESH_MIN_INTERVAL: Duration = Duration::from_millis(500);
 /// Ids of the requests the sink makes itself (parts of a split request, ASKING, a
 /// transaction's MULTI): far above the ids of a client's requests.
 const SUB: MessageId = 1 << 63;
+/// Marks the requests of the sink whose replies nobody gets.
+const HIDDEN: MessageId = 1 << 62;
+/// Marks a session command replayed on a node the client starts using.
+const REPLAY: MessageId = 1 << 61;
 /// How long requests that could not be sent to a node (it is down) are tried again, as the
 /// map is learnt again, before they get the error: long enough for a replica to take over
 /// in a cluster whose `cluster-node-timeout` is a few seconds.
@@ -576,6 +580,11 @@ impl ClusterSink {
                         continue;
                     }
                 }
+                // Replies to what the sink sent for itself (a transaction's MULTI and
+                // queued commands, RESET, UNWATCH) are not the client's.
+                if id & HIDDEN != 0 {
+                    continue;
+                }
                 if let Some((ask, slot, target)) = slots::redirect(&reply)
                     && let Some(at) = sent.iter().position(|j| j.id == id)
                 {
@@ -646,7 +655,7 @@ impl ClusterSink {
         let session = self.session.clone();
         session
             .into_iter()
-            .map(|bytes| Message::request(self.sub() | (1 << 62), bytes))
+            .map(|bytes| Message::request(self.sub() | HIDDEN | REPLAY, bytes))
             .collect()
     }
 
@@ -689,18 +698,28 @@ impl ClusterSink {
         let mut out = Vec::new();
         let mut failed = None;
         for (node, sink, result) in results {
-            self.sinks[node as usize] = Some(sink);
             match result {
                 Ok((responses, close)) => {
                     *close_client |= close;
-                    // Replies to replayed session commands are not the client's.
+                    // Replies to replayed session commands are not the client's; if one
+                    // failed (the node was down), the node's sink starts over next time,
+                    // replaying the session again.
+                    let replay_failed = responses
+                        .iter()
+                        .any(|r| r.request_id.is_some_and(|id| id & REPLAY != 0) && r.is_error());
+                    if !replay_failed || sink.is_pinned() {
+                        self.sinks[node as usize] = Some(sink);
+                    }
                     out.extend(
                         responses
                             .into_iter()
-                            .filter(|r| r.request_id.is_none_or(|id| id & (1 << 62) == 0)),
+                            .filter(|r| r.request_id.is_none_or(|id| id & REPLAY == 0)),
                     );
                 }
-                Err(e) => failed = Some(e),
+                Err(e) => {
+                    self.sinks[node as usize] = Some(sink);
+                    failed = Some(e);
+                }
             }
         }
         match failed {
@@ -819,7 +838,7 @@ impl ClusterSink {
                     let sub = self.sub();
                     jobs.push(Job {
                         node,
-                        id: sub | (1 << 62),
+                        id: sub | HIDDEN,
                         bytes: Bytes::from_static(b"*1\r\n$5\r\nRESET\r\n"),
                         ask: false,
                         redirects: 0,
@@ -1035,7 +1054,7 @@ impl ClusterSink {
                     let sub = self.sub();
                     jobs.push(Job {
                         node,
-                        id: sub | (1 << 62),
+                        id: sub | HIDDEN,
                         bytes: Bytes::from_static(b"*1\r\n$7\r\nUNWATCH\r\n"),
                         ask: false,
                         redirects: 0,
@@ -1091,7 +1110,7 @@ impl ClusterSink {
                 let sub = self.sub();
                 jobs.push(Job {
                     node,
-                    id: sub | (1 << 62),
+                    id: sub | HIDDEN,
                     bytes: Bytes::from_static(b"*1\r\n$7\r\nUNWATCH\r\n"),
                     ask: false,
                     redirects: 0,
@@ -1125,7 +1144,7 @@ impl ClusterSink {
             let sub = this.sub();
             jobs.push(Job {
                 node,
-                id: sub | (1 << 62),
+                id: sub | HIDDEN,
                 bytes,
                 ask: false,
                 redirects: 0,
@@ -1180,6 +1199,7 @@ impl Transform for ClusterSink {
                 .collect();
             if !nodes.is_empty() {
                 out = self.run_groups(nodes, &mut state.close_client).await?;
+                out.retain(|r| r.request_id.is_none_or(|id| id & HIDDEN == 0));
             }
             return Ok(out);
         }
