@@ -160,6 +160,16 @@ pub struct RedisSinkClusterConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub read_timeout: Option<u64>,
+    /// Send read-only commands outside transactions to a replica of their slot's master
+    /// (round robin over its replicas, over connections that sent `READONLY`). Replicas lag:
+    /// a read may not see a write just acknowledged. Off by default. An extension of this
+    /// project.
+    #[serde(
+        alias = "read_from_replicas",
+        default,
+        skip_serializing_if = "std::ops::Not::not"
+    )]
+    pub read_from_replicas: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]

@@ -24,7 +24,7 @@ use anyhow::{Result, bail};
 use async_trait::async_trait;
 use bytes::Bytes;
 use shotover_crds::topology::TlsConnectorConfig;
-use shotover_crds::transform::RedisSinkClusterConfig;
+use shotover_crds::transform::{QueryType, RedisSinkClusterConfig};
 use tokio::sync::Notify;
 
 use crate::chain::{ChainError, ChainState, Transform, TransformBuilder, TransformContext};
@@ -69,6 +69,8 @@ pub struct RedisSinkClusterBuilder {
 
 struct Node {
     addr: String,
+    /// Connections that sent `READONLY`: for reads from a replica.
+    readonly: bool,
     pool: Arc<Pool>,
 }
 
@@ -89,6 +91,7 @@ struct Cluster {
     connect_timeout_ms: u64,
     tls: Option<TlsConnectorConfig>,
     read_timeout: Option<Duration>,
+    read_from_replicas: bool,
     failed_requests: Counter,
     nodes: RwLock<Vec<Arc<Node>>>,
     map: RwLock<Arc<SlotMap>>,
@@ -132,6 +135,7 @@ impl RedisSinkClusterBuilder {
             connect_timeout_ms: config.connect_timeout_ms,
             tls: config.tls.clone(),
             read_timeout: config.read_timeout.map(Duration::from_secs),
+            read_from_replicas: config.read_from_replicas,
             failed_requests: failed_requests_counter(chain, name),
             nodes: RwLock::new(Vec::new()),
             map: RwLock::new(Arc::new(SlotMap::default())),
@@ -202,17 +206,21 @@ async fn periodic_refresh(cluster: Weak<Cluster>) {
 impl Cluster {
     /// The index of the node at `addr`, added if new.
     fn node(&self, addr: &str) -> Result<u16> {
-        if let Some(i) = self
-            .nodes
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .iter()
-            .position(|n| n.addr == addr)
-        {
+        self.node_as(addr, false)
+    }
+
+    /// The index of the node at `addr` reached with `readonly` connections, added if new.
+    fn node_as(&self, addr: &str, readonly: bool) -> Result<u16> {
+        let find = |nodes: &[Arc<Node>]| {
+            nodes
+                .iter()
+                .position(|n| n.addr == addr && n.readonly == readonly)
+        };
+        if let Some(i) = find(&self.nodes.read().unwrap_or_else(|e| e.into_inner())) {
             return Ok(i as u16);
         }
         let mut nodes = self.nodes.write().unwrap_or_else(|e| e.into_inner());
-        if let Some(i) = nodes.iter().position(|n| n.addr == addr) {
+        if let Some(i) = find(&nodes) {
             return Ok(i as u16);
         }
         if nodes.len() >= u16::MAX as usize - 1 {
@@ -224,14 +232,15 @@ impl Cluster {
             read_timeout: self.read_timeout,
             reply_cap: DEFAULT_REPLY_CAP,
         });
+        let mut pool = Pool::new(shared, self.connection_count, &self.chain, &self.name);
+        if readonly {
+            pool =
+                pool.with_handshake_suffix(vec![Bytes::from_static(b"*1\r\n$8\r\nREADONLY\r\n")]);
+        }
         nodes.push(Arc::new(Node {
             addr: addr.to_string(),
-            pool: Arc::new(Pool::new(
-                shared,
-                self.connection_count,
-                &self.chain,
-                &self.name,
-            )),
+            readonly,
+            pool: Arc::new(pool),
         }));
         Ok((nodes.len() - 1) as u16)
     }
@@ -325,7 +334,7 @@ impl Cluster {
                     let replicas = range
                         .replicas
                         .iter()
-                        .filter_map(|r| self.node(r).ok())
+                        .filter_map(|r| self.node_as(r, self.read_from_replicas).ok())
                         .collect();
                     next.replicas.push((master, replicas));
                 }
@@ -421,6 +430,8 @@ struct ClusterSink {
     next_sub: MessageId,
     /// The cluster's commands, once learnt.
     table: Option<Arc<CommandTable>>,
+    /// Round robin over replicas (`read_from_replicas`).
+    turn: usize,
 }
 
 /// Whether a sink's error reply says the request never reached the node.
@@ -460,6 +471,7 @@ impl ClusterSink {
             watch: None,
             next_sub: SUB,
             table: None,
+            turn: 0,
         }
     }
 
@@ -522,6 +534,17 @@ impl ClusterSink {
 
     fn master(&self, slot: u16) -> Option<u16> {
         self.map.master(slot)
+    }
+
+    /// A replica of `slot`'s master (over `READONLY` connections), in turn.
+    fn replica(&mut self, slot: u16) -> Option<u16> {
+        let master = self.map.master(slot)?;
+        let (_, replicas) = self.map.replicas.iter().find(|(m, _)| *m == master)?;
+        if replicas.is_empty() {
+            return None;
+        }
+        self.turn = self.turn.wrapping_add(1);
+        Some(replicas[self.turn % replicas.len()])
     }
 
     /// Runs `jobs`, following redirects, and delivers every reply into `out` or `pending`.
@@ -783,6 +806,22 @@ impl ClusterSink {
         let route = route::route(&mut request, self.table.as_deref());
         if self.txn.is_some() {
             return self.queue(request, route, jobs, out);
+        }
+        if let Route::Slot(slot) = route
+            && self.cluster.read_from_replicas
+            && self.watch.is_none()
+            && request.command().query_type() == QueryType::Read
+            && let Some(node) = self.replica(slot)
+        {
+            jobs.push(Job {
+                node,
+                id,
+                bytes: request.into_bytes(),
+                ask: false,
+                redirects: 0,
+                slot: Some(slot),
+            });
+            return true;
         }
         let single = |this: &mut Self,
                       node: Option<u16>,

@@ -641,3 +641,78 @@ async fn a_redirect_loop_ends_after_its_bound_with_an_error_and_the_client_goes_
     }
     shotover.stop();
 }
+
+/// `cmdstat_get` calls of each replica.
+fn replica_gets() -> Vec<(String, u64)> {
+    nodes()
+        .into_iter()
+        .filter(|n| !n.2)
+        .map(|n| {
+            let stats = cli(&n.1, &["info", "commandstats"]);
+            let calls = stats
+                .lines()
+                .find_map(|l| l.strip_prefix("cmdstat_get:calls="))
+                .and_then(|rest| rest.split(',').next())
+                .and_then(|c| c.parse().ok())
+                .unwrap_or(0);
+            (n.1, calls)
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn reads_go_to_replicas_when_asked_and_writes_to_masters() {
+    let _layout = LAYOUT.write().await;
+    let port = free_port();
+    let shotover = Shotover::start(&hiding_topology(
+        port,
+        &cluster_addrs(),
+        "            read_from_replicas: true",
+    ));
+    let mut conn = connect(port).await;
+    let p = prefix("replica_reads");
+    let keys: Vec<String> = (0..200).map(|i| format!("{p}{i}")).collect();
+    for (i, k) in keys.iter().enumerate() {
+        let () = conn.set(k, i).await.expect("SET");
+    }
+    let before = replica_gets();
+    // Replicas lag a little: every key reads back once replicated.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut all = true;
+        for (i, k) in keys.iter().enumerate() {
+            let got: Option<i64> = conn.get(k).await.expect("GET from a replica");
+            all &= got == Some(i as i64);
+        }
+        if all {
+            break;
+        }
+        assert!(Instant::now() < deadline, "replicas did not catch up");
+    }
+    let after = replica_gets();
+    let served: Vec<u64> = after
+        .iter()
+        .map(|(addr, calls)| {
+            calls
+                - before
+                    .iter()
+                    .find(|(a, _)| a == addr)
+                    .map_or(0, |(_, c)| *c)
+        })
+        .collect();
+    assert!(
+        served.iter().all(|&n| n > 0),
+        "every replica served GETs: {served:?}"
+    );
+    // Writes still go to masters (a replica would answer MOVED, counted as a redirect).
+    let () = conn.set(&keys[0], "w").await.expect("SET");
+    let redirects: f64 = shotover
+        .metrics()
+        .lines()
+        .filter(|l| l.starts_with("shotover_redis_cluster_redirects_count{"))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum();
+    assert_eq!(redirects, 0.0, "no request went to the wrong node");
+    let _: i64 = conn.del(&keys).await.expect("DEL");
+    shotover.stop();
+}

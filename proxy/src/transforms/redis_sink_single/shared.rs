@@ -132,6 +132,9 @@ pub struct Pool {
     /// Shared connections are named this (`CLIENT SETNAME`), so they can be told apart in
     /// `CLIENT LIST`.
     conn_name: Bytes,
+    /// Sent after a lane's handshake on each new shared connection (`READONLY` for a
+    /// cluster replica).
+    suffix: Vec<Bytes>,
     lanes: Mutex<HashMap<LaneKey, Arc<Lane>>>,
     pub metrics: PoolMetrics,
 }
@@ -147,6 +150,7 @@ impl Pool {
             shared,
             per_lane,
             conn_name: format!("shotover-shared-{clean}").into(),
+            suffix: Vec::new(),
             lanes: Mutex::new(HashMap::new()),
             metrics: PoolMetrics {
                 connections: metrics::gauge(
@@ -176,6 +180,12 @@ impl Pool {
                 ),
             },
         }
+    }
+
+    /// Commands every new shared connection runs after its lane's handshake.
+    pub fn with_handshake_suffix(mut self, suffix: Vec<Bytes>) -> Pool {
+        self.suffix = suffix;
+        self
     }
 
     /// The lane of `key`, created if `may_create`; `None` when it does not exist and may not
@@ -260,7 +270,8 @@ impl Lane {
         if let Some(conn) = slot.live() {
             return Ok(conn);
         }
-        let handshake = self.key.handshake(Some(&pool.conn_name));
+        let mut handshake = self.key.handshake(Some(&pool.conn_name));
+        handshake.extend(pool.suffix.iter().cloned());
         match dedicated::open(&pool.shared, &handshake).await {
             Ok(opened) => {
                 let conn = spawn(opened, pool);
