@@ -51,3 +51,21 @@ impl ProxyConfig {
         Ok(config)
     }
 }
+
+/// The hash of a proxy's two files as the operator renders them and the proxy reports it
+/// running (`/config`, `shotover_config_info`): SHA-256 of the topology, a zero byte and
+/// the config (so moving bytes between them changes it), shortened to 16 hex digits.
+pub fn config_hash(topology_yaml: &str, config_yaml: &str) -> String {
+    use sha2::{Digest, Sha256};
+    use std::fmt::Write;
+    let mut hasher = Sha256::new();
+    hasher.update(topology_yaml.as_bytes());
+    hasher.update([0u8]);
+    hasher.update(config_yaml.as_bytes());
+    let digest = hasher.finalize();
+    let mut out = String::with_capacity(16);
+    for byte in &digest[..8] {
+        let _ = write!(out, "{byte:02x}");
+    }
+    out
+}

@@ -17,7 +17,7 @@ pub mod topology;
 pub mod transform;
 pub mod validate;
 
-pub use config::ProxyConfig;
+pub use config::{ProxyConfig, config_hash};
 pub use load::{load_topology, parse_topology};
 pub use topology::{
     ListenerConfig, Protocol, RedisSourceConfig, SourceConfig, TlsAcceptorConfig,

@@ -7,7 +7,6 @@
 //! listen on an address other pods can reach). Every problem is reported at once.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
@@ -19,7 +18,7 @@ use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec}
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
-use sha2::{Digest, Sha256};
+pub use shotover_crds::config_hash;
 use shotover_crds::crd::{
     CONFIG_FILE, CONFIG_HASH_ANNOTATION, DbSideSpec, INJECT_LABEL, ShotoverTopology,
     ShotoverTopologySpec, TOPOLOGY_FILE, TOPOLOGY_LABEL, names,
@@ -145,21 +144,6 @@ pub fn render(topology: &ShotoverTopology) -> Result<Rendered, InvalidTopology> 
         config_map,
         db_side,
     })
-}
-
-/// SHA-256 of the two files (with a separator, so moving bytes between them changes it),
-/// shortened to 16 hex digits.
-pub fn config_hash(topology_yaml: &str, config_yaml: &str) -> String {
-    let mut hasher = Sha256::new();
-    hasher.update(topology_yaml.as_bytes());
-    hasher.update([0u8]);
-    hasher.update(config_yaml.as_bytes());
-    let digest = hasher.finalize();
-    let mut out = String::with_capacity(16);
-    for byte in &digest[..8] {
-        let _ = write!(out, "{byte:02x}");
-    }
-    out
 }
 
 fn spec_path(e: ConfigError, prefix: &str) -> ConfigError {

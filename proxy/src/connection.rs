@@ -26,6 +26,15 @@ use crate::codec::{cassandra, redis};
 use crate::message::{ErrorKind, Message, MessageId, Messages, ReplyTo};
 use crate::metrics::Counter;
 use crate::outbox::Outbox;
+use crate::reload::follow::{Event, Follow, Step};
+
+/// A reload or the drain deadline of the connection's source; never without one.
+async fn follow_event(follow: &mut Option<Follow>) -> Event {
+    match follow {
+        Some(follow) => follow.event().await,
+        None => std::future::pending().await,
+    }
+}
 
 /// Most bytes read ahead from a client while its previous batch is in the chain.
 const READ_AHEAD: usize = 64 * 1024;
@@ -53,6 +62,11 @@ pub enum Ended {
     ProtocolError(DecodeError),
     ChainFailed(ChainError),
     ClosedByTransform,
+    /// A reload replaced the chain and the connection could not move to the new one before
+    /// the drain deadline.
+    Retired,
+    /// A reload removed the connection's source.
+    SourceRemoved,
     Io(std::io::Error),
 }
 
@@ -89,10 +103,17 @@ struct Handler<S> {
     /// connection): the chain runs with empty batches until it has given them all, and no
     /// new requests go in meanwhile, so the client feels the back-pressure.
     backlog: bool,
+    /// Follows reloads of the source (none in unit tests).
+    follow: Option<Follow>,
 }
 
 /// Serves one client connection until it ends.
-pub async fn serve<S>(stream: S, chain: TransformChain, settings: &ConnectionSettings) -> Ended
+pub async fn serve<S>(
+    stream: S,
+    chain: TransformChain,
+    settings: &ConnectionSettings,
+    follow: Option<Follow>,
+) -> Ended
 where
     S: AsyncRead + AsyncWrite + Unpin + Send,
 {
@@ -119,6 +140,7 @@ where
         next_id: 1,
         pending,
         backlog: false,
+        follow,
     };
     let ended = handler.run(settings).await;
     if let Ended::ProtocolError(_) = &ended {
@@ -136,6 +158,22 @@ where
         let idle = tokio::time::sleep(settings.idle_timeout.unwrap_or(Duration::from_secs(3600)));
         tokio::pin!(idle);
         loop {
+            // A request boundary: follow a reload if there was one.
+            if let Some(follow) = &mut self.follow {
+                let quiet = !self.backlog
+                    && match &self.pending {
+                        Pending::InOrder { queue, .. } => queue.is_empty(),
+                        Pending::ById(map) => map.is_empty(),
+                    };
+                match follow.step(quiet, &mut self.next_id).await {
+                    Step::Stay => {}
+                    Step::Close => return Ended::SourceRemoved,
+                    Step::Moved(chain) => {
+                        tracing::debug!("moved to the reloaded chain");
+                        self.chain = chain;
+                    }
+                }
+            }
             if self.backlog {
                 if let Some(ended) = self.run_batch(Vec::new(), false).await {
                     return ended;
@@ -235,6 +273,18 @@ where
                     }
                 }
                 _ = &mut idle, if settings.idle_timeout.is_some() => return Ended::IdleTimeout,
+                event = follow_event(&mut self.follow) => match event {
+                    // Handled at the top of the loop.
+                    Event::Changed => {}
+                    Event::Deadline => {
+                        if let Some(follow) = &mut self.follow {
+                            follow.retire();
+                        }
+                        self.fail_pending("shotover: the topology was reloaded and this connection could not move to the new chain within the drain deadline");
+                        let _ = self.flush_writes().await;
+                        return Ended::Retired;
+                    }
+                },
             }
         }
     }
@@ -256,7 +306,13 @@ where
                     .map(|r| r.map(|request| Message::cql_request(id, request))),
             };
             match decoded {
-                Ok(Some(message)) => {
+                Ok(Some(mut message)) => {
+                    if let Some(follow) = &mut self.follow {
+                        match self.decoder {
+                            Decoder::Redis(_) => follow.session.observe_redis(&mut message),
+                            Decoder::Cql(_) => follow.session.observe_cql(&message),
+                        }
+                    }
                     self.next_id += 1;
                     batch.push(message);
                 }
@@ -321,29 +377,39 @@ where
             }
             Err(error) => {
                 // Every request still waiting gets an error reply, then the connection closes.
-                let text = format!("shotover: {error}");
-                let mut pending: Vec<(MessageId, ReplyTo)> = match &self.pending {
-                    Pending::InOrder { queue, .. } => {
-                        queue.iter().map(|id| (*id, ReplyTo::Redis)).collect()
-                    }
-                    Pending::ById(map) => map.iter().map(|(id, to)| (*id, *to)).collect(),
-                };
-                pending.sort_unstable_by_key(|(id, _)| *id);
-                let replies = pending
-                    .into_iter()
-                    .map(|(id, to)| Message::error(id, to, ErrorKind::Server, &text))
-                    .collect();
-                self.emit(replies);
+                self.fail_pending(&format!("shotover: {error}"));
                 let _ = self.flush_writes().await;
                 Some(Ended::ChainFailed(error))
             }
         }
     }
 
+    /// Queues an error reply with `text` for every request still waiting for its answer.
+    fn fail_pending(&mut self, text: &str) {
+        let mut pending: Vec<(MessageId, ReplyTo)> = match &self.pending {
+            Pending::InOrder { queue, .. } => {
+                queue.iter().map(|id| (*id, ReplyTo::Redis)).collect()
+            }
+            Pending::ById(map) => map.iter().map(|(id, to)| (*id, *to)).collect(),
+        };
+        pending.sort_unstable_by_key(|(id, _)| *id);
+        let replies = pending
+            .into_iter()
+            .map(|(id, to)| Message::error(id, to, ErrorKind::Server, text))
+            .collect();
+        self.emit(replies);
+    }
+
     /// Queues responses for writing: in request order for Redis, as they come for CQL.
     fn emit(&mut self, responses: Messages) {
         let outbox = &mut self.outbox;
         for response in responses {
+            if let Some(follow) = &mut self.follow
+                && follow.session.awaits_answers()
+                && let Some(id) = response.request_id
+            {
+                follow.session.answered(id, response.is_error());
+            }
             match (&mut self.pending, response.request_id) {
                 (_, None) => outbox.push(response.into_bytes()),
                 (Pending::ById(map), Some(id)) => {

@@ -15,6 +15,7 @@ pub mod message;
 pub mod metrics;
 pub mod observability;
 pub mod outbox;
+pub mod reload;
 pub mod server;
 pub mod telemetry;
 pub mod tls;
@@ -32,7 +33,7 @@ use shotover_crds::ProxyConfig;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::server::Source;
+use crate::server::{Source, SourceSettings};
 use crate::telemetry::LogFormat;
 
 /// Command line of the `shotover` binary (upstream Shotover's flags).
@@ -79,6 +80,21 @@ pub struct Opts {
     /// How long `--await-ready` waits.
     #[arg(long, default_value_t = 120)]
     pub await_timeout_seconds: u64,
+    /// How often the topology and config files are checked for a change, which reloads
+    /// them (0: only SIGHUP reloads).
+    #[arg(long, default_value_t = 1000)]
+    pub watch_interval_ms: u64,
+    /// After a reload, how long a client connection that cannot move to its source's new
+    /// chain (a transaction, a subscription...) may stay on the old one before it is closed.
+    #[arg(long, default_value_t = 60)]
+    pub reload_drain_seconds: u64,
+    /// Upstream Shotover's hand-over of listening sockets to a new process. Not supported:
+    /// this proxy reloads its files in place (see `--watch-interval-ms` and SIGHUP).
+    #[arg(long, value_name = "PATH")]
+    pub hotreload_socket: Option<String>,
+    /// Upstream Shotover's drain time for `--hotreload-socket` (refused with it).
+    #[arg(long, value_name = "SECONDS")]
+    pub hotreload_gradual_shutdown_seconds: Option<u64>,
 }
 
 /// `--await-ready`: polls `GET /ready` on `addr` every 100 ms until it answers 200.
@@ -120,13 +136,15 @@ pub async fn run(opts: Opts) -> Result<()> {
     if let Some(addr) = &opts.await_ready {
         return await_ready(addr, Duration::from_secs(opts.await_timeout_seconds)).await;
     }
-    let config_text = std::fs::read_to_string(&opts.config_file)
-        .with_context(|| format!("reading the config file {}", opts.config_file.display()))?;
-    let config = ProxyConfig::from_yaml(&config_text)
+    if opts.hotreload_socket.is_some() || opts.hotreload_gradual_shutdown_seconds.is_some() {
+        return Err(anyhow!(
+            "--hotreload-socket and --hotreload-gradual-shutdown-seconds are upstream Shotover's hand-over of listening sockets to a new process, which this proxy does not do: it reloads its topology and config files in place, without dropping connections, when they change (checked every --watch-interval-ms) or on SIGHUP; remove the flags"
+        ));
+    }
+    let files = reload::Files::read(&opts.topology_file, &opts.config_file)?;
+    let config = ProxyConfig::from_yaml(&files.config)
         .map_err(|e| anyhow!("{}: {e}", opts.config_file.display()))?;
-    let topology_text = std::fs::read_to_string(&opts.topology_file)
-        .with_context(|| format!("reading the topology file {}", opts.topology_file.display()))?;
-    let topology = shotover_crds::load_topology(&topology_text)
+    let topology = shotover_crds::load_topology(&files.topology)
         .map_err(|e| anyhow!("{}: {e}", opts.topology_file.display()))?;
     let level = opts.log_level.as_deref().unwrap_or(&config.main_log_level);
     let filter = telemetry::init(level, opts.log_format)?;
@@ -143,7 +161,7 @@ pub async fn run(opts: Opts) -> Result<()> {
         let context = || format!("source `{}`", source.name());
         let chain = transforms::build_chain(source.name(), source.chain()).with_context(context)?;
         let tls = Source::tls_acceptor(source.listener()).with_context(context)?;
-        prepared.push((source, chain, tls));
+        prepared.push((source, SourceSettings::new(source, Arc::new(chain), tls)));
     }
 
     let shutdown = CancellationToken::new();
@@ -158,25 +176,42 @@ pub async fn run(opts: Opts) -> Result<()> {
     let observability_task = observability.map(|listener| {
         tokio::spawn(observability::serve(
             listener,
-            filter,
+            filter.clone(),
             ready.clone(),
             observability_stop.clone(),
         ))
     });
 
+    let drain = Duration::from_secs(opts.reload_drain_seconds);
     let mut sources = Vec::new();
-    for (source, chain, tls) in prepared {
-        let bound = Source::bind(source, chain, tls)
+    for (source, settings) in prepared {
+        let (bound, tx, limit) = Source::bind(source, settings, drain)
             .await
             .with_context(|| format!("source `{}`", source.name()))?;
         tracing::info!(source = %source.name(), protocol = %source.protocol(), addr = %bound.local_addr()?, "listening");
-        sources.push(bound);
+        sources.push(reload::Started {
+            config: source.clone(),
+            source: bound,
+            settings: tx,
+            limit,
+        });
     }
     let tracker = TaskTracker::new();
-    let mut accept_loops = Vec::new();
-    for source in sources {
-        accept_loops.push(tokio::spawn(source.run(shutdown.clone(), tracker.clone())));
-    }
+    let mut reloader = reload::Reloader::new(
+        opts.topology_file.clone(),
+        opts.config_file.clone(),
+        opts.log_level.is_some(),
+        filter,
+        config.observability_interface.clone(),
+        drain,
+        shutdown.clone(),
+        tracker.clone(),
+        files,
+    );
+    reloader.start(sources);
+    let interval =
+        (opts.watch_interval_ms > 0).then(|| Duration::from_millis(opts.watch_interval_ms));
+    let reloader = tokio::spawn(reloader.run(interval));
     let mut signals = Signals::new()?;
     ready.store(true, Ordering::Relaxed);
     tracing::info!("shotover is ready");
@@ -199,8 +234,10 @@ pub async fn run(opts: Opts) -> Result<()> {
         "shutting down: no new connections, finishing in-flight requests"
     );
     shutdown.cancel();
-    for accept_loop in accept_loops {
-        let _ = accept_loop.await;
+    match reloader.await {
+        Ok(Err(e)) => tracing::error!(error = %e, "the reloader failed"),
+        Err(e) => tracing::error!(error = %e, "the reloader panicked"),
+        Ok(Ok(())) => {}
     }
     tracker.close();
     let grace = Duration::from_secs(opts.shutdown_grace_seconds);

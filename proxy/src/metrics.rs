@@ -213,6 +213,15 @@ impl Registry {
         }
     }
 
+    /// Removes one series (a label value that no longer holds, such as an old config hash).
+    pub fn remove(&self, name: &'static str, labels: &[(&str, &str)]) {
+        let key = render_labels(labels);
+        let mut families = self.families.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(family) = families.get_mut(name) {
+            family.series.remove(&key);
+        }
+    }
+
     /// The Prometheus text exposition (format 0.0.4).
     pub fn render(&self) -> String {
         let families = self.families.lock().unwrap_or_else(|e| e.into_inner());

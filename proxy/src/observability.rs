@@ -39,9 +39,10 @@ pub async fn serve(
     let app = Router::new()
         .route(
             "/",
-            get(|| async { "shotover: try /metrics, /ready, /live or PUT /filter\n" }),
+            get(|| async { "shotover: try /metrics, /config, /ready, /live or PUT /filter\n" }),
         )
         .route("/metrics", get(metrics))
+        .route("/config", get(config))
         .route("/filter", put(set_filter))
         .route("/ready", get(ready_check))
         .route("/live", get(|| async { "live\n" }))
@@ -59,6 +60,12 @@ async fn metrics() -> impl IntoResponse {
         [(header::CONTENT_TYPE, METRICS_CONTENT_TYPE)],
         crate::metrics::global().render(),
     )
+}
+
+/// The running config: its hash, generation, sources, and the last refused reload.
+async fn config() -> impl IntoResponse {
+    let body = serde_json::to_string_pretty(&crate::reload::status()).unwrap_or_default();
+    ([(header::CONTENT_TYPE, "application/json")], body + "\n")
 }
 
 async fn set_filter(State(state): State<AppState>, body: String) -> (StatusCode, String) {

@@ -16,8 +16,18 @@ impl FilterHandle {
     pub fn set(&self, directives: &str) -> Result<()> {
         let filter = EnvFilter::try_new(directives)
             .with_context(|| format!("invalid log filter `{directives}`"))?;
+        self.set_parsed(filter)
+    }
+
+    pub fn set_parsed(&self, filter: EnvFilter) -> Result<()> {
         self.0.reload(filter).context("replacing the log filter")
     }
+}
+
+/// Parses `main_log_level`.
+pub fn parse_filter(directives: &str) -> Result<EnvFilter> {
+    EnvFilter::try_new(directives)
+        .with_context(|| format!("main_log_level: invalid log filter `{directives}`"))
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]

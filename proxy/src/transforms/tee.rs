@@ -11,8 +11,9 @@
 //! `GET /transform/tee/result-source` says `regular-chain` or `tee-chain`, and `PUT` with one
 //! of those as the body switches it for every connection at once.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -70,10 +71,10 @@ impl TeeBuilder {
                 (Behavior::SubchainOnMismatch, Some(Arc::new(built)))
             }
         };
-        let tee_answers = Arc::new(AtomicBool::new(false));
-        if let Some(port) = config.switch_port {
-            serve_switch(port, tee_answers.clone())?;
-        }
+        let tee_answers = match config.switch_port {
+            Some(port) => serve_switch(port)?,
+            None => Arc::new(AtomicBool::new(false)),
+        };
         Ok(TeeBuilder {
             dropped: metrics::counter(
                 "shotover_tee_dropped_messages_count",
@@ -306,23 +307,35 @@ fn same_answers(main: &Messages, tee: &Messages) -> bool {
     })
 }
 
-fn serve_switch(port: u16, tee_answers: Arc<AtomicBool>) -> Result<()> {
+/// The switch API of each port already serving, and its switch: a reload that builds a
+/// Tee's chain again while the old one still serves shares the port and the switch (its
+/// position survives the reload).
+static SWITCHES: LazyLock<Mutex<HashMap<u16, Arc<AtomicBool>>>> = LazyLock::new(Mutex::default);
+
+fn serve_switch(port: u16) -> Result<Arc<AtomicBool>> {
+    let mut switches = SWITCHES.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(existing) = switches.get(&port) {
+        return Ok(existing.clone());
+    }
     let listener = std::net::TcpListener::bind(("0.0.0.0", port))
         .with_context(|| format!("binding the Tee switch API on port {port}"))?;
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;
+    let tee_answers = Arc::new(AtomicBool::new(false));
+    switches.insert(port, tee_answers.clone());
+    drop(switches);
     let app = Router::new()
         .route(
             "/transform/tee/result-source",
             get(read_source).put(write_source),
         )
-        .with_state(tee_answers);
+        .with_state(tee_answers.clone());
     tokio::spawn(async move {
         if let Err(e) = axum::serve(listener, app).await {
             tracing::error!(error = %e, "the Tee switch API stopped");
         }
     });
-    Ok(())
+    Ok(tee_answers)
 }
 
 async fn read_source(State(tee_answers): State<Arc<AtomicBool>>) -> &'static str {

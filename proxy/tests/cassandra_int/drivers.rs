@@ -225,3 +225,99 @@ async fn the_rust_scylla_driver_runs_a_full_workout_with_lz4() {
     drop(session);
     proxy.stop();
 }
+
+/// A reload of the topology moves the scylla driver's open connections (LZ4, a keyspace
+/// chosen with `USE`, prepared statements) to the new chain without an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn open_driver_connections_move_to_a_reloaded_chain_with_their_keyspace() {
+    let port = free_port();
+    let proxy = Shotover::spawn(
+        &topology(port, &sink()),
+        &["--watch-interval-ms", "50", "--reload-drain-seconds", "30"],
+    );
+    proxy.wait_ready();
+    let session: Session = SessionBuilder::new()
+        .known_node(format!("127.0.0.1:{port}"))
+        .compression(Some(Compression::Lz4))
+        .build()
+        .await
+        .expect("the scylla driver connects through the proxy");
+    let ks = keyspace("reload");
+    session
+        .query_unpaged(
+            format!("CREATE KEYSPACE {ks} WITH replication = {{'class': 'SimpleStrategy', 'replication_factor': 1}}"),
+            &[],
+        )
+        .await
+        .expect("create keyspace");
+    session.use_keyspace(&ks, false).await.expect("USE");
+    session
+        .query_unpaged("CREATE TABLE kv (k int PRIMARY KEY, v text)", &[])
+        .await
+        .expect("create table");
+    let insert = session
+        .prepare("INSERT INTO kv (k, v) VALUES (?, ?)")
+        .await
+        .expect("prepare");
+    session
+        .execute_unpaged(&insert, (1, "before"))
+        .await
+        .expect("insert before");
+
+    let counted = topology(
+        port,
+        &format!(
+            "        - QueryCounter: {{ counter_name: \"after\" }}\n{}",
+            sink()
+        ),
+    );
+    proxy.rewrite_topology(&counted);
+    proxy.wait_metric("shotover_config_reloads_count{result=\"applied\"}", |v| {
+        v == 1.0
+    });
+    let counted_requests = |proxy: &Shotover| -> f64 {
+        proxy
+            .metrics()
+            .lines()
+            .filter(|l| l.starts_with("shotover_query_count{name=\"after\""))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    };
+    // Unqualified statements after the move: the keyspace was set again on the new chain.
+    for i in 0..20 {
+        session
+            .execute_unpaged(&insert, (i, "after"))
+            .await
+            .expect("a prepared insert after the reload");
+        let (v,): (String,) = session
+            .query_unpaged(format!("SELECT v FROM kv WHERE k = {i}"), &[])
+            .await
+            .expect("an unqualified select after the reload")
+            .into_rows_result()
+            .expect("rows")
+            .single_row()
+            .expect("one row");
+        assert_eq!(v, "after");
+    }
+    assert!(
+        counted_requests(&proxy) >= 40.0,
+        "the requests went through the new chain: {}",
+        counted_requests(&proxy)
+    );
+    proxy.wait_metric("shotover_connections_draining_count{source=\"cql\"}", |v| {
+        v == 0.0
+    });
+    assert!(
+        proxy
+            .metric("shotover_connections_moved_count{source=\"cql\"}")
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    assert_eq!(
+        proxy
+            .metric("shotover_connections_retired_count{source=\"cql\"}")
+            .unwrap_or(0.0),
+        0.0
+    );
+    proxy.stop();
+}

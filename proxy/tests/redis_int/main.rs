@@ -9,5 +9,6 @@ mod lifecycle;
 mod passthrough;
 #[path = "../support/process.rs"]
 mod process;
+mod reload;
 mod shared;
 mod transforms;

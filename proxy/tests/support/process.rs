@@ -58,6 +58,8 @@ pub struct Shotover {
     /// Reads the process's stderr; ends when the process does.
     log_reader: Option<std::thread::JoinHandle<()>>,
     pub observability: String,
+    /// Holds `topology.yaml` and `config.yaml`.
+    pub dir: PathBuf,
 }
 
 impl Shotover {
@@ -117,6 +119,7 @@ impl Shotover {
             logs,
             log_reader: Some(log_reader),
             observability,
+            dir,
         }
     }
 
@@ -154,6 +157,25 @@ impl Shotover {
                     .iter()
                     .any(|l| l.contains(text))
             },
+        );
+    }
+
+    /// Replaces `topology.yaml` at once (written aside, then renamed over it), as an editor
+    /// or `kubectl cp` would.
+    #[allow(dead_code)]
+    pub fn rewrite_topology(&self, topology: &str) {
+        let aside = self.dir.join(".topology.yaml.new");
+        std::fs::write(&aside, topology).expect("writing the new topology");
+        std::fs::rename(&aside, self.dir.join("topology.yaml")).expect("renaming it over");
+    }
+
+    /// Waits until the series' value satisfies `check` (absent counts as 0).
+    #[allow(dead_code)]
+    pub fn wait_metric(&self, series: &str, check: impl Fn(f64) -> bool) {
+        wait_until(
+            &format!("`{series}` to reach its expected value"),
+            Duration::from_secs(15),
+            || check(self.metric(series).unwrap_or(0.0)),
         );
     }
 
