@@ -408,9 +408,7 @@ impl Session {
             Opcode::Startup | Opcode::AuthResponse | Opcode::Register => self.keep(request, false),
             Opcode::Query if meta.header.body_len <= MAX_USE_BODY => {
                 let is_use = match request.cql_body() {
-                    Some(Ok(b)) => {
-                        body::query_text(&b).is_ok_and(|q| body::statement_keyword(q) == "USE")
-                    }
+                    Some(Ok(b)) => body::query_text(&b).is_ok_and(is_use),
                     _ => false,
                 };
                 if is_use {
@@ -420,6 +418,18 @@ impl Session {
             _ => {}
         }
     }
+}
+
+/// Whether a statement is a `USE`, without allocating for the others.
+fn is_use(query: &str) -> bool {
+    let rest = query.trim_start();
+    if rest.starts_with("--") || rest.starts_with("//") || rest.starts_with("/*") {
+        return body::statement_keyword(rest) == "USE";
+    }
+    let bytes = rest.as_bytes();
+    bytes.len() > 3
+        && bytes[..3].eq_ignore_ascii_case(b"use")
+        && (bytes[3].is_ascii_whitespace() || bytes[3] == b'"')
 }
 
 #[cfg(test)]
@@ -447,6 +457,16 @@ mod tests {
             s.answered(m.id, false);
         }
         s
+    }
+
+    #[test]
+    fn use_statements_are_told_from_the_others() {
+        assert!(is_use("USE ks"));
+        assert!(is_use("  use \"Ks\""));
+        assert!(is_use("/* c */ USE ks"));
+        assert!(!is_use("USER"));
+        assert!(!is_use("SELECT * FROM use_me"));
+        assert!(!is_use("use"));
     }
 
     #[test]
