@@ -46,7 +46,13 @@ fn lz4_and_snappy_sessions_work_and_their_queries_are_read() {
         .metric(r#"shotover_query_count{name="compressed",query="SELECT",type="cassandra"}"#)
         .expect("SELECTs counted");
     assert!(lz4_selects >= 5.0, "{lz4_selects}");
-    assert!(all_selects >= 2.0 * lz4_selects - 1.0, "{all_selects}");
+    // The workout's own SELECTs under Snappy are read too. (How many SELECTs of the system
+    // tables a driver sends depends on the schema events of other tests on the same node,
+    // so the two runs are not compared with each other.)
+    assert!(
+        all_selects - lz4_selects >= 5.0,
+        "{all_selects} SELECTs in all, {lz4_selects} under LZ4"
+    );
     // Every compressed QUERY was decompressed and read: none fell back to `unknown`.
     assert!(
         !proxy.metrics().contains(r#"query="unknown""#),
