@@ -302,8 +302,14 @@ impl Reloader {
     /// Reads the files; reloads if they changed since last seen (or if `forced`, when they
     /// differ from the running ones).
     async fn check(&mut self, forced: bool) {
-        let read =
-            Files::read(&self.topology_file, &self.config_file).map_err(|e| format!("{e:#}"));
+        let read = {
+            // File reads block: keep them off the workers that serve connections.
+            let (topology, config) = (self.topology_file.clone(), self.config_file.clone());
+            tokio::task::spawn_blocking(move || Files::read(&topology, &config))
+                .await
+                .unwrap_or_else(|e| Err(anyhow!("reading the files: {e}")))
+                .map_err(|e| format!("{e:#}"))
+        };
         if !forced && self.seen.as_ref() == Some(&read) {
             return;
         }
