@@ -281,14 +281,8 @@ async fn open_driver_connections_move_to_a_reloaded_chain_with_their_keyspace() 
     proxy.wait_metric("shotover_config_reloads_count{result=\"applied\"}", |v| {
         v == 1.0
     });
-    let counted_requests = |proxy: &Shotover| -> f64 {
-        proxy
-            .metrics()
-            .lines()
-            .filter(|l| l.starts_with("shotover_query_count{name=\"after\""))
-            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-            .sum()
-    };
+    let counted_requests =
+        |proxy: &Shotover| proxy.metric_sum("shotover_query_count{name=\"after\"");
     // Unqualified statements after the move: the keyspace was set again on the new chain.
     for i in 0..20 {
         session

@@ -399,12 +399,7 @@ async fn resharding_a_slot_range_under_traffic_loses_nothing() {
         total > 100,
         "traffic ran during the reshard ({total} INCRs)"
     );
-    let redirects: f64 = shotover
-        .metrics()
-        .lines()
-        .filter(|l| l.starts_with("shotover_redis_cluster_redirects_count{"))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum();
+    let redirects = shotover.metric_sum("shotover_redis_cluster_redirects_count{");
     assert!(redirects > 0.0, "the reshard was seen as redirects");
     let _: i64 = conn.del(&keys).await.expect("DEL");
     shotover.stop();
@@ -706,12 +701,7 @@ async fn reads_go_to_replicas_when_asked_and_writes_to_masters() {
     );
     // Writes still go to masters (a replica would answer MOVED, counted as a redirect).
     let () = conn.set(&keys[0], "w").await.expect("SET");
-    let redirects: f64 = shotover
-        .metrics()
-        .lines()
-        .filter(|l| l.starts_with("shotover_redis_cluster_redirects_count{"))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum();
+    let redirects = shotover.metric_sum("shotover_redis_cluster_redirects_count{");
     assert_eq!(redirects, 0.0, "no request went to the wrong node");
     let _: i64 = conn.del(&keys).await.expect("DEL");
     shotover.stop();

@@ -160,6 +160,17 @@ impl Shotover {
         );
     }
 
+    /// The sum of every series whose line starts with `prefix` (a metric name and `{`, or
+    /// a name with some of its labels).
+    #[allow(dead_code)]
+    pub fn metric_sum(&self, prefix: &str) -> f64 {
+        self.metrics()
+            .lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum()
+    }
+
     /// Replaces `topology.yaml` at once (written aside, then renamed over it), as an editor
     /// or `kubectl cp` would.
     #[allow(dead_code)]
