@@ -2,9 +2,17 @@
 //! `max_buffered_reply_bytes` whatever the client pipelines, a client that does not read is
 //! held back (dedicated mode) or cut off (shared mode) without costing the others anything,
 //! and `read_timeout` fails requests an upstream never answers.
+//!
+//! The large loads run against a Redis of their own ([`OwnRedis`]): 200 GETs of a 10 MB
+//! value make Redis build 2 GB of replies in its one thread before it writes the first byte
+//! (6-9 s on these machines, where faulting in 2 GB alone takes 6 s), and a Redis that
+//! answers no one for that long would fail whatever other test uses it meanwhile.
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use crate::helpers::*;
@@ -15,9 +23,57 @@ const PIPELINE: usize = 200;
 /// A sidecar's memory limit: the proxy must stay well under it.
 const LIMIT_KIB: u64 = 128 * 1024;
 
+/// How long Redis may take to start answering a large load (it builds every reply first).
+const REDIS_BUSY: Duration = Duration::from_secs(120);
+
+/// A `redis-server` of one test's own, on a free port, stopped when dropped.
+struct OwnRedis {
+    child: Child,
+    addr: String,
+}
+
+impl OwnRedis {
+    fn start() -> OwnRedis {
+        let port = free_port().to_string();
+        let child = Command::new("redis-server")
+            .args(["--port", &port, "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--dir"])
+            .arg(std::env::temp_dir())
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("running redis-server (`e2e/services up redis` installs it)");
+        let redis = OwnRedis {
+            child,
+            addr: format!("127.0.0.1:{port}"),
+        };
+        wait_until(
+            "the test's own Redis to answer",
+            Duration::from_secs(30),
+            || {
+                TcpStream::connect(&redis.addr).is_ok_and(|mut s| {
+                    s.set_read_timeout(Some(Duration::from_secs(5))).is_ok()
+                        && s.write_all(b"*1\r\n$4\r\nPING\r\n").is_ok()
+                        && {
+                            let mut reply = [0u8; 7];
+                            s.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
+                        }
+                })
+            },
+        );
+        redis
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Stores a `len`-byte value under `key`, straight on Redis (too large for redis-cli's argv).
-fn set_large(key: &str, len: usize) {
-    let mut redis = TcpStream::connect(redis_addr()).expect("connect to Redis");
+fn set_large(redis: &OwnRedis, key: &str, len: usize) {
+    let mut redis = TcpStream::connect(&redis.addr).expect("connect to Redis");
     let head = format!("*3\r\n$3\r\nSET\r\n${}\r\n{key}\r\n${len}\r\n", key.len());
     redis.write_all(head.as_bytes()).expect("write");
     redis.write_all(&vec![b'v'; len]).expect("write");
@@ -50,22 +106,29 @@ fn status_kib(pid: u32, field: &str) -> u64 {
 
 /// Reads until EOF or `want` bytes (whichever first); returns the count and the last bytes.
 fn read_all(stream: &mut TcpStream, want: usize, limit: Duration) -> (usize, Vec<u8>) {
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
+    read_counting(stream, want, limit, &AtomicUsize::new(0))
+}
+
+/// [`read_all`], counting the bytes read so far in `progress`.
+fn read_counting(
+    stream: &mut TcpStream,
+    want: usize,
+    limit: Duration,
+    progress: &AtomicUsize,
+) -> (usize, Vec<u8>) {
     let started = Instant::now();
     let mut buf = vec![0u8; 1024 * 1024];
     let mut total = 0;
     let mut tail = Vec::new();
     while total < want {
-        assert!(
-            started.elapsed() < limit,
-            "read {total} of {want} bytes in {limit:?}"
-        );
+        let left = limit.saturating_sub(started.elapsed());
+        assert!(!left.is_zero(), "read {total} of {want} bytes in {limit:?}");
+        stream.set_read_timeout(Some(left)).expect("timeout");
         match stream.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => {
                 total += n;
+                progress.store(total, Ordering::Relaxed);
                 tail.extend_from_slice(&buf[..n]);
                 if tail.len() > 4096 {
                     tail.drain(..tail.len() - 4096);
@@ -79,30 +142,26 @@ fn read_all(stream: &mut TcpStream, want: usize, limit: Duration) -> (usize, Vec
 
 /// Waits until the proxy holds replies it cannot write (the client reads nothing).
 fn wait_holding(shotover: &Shotover) {
-    wait_until(
-        "the proxy to hold unread replies",
-        Duration::from_secs(20),
-        || {
-            shotover
-                .metric("shotover_buffered_reply_bytes")
-                .is_some_and(|v| v > 0.0)
-        },
-    );
+    wait_until("the proxy to hold unread replies", REDIS_BUSY, || {
+        shotover
+            .metric("shotover_buffered_reply_bytes")
+            .is_some_and(|v| v > 0.0)
+    });
 }
 
 /// Another client, served while the large pipeline is in flight.
 fn ping_works(port: u16) -> bool {
     let mut other = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     other
-        .set_read_timeout(Some(Duration::from_secs(10)))
+        .set_read_timeout(Some(Duration::from_secs(60)))
         .expect("timeout");
     other.write_all(b"*1\r\n$4\r\nPING\r\n").expect("write");
     let mut reply = [0u8; 7];
     other.read_exact(&mut reply).is_ok() && &reply == b"+PONG\r\n"
 }
 
-fn topology(port: u16, mode: Mode, sink_extra: &str) -> String {
-    let topology = passthrough(port, &redis_addr(), "").replace(
+fn topology(port: u16, redis: &OwnRedis, mode: Mode, sink_extra: &str) -> String {
+    let topology = passthrough(port, &redis.addr, "").replace(
         "connect_timeout_ms: 3000",
         &format!("connect_timeout_ms: 3000{sink_extra}"),
     );
@@ -116,27 +175,51 @@ fn topology(port: u16, mode: Mode, sink_extra: &str) -> String {
     }
 }
 
-/// 2 GB of replies pass through a client that reads them; the proxy's peak RSS stays far below them, and another client is
-/// served meanwhile.
+/// 2 GB of replies pass through a client that reads them; the proxy's peak RSS stays far
+/// below them, and other clients are served while they flow.
 fn large_pipeline_passes_within_the_reply_cap(mode: Mode) {
+    let redis = OwnRedis::start();
     let key = prefix("large-pipeline");
-    set_large(&key, VALUE);
+    set_large(&redis, &key, VALUE);
     let port = free_port();
-    let shotover = Shotover::start(&topology(port, mode, ""));
+    let shotover = Shotover::start(&topology(port, &redis, mode, ""));
     let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     client.write_all(&gets(&key, PIPELINE)).expect("write");
     let pid = shotover.pid();
-    let reader = std::thread::spawn(move || {
-        read_all(&mut client, replies_len(PIPELINE), Duration::from_secs(240))
+    let progress = Arc::new(AtomicUsize::new(0));
+    let reader = std::thread::spawn({
+        let progress = progress.clone();
+        move || {
+            read_counting(
+                &mut client,
+                replies_len(PIPELINE),
+                Duration::from_secs(300),
+                &progress,
+            )
+        }
     });
+    // Until Redis has built its replies it answers no one, through a proxy or not.
+    wait_until("the first replies", REDIS_BUSY, || {
+        progress.load(Ordering::Relaxed) > 0 || reader.is_finished()
+    });
+    // A ping counts only if it was answered while the replies were still flowing. In shared
+    // mode it shares the one upstream connection, so its reply comes after the 2 GB queued
+    // ahead of it there: it is served, but not necessarily before the last replies reach
+    // the reader.
     let mut pings = 0;
     while !reader.is_finished() {
         assert!(ping_works(port), "another client is served");
-        pings += 1;
+        if !reader.is_finished() {
+            pings += 1;
+        }
     }
     let (total, tail) = reader.join().expect("reader");
     assert_eq!(total, replies_len(PIPELINE), "every reply");
     assert!(tail.ends_with(b"vvvv\r\n"));
+    assert!(
+        pings > 0 || mode == Mode::Shared,
+        "no other client was answered while the replies flowed"
+    );
     let peak = status_kib(pid, "VmHWM");
     assert!(
         peak < LIMIT_KIB,
@@ -150,10 +233,11 @@ fn large_pipeline_passes_within_the_reply_cap(mode: Mode) {
 /// A connection of its own: a client that does not read holds the proxy's reading of its
 /// replies (Redis keeps them), not its memory; once it reads, nothing is lost.
 fn a_client_that_does_not_read_holds_no_more_than_its_cap() {
+    let redis = OwnRedis::start();
     let key = prefix("unread");
-    set_large(&key, VALUE);
+    set_large(&redis, &key, VALUE);
     let port = free_port();
-    let shotover = Shotover::start(&topology(port, Mode::Dedicated, ""));
+    let shotover = Shotover::start(&topology(port, &redis, Mode::Dedicated, ""));
     let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     client.write_all(&gets(&key, PIPELINE)).expect("write");
     wait_holding(&shotover);
@@ -173,11 +257,13 @@ fn a_client_that_does_not_read_holds_no_more_than_its_cap() {
 /// The process budget caps what all connections hold together: a connection whose own cap
 /// is 64 MiB holds one reply at a time once the process holds 8 MiB.
 fn the_process_budget_holds_a_connection_below_its_own_cap() {
+    let redis = OwnRedis::start();
     let key = prefix("budget");
-    set_large(&key, VALUE);
+    set_large(&redis, &key, VALUE);
     let port = free_port();
     let topology = topology(
         port,
+        &redis,
         Mode::Dedicated,
         "\n            max_buffered_reply_bytes: 67108864",
     );
@@ -202,13 +288,14 @@ fn the_process_budget_holds_a_connection_below_its_own_cap() {
 /// second, the client is cut off with an error for its remaining requests, and the clients
 /// sharing the connection go on.
 fn a_client_that_does_not_read_is_cut_off_from_a_shared_connection() {
+    let redis = OwnRedis::start();
     let key = prefix("unread-shared");
-    set_large(&key, VALUE);
+    set_large(&redis, &key, VALUE);
     let port = free_port();
-    let shotover = Shotover::start(&topology(port, Mode::Shared, ""));
+    let shotover = Shotover::start(&topology(port, &redis, Mode::Shared, ""));
     let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     client.write_all(&gets(&key, PIPELINE)).expect("write");
-    wait_until("the client to be cut off", Duration::from_secs(20), || {
+    wait_until("the client to be cut off", REDIS_BUSY, || {
         shotover
             .metric("shotover_redis_shared_cut_off_count{chain=\"redis\",transform=\"sink\"}")
             .is_some_and(|v| v == 1.0)
@@ -231,14 +318,15 @@ fn a_client_that_does_not_read_is_cut_off_from_a_shared_connection() {
 /// Many replies each below the slack a batch may take without room (here 60 KiB each,
 /// 90 MB in all) are bounded by the client's cap all the same.
 fn many_medium_replies_to_a_client_that_does_not_read_are_bounded_too() {
+    let redis = OwnRedis::start();
     let key = prefix("medium-shared");
     let len = 60 * 1024;
-    set_large(&key, len);
+    set_large(&redis, &key, len);
     let port = free_port();
-    let shotover = Shotover::start(&topology(port, Mode::Shared, ""));
+    let shotover = Shotover::start(&topology(port, &redis, Mode::Shared, ""));
     let mut client = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     client.write_all(&gets(&key, 1500)).expect("write");
-    wait_until("the client to be cut off", Duration::from_secs(20), || {
+    wait_until("the client to be cut off", REDIS_BUSY, || {
         shotover
             .metric("shotover_redis_shared_cut_off_count{chain=\"redis\",transform=\"sink\"}")
             .is_some_and(|v| v == 1.0)
