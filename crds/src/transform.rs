@@ -42,6 +42,14 @@ pub enum TransformConfig {
     DebugPrinter(NamedConfig),
     /// Answers every request with a fixed reply, or fails the connection.
     DebugReturner(DebugReturnerConfig),
+    /// Parses the requests and/or responses passing through (Redis: the RESP value; CQL: the
+    /// header and the decompressed body) and passes them on unchanged: what parsing costs.
+    DebugForceParse(DebugForceParseConfig),
+    /// Parses the requests and/or responses passing through and sends on their re-encoding
+    /// instead of the bytes read (Redis: the RESP value encoded again; CQL: the header
+    /// encoded again and the body compressed again with the connection's compression): a
+    /// check that messages survive the proxy's codecs.
+    DebugForceEncode(DebugForceEncodeConfig),
     /// Counts requests by command in `shotover_query_count`.
     QueryCounter(QueryCounterConfig),
     /// Lets through only requests of the allowed query types; the others get an error reply.
@@ -255,6 +263,34 @@ pub struct DebugReturnerConfig {
     pub fail: bool,
 }
 
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DebugForceParseConfig {
+    /// Name of this transform in logs and metrics (default: the transform's kind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Parse every request.
+    #[serde(alias = "parse_requests")]
+    pub parse_requests: bool,
+    /// Parse every response.
+    #[serde(alias = "parse_responses")]
+    pub parse_responses: bool,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct DebugForceEncodeConfig {
+    /// Name of this transform in logs and metrics (default: the transform's kind).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Parse and re-encode every request.
+    #[serde(alias = "encode_requests")]
+    pub encode_requests: bool,
+    /// Parse and re-encode every response.
+    #[serde(alias = "encode_responses")]
+    pub encode_responses: bool,
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct QueryCounterConfig {
@@ -428,6 +464,8 @@ impl TransformConfig {
         "NullSink",
         "DebugPrinter",
         "DebugReturner",
+        "DebugForceParse",
+        "DebugForceEncode",
         "QueryCounter",
         "QueryTypeFilter",
         "Coalesce",
@@ -446,6 +484,8 @@ impl TransformConfig {
             TransformConfig::NullSink(_) => "NullSink",
             TransformConfig::DebugPrinter(_) => "DebugPrinter",
             TransformConfig::DebugReturner(_) => "DebugReturner",
+            TransformConfig::DebugForceParse(_) => "DebugForceParse",
+            TransformConfig::DebugForceEncode(_) => "DebugForceEncode",
             TransformConfig::QueryCounter(_) => "QueryCounter",
             TransformConfig::QueryTypeFilter(_) => "QueryTypeFilter",
             TransformConfig::Coalesce(_) => "Coalesce",
@@ -464,6 +504,8 @@ impl TransformConfig {
             TransformConfig::RequestThrottling(c) => c.name.as_deref(),
             TransformConfig::NullSink(c) | TransformConfig::DebugPrinter(c) => c.name.as_deref(),
             TransformConfig::DebugReturner(c) => c.name.as_deref(),
+            TransformConfig::DebugForceParse(c) => c.name.as_deref(),
+            TransformConfig::DebugForceEncode(c) => c.name.as_deref(),
             TransformConfig::QueryCounter(c) => c.name.as_deref(),
             TransformConfig::QueryTypeFilter(c) => c.name.as_deref(),
             TransformConfig::Coalesce(c) => c.name.as_deref(),
@@ -507,6 +549,8 @@ impl TransformConfig {
             }
             TransformConfig::NullSink(_)
             | TransformConfig::DebugPrinter(_)
+            | TransformConfig::DebugForceParse(_)
+            | TransformConfig::DebugForceEncode(_)
             | TransformConfig::QueryCounter(_)
             | TransformConfig::QueryTypeFilter(_)
             | TransformConfig::RequestThrottling(_)

@@ -292,6 +292,20 @@ impl Checker {
         );
     }
 
+    fn reply_buffer(&mut self, bytes: Option<usize>, path: &str) {
+        if bytes.is_some_and(|b| b < MIN_REPLY_BUFFER) {
+            self.err(
+                format!("{path}.maxBufferedReplyBytes"),
+                format!("must be at least {MIN_REPLY_BUFFER} bytes"),
+            );
+        }
+        self.at_most(
+            bytes.map(|v| v as u64),
+            MAX_FRAME_BYTES,
+            format!("{path}.maxBufferedReplyBytes"),
+        );
+    }
+
     fn check_transform(&mut self, t: &TransformConfig, path: &str, protocol: Option<Protocol>) {
         if let Some(name) = t.explicit_name() {
             self.claim_name(name, path);
@@ -316,19 +330,7 @@ impl Checker {
                     format!("{path}.connectionCount"),
                 );
                 self.read_timeout(c.read_timeout, path);
-                if c.max_buffered_reply_bytes
-                    .is_some_and(|b| b < MIN_REPLY_BUFFER)
-                {
-                    self.err(
-                        format!("{path}.maxBufferedReplyBytes"),
-                        format!("must be at least {MIN_REPLY_BUFFER} bytes"),
-                    );
-                }
-                self.at_most(
-                    c.max_buffered_reply_bytes.map(|v| v as u64),
-                    MAX_FRAME_BYTES,
-                    format!("{path}.maxBufferedReplyBytes"),
-                );
+                self.reply_buffer(c.max_buffered_reply_bytes, path);
             }
             TransformConfig::RedisSinkCluster(c) => {
                 if c.first_contact_points.is_empty() {
@@ -398,7 +400,10 @@ impl Checker {
                     self.err(format!("{path}.maxRequestsPerSecond"), "must be at least 1");
                 }
             }
-            TransformConfig::NullSink(_) | TransformConfig::DebugPrinter(_) => {}
+            TransformConfig::NullSink(_)
+            | TransformConfig::DebugPrinter(_)
+            | TransformConfig::DebugForceParse(_)
+            | TransformConfig::DebugForceEncode(_) => {}
             TransformConfig::DebugReturner(c) => match (&c.redis, c.fail) {
                 (Some(_), true) => {
                     self.err(path, "set either `Redis` (a reply) or `Fail`, not both")

@@ -205,6 +205,14 @@ impl Message {
         ))
     }
 
+    /// Replaces the envelope of a CQL message with `bytes`, whose header is `header`.
+    pub fn set_cql_envelope(&mut self, bytes: Bytes, header: Header) {
+        if let Wire::Cql(meta) = &mut self.wire {
+            meta.header = header;
+            self.bytes = bytes;
+        }
+    }
+
     /// The frame as it will be written.
     pub fn bytes(&mut self) -> &Bytes {
         if self.modified {

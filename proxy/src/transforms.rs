@@ -3,6 +3,7 @@
 pub mod cassandra_peers_rewrite;
 pub mod cassandra_sink_single;
 pub mod coalesce;
+pub mod debug_force;
 pub mod debug_printer;
 pub mod debug_returner;
 pub mod null_sink;
@@ -58,6 +59,12 @@ fn build_transform(chain: &str, config: &TransformConfig) -> Result<Box<dyn Tran
         TransformConfig::NullSink(_) => Box::new(null_sink::NullSinkBuilder),
         TransformConfig::DebugPrinter(c) => Box::new(debug_printer::DebugPrinterBuilder::new(c)),
         TransformConfig::DebugReturner(c) => Box::new(debug_returner::DebugReturnerBuilder::new(c)),
+        TransformConfig::DebugForceParse(c) => {
+            Box::new(debug_force::DebugForceBuilder::parse(c, chain))
+        }
+        TransformConfig::DebugForceEncode(c) => {
+            Box::new(debug_force::DebugForceBuilder::encode(c, chain))
+        }
         TransformConfig::QueryCounter(c) => Box::new(query_counter::QueryCounterBuilder::new(c)),
         TransformConfig::QueryTypeFilter(c) => {
             Box::new(query_type_filter::QueryTypeFilterBuilder::new(c))

@@ -10,7 +10,7 @@ use crate::transform::{
 use crate::validate::validate;
 
 const KINDS: &str = "RedisSinkSingle, ValkeySinkSingle, RedisSinkCluster, ValkeySinkCluster, RedisClusterPortsRewrite, ValkeyClusterPortsRewrite, CassandraSinkSingle, CassandraPeersRewrite, RequestThrottling, \
-                     NullSink, DebugPrinter, DebugReturner, QueryCounter, QueryTypeFilter, Coalesce, Tee";
+                     NullSink, DebugPrinter, DebugReturner, DebugForceParse, DebugForceEncode, QueryCounter, QueryTypeFilter, Coalesce, Tee";
 const SINKS: &str = "a chain must end in a sink (RedisSinkSingle, RedisSinkCluster, CassandraSinkSingle, NullSink or DebugReturner)";
 
 /// The full error report of a topology that must not load.

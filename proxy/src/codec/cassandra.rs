@@ -246,6 +246,31 @@ impl EnvelopeDecoder {
     }
 }
 
+/// The envelope `frame` encoded again from what was read of it: the header from `header`, the
+/// body decompressed and compressed again when its flag says so (the bytes can differ from
+/// those read, the body they carry cannot).
+pub fn reencode(
+    frame: &[u8],
+    header: &Header,
+    compression: Compression,
+) -> Result<(Bytes, Header), body::BodyError> {
+    let plain = body::body(frame, header, compression)?;
+    let compressed = header.flags & flags::COMPRESSION != 0;
+    let body = if compressed {
+        std::borrow::Cow::Owned(body::compress(&plain, compression))
+    } else {
+        plain
+    };
+    let header = Header {
+        body_len: body.len(),
+        ..*header
+    };
+    let mut out = BytesMut::with_capacity(HEADER_LEN + body.len());
+    header.encode(&mut out);
+    out.put_slice(&body);
+    Ok((out.freeze(), header))
+}
+
 /// One request read by a Cassandra source.
 #[derive(Debug)]
 pub struct Request {
@@ -377,6 +402,55 @@ mod tests {
         .encode(&mut out);
         out.put_slice(body);
         out.to_vec()
+    }
+
+    #[test]
+    fn a_re_encoded_envelope_carries_the_same_body_under_each_compression() {
+        let plain = b"\x00\x00\x00\x1eSELECT * FROM ks.t WHERE k = 1\x00\x01".repeat(20);
+        for compression in [Compression::None, Compression::Lz4, Compression::Snappy] {
+            let (flags, sent) = match compression {
+                Compression::None => (0, plain.clone()),
+                c => (flags::COMPRESSION, body::compress(&plain, c)),
+            };
+            let mut frame = BytesMut::new();
+            let header = Header {
+                version: 4,
+                direction: Direction::Request,
+                flags,
+                stream: 3,
+                opcode: Opcode::Query,
+                body_len: sent.len(),
+            };
+            header.encode(&mut frame);
+            frame.put_slice(&sent);
+            let (again, new_header) = reencode(&frame, &header, compression).expect("re-encodes");
+            assert_eq!(new_header, Header::parse(&again).expect("header"));
+            assert_eq!(
+                (new_header.flags, new_header.stream, new_header.opcode),
+                (flags, 3, Opcode::Query)
+            );
+            assert_eq!(again.len(), HEADER_LEN + new_header.body_len);
+            assert_eq!(
+                body::body(&again, &new_header, compression)
+                    .expect("body")
+                    .as_ref(),
+                &plain[..],
+                "{compression:?}"
+            );
+        }
+        // A body that does not decompress is an error, not a panic.
+        let header = Header {
+            version: 4,
+            direction: Direction::Request,
+            flags: flags::COMPRESSION,
+            stream: 1,
+            opcode: Opcode::Query,
+            body_len: 3,
+        };
+        let mut frame = BytesMut::new();
+        header.encode(&mut frame);
+        frame.put_slice(b"xyz");
+        assert!(reencode(&frame, &header, Compression::Lz4).is_err());
     }
 
     #[test]

@@ -62,6 +62,37 @@ fn lz4_and_snappy_sessions_work_and_their_queries_are_read() {
     proxy.stop();
 }
 
+/// Every envelope both ways has its header encoded again and its body decompressed and
+/// compressed again by the proxy (upstream's `cassandra/passthrough/topology-encode.yaml`):
+/// the driver's workouts under LZ4 and Snappy pass all the same.
+#[test]
+fn workouts_pass_with_every_envelope_re_encoded_under_lz4_and_snappy() {
+    let port = free_port();
+    let chain = format!(
+        "        - DebugForceEncode: {{name: encode, encode_requests: true, encode_responses: true}}\n{}",
+        sink()
+    );
+    let proxy = Shotover::start(&topology(port, &chain));
+    let addr = format!("127.0.0.1:{port}");
+    workout(
+        &addr,
+        "encode-lz4",
+        &["--compression", "lz4", "--protocol", "4"],
+    );
+    workout(
+        &addr,
+        "encode-snappy",
+        &["--compression", "snappy", "--protocol", "3"],
+    );
+    assert_eq!(
+        proxy.metric(r#"shotover_debug_force_unparsed_count{chain="cql",transform="encode"}"#),
+        Some(0.0),
+        "{}",
+        proxy.metrics()
+    );
+    proxy.stop();
+}
+
 #[test]
 fn password_auth_and_tls_between_client_proxy_and_node() {
     let node = auth_tls();

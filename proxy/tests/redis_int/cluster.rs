@@ -100,9 +100,27 @@ fn cluster_ok() -> bool {
 
 #[test]
 fn redis_py_sees_one_redis_through_the_hiding_proxy() {
+    plain_redis_py_through_the_hiding_proxy(false)
+}
+
+/// The same with every request and reply re-encoded by the proxy's RESP codec first
+/// (upstream's `cluster-hiding/topology-encode.yaml`): what redis-py reads is the same.
+#[test]
+fn redis_py_sees_one_redis_through_the_hiding_proxy_with_every_message_re_encoded() {
+    plain_redis_py_through_the_hiding_proxy(true)
+}
+
+fn plain_redis_py_through_the_hiding_proxy(encode: bool) {
     let _layout = LAYOUT.blocking_read();
     let port = free_port();
-    let shotover = Shotover::start(&hiding_topology(port, &cluster_addrs()[..2], ""));
+    let mut topology = hiding_topology(port, &cluster_addrs()[..2], "");
+    if encode {
+        topology = topology.replace(
+            "      chain:\n",
+            "      chain:\n        - DebugForceEncode: {encode_requests: true, encode_responses: true}\n",
+        );
+    }
+    let shotover = Shotover::start(&topology);
     let out = python(
         "cluster_plain.py",
         &[
@@ -113,6 +131,15 @@ fn redis_py_sees_one_redis_through_the_hiding_proxy() {
         ],
     );
     assert!(out.contains("cluster plain ok"), "{out}");
+    if encode {
+        assert_eq!(
+            shotover.metric(
+                r#"shotover_debug_force_unparsed_count{chain="redis",transform="DebugForceEncode"}"#
+            ),
+            Some(0.0),
+            "every message parsed"
+        );
+    }
     shotover.stop();
 }
 
@@ -338,6 +365,64 @@ async fn incr_traffic(
     (counts, errors)
 }
 
+/// 60 keys under INCR traffic through the proxy on `port` (see [`incr_traffic`]), started
+/// half a second ago.
+async fn incr_traffic_on_60_keys(
+    port: u16,
+    tag: &str,
+) -> (
+    Vec<String>,
+    std::sync::Arc<std::sync::atomic::AtomicBool>,
+    tokio::task::JoinHandle<(HashMap<String, i64>, Vec<String>)>,
+) {
+    let p = prefix(tag);
+    let keys: Vec<String> = (0..60).map(|i| format!("{p}{i}")).collect();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let traffic = tokio::spawn(incr_traffic(port, keys.clone(), stop.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    (keys, stop, traffic)
+}
+
+/// Lets the traffic run 2 s more, stops it and checks it: one client with one pipeline in
+/// flight, so at most that one failed, and every key holds the INCRs acknowledged (one more
+/// only if a request failed: it may have run before its node went away). Returns the counts
+/// and a connection through the proxy.
+async fn traffic_after_failover(
+    port: u16,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    traffic: tokio::task::JoinHandle<(HashMap<String, i64>, Vec<String>)>,
+    what: &str,
+) -> (HashMap<String, i64>, redis::aio::MultiplexedConnection) {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (counts, errors) = traffic.await.expect("traffic");
+    eprintln!(
+        "failover ({what}): {} INCRs answered, {} failed: {errors:?}",
+        counts.values().sum::<i64>(),
+        errors.len()
+    );
+    assert!(errors.len() <= 1, "{errors:?}");
+    let mut conn = connect(port).await;
+    for (key, n) in &counts {
+        let got: i64 = conn.get(key).await.expect("GET after the failover");
+        assert!(
+            got == *n || (got == *n + 1 && !errors.is_empty()),
+            "{key}: {got} after {n} acknowledged INCRs and {} failed requests",
+            errors.len()
+        );
+    }
+    (counts, conn)
+}
+
+/// The master that holds `key` (the one node that answers GET for it directly).
+fn master_of(key: &str) -> (String, String, bool, String) {
+    nodes()
+        .into_iter()
+        .filter(|n| n.2)
+        .find(|n| cli(&n.1, &["get", key]).parse::<i64>().is_ok())
+        .expect("the key's master")
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn resharding_a_slot_range_under_traffic_loses_nothing() {
     let _layout = LAYOUT.write().await;
@@ -410,20 +495,9 @@ async fn a_master_killed_under_traffic_fails_only_requests_in_flight_and_its_rep
     let _layout = LAYOUT.write().await;
     let port = free_port();
     let shotover = Shotover::start(&hiding_topology(port, &cluster_addrs(), ""));
-    let p = prefix("failover");
-    let keys: Vec<String> = (0..60).map(|i| format!("{p}{i}")).collect();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let traffic = tokio::spawn(incr_traffic(port, keys.clone(), stop.clone()));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-
-    // Kill the master of the first key's slot.
-    // Kill the master of the first key (the one node that answers GET for it directly).
-    let victim_addr = nodes()
-        .into_iter()
-        .filter(|n| n.2)
-        .find(|n| cli(&n.1, &["get", &keys[0]]).parse::<i64>().is_ok())
-        .map(|n| n.1)
-        .expect("the key's master");
+    let (keys, stop, traffic) = incr_traffic_on_60_keys(port, "failover").await;
+    // Kill the master of the first key.
+    let victim_addr = master_of(&keys[0]).1;
     let dir = std::env::var("REDIS_CLUSTER_DIR").expect("REDIS_CLUSTER_DIR (e2e/services)");
     let victim_port = port_of(&victim_addr);
     let pid = std::fs::read_to_string(format!("{dir}/{victim_port}/pid")).expect("pidfile");
@@ -440,25 +514,13 @@ async fn a_master_killed_under_traffic_fails_only_requests_in_flight_and_its_rep
     wait_until("a replica to take over", Duration::from_secs(30), || {
         nodes().iter().filter(|n| n.2 && n.1 != victim_addr).count() == 3
     });
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let (counts, errors) = traffic.await.expect("traffic");
-    eprintln!(
-        "failover after {:?}: {} INCRs answered, {} failed: {errors:?}",
-        killed_at.elapsed(),
-        counts.values().sum::<i64>(),
-        errors.len()
-    );
-    // One client, one pipeline in flight: at most that one fails.
-    assert!(errors.len() <= 1, "{errors:?}");
-    let mut conn = connect(port).await;
-    for (key, n) in &counts {
-        let got: i64 = conn.get(key).await.expect("GET after the failover");
-        assert!(
-            got == *n || got == *n + 1,
-            "{key}: {got} after {n} acknowledged INCRs (one more may have run before the kill)"
-        );
-    }
+    let (_, mut conn) = traffic_after_failover(
+        port,
+        stop,
+        traffic,
+        &format!("{:?} after the kill", killed_at.elapsed()),
+    )
+    .await;
     let _: i64 = conn.del(&keys).await.expect("DEL");
     shotover.stop_expecting(&["shared upstream connection failed", "slot map"]);
 
@@ -501,6 +563,51 @@ async fn a_master_killed_under_traffic_fails_only_requests_in_flight_and_its_rep
     );
 }
 
+/// `CLUSTER FAILOVER` on a replica mid-traffic (a planned failover: the master pauses its
+/// clients until the replica has caught up, then answers MOVED): at most the request in
+/// flight fails, no acknowledged write is lost, and traffic goes on on the promoted node
+/// without restarting the proxy.
+#[tokio::test(flavor = "multi_thread")]
+async fn cluster_failover_under_traffic_moves_it_to_the_promoted_replica() {
+    let _layout = LAYOUT.write().await;
+    let port = free_port();
+    let shotover = Shotover::start(&hiding_topology(port, &cluster_addrs(), ""));
+    let (keys, stop, traffic) = incr_traffic_on_60_keys(port, "manual-failover").await;
+    let master = master_of(&keys[0]);
+    let replica = nodes()
+        .into_iter()
+        .find(|n| !n.2 && n.3 == master.0)
+        .expect("a replica of that master");
+    assert_eq!(cli(&replica.1, &["cluster", "failover"]).trim(), "OK");
+    wait_until(
+        "the replica to be promoted",
+        Duration::from_secs(30),
+        || nodes().iter().any(|n| n.0 == replica.0 && n.2),
+    );
+    let at_promotion: i64 = cli(&replica.1, &["get", &keys[0]])
+        .trim()
+        .parse()
+        .expect("the promoted node has the key");
+    let (counts, mut conn) = traffic_after_failover(port, stop, traffic, "manual").await;
+    assert!(
+        counts[&keys[0]] > at_promotion,
+        "traffic went on on the promoted node ({} INCRs of the first key in all, {at_promotion} at the promotion)",
+        counts[&keys[0]]
+    );
+    assert_eq!(
+        cli(&replica.1, &["get", &keys[0]]).trim(),
+        counts[&keys[0]].to_string(),
+        "the promoted node serves the key"
+    );
+    let _: i64 = conn.del(&keys).await.expect("DEL");
+    shotover.stop_expecting(&["shared upstream connection failed", "slot map"]);
+    wait_until(
+        "the cluster to be whole again",
+        Duration::from_secs(60),
+        cluster_ok,
+    );
+}
+
 #[test]
 fn upstream_cluster_topologies_start() {
     // shotover-proxy's own test-configs that use these transforms, unchanged but for the
@@ -520,6 +627,8 @@ fn upstream_cluster_topologies_start() {
         "cluster-ports-rewrite",
         "cluster-tls",
         "cluster-tls-no-source-encryption",
+        "cluster-hiding-encode",
+        "cluster-tls-encode",
     ] {
         let text = std::fs::read_to_string(format!(
             "{}/tests/redis_int/upstream/{name}.yaml",

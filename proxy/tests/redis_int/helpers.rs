@@ -213,3 +213,18 @@ macro_rules! in_both_modes {
         }
     };
 }
+
+/// An EVAL whose script returns a table nested `levels` deep, and the reply Redis sends for
+/// it (`levels + 1` nested one-element arrays around `:7`).
+pub fn nested_script(levels: usize) -> (String, Vec<u8>) {
+    let script = format!(
+        "local t = {{}} local c = t for i = 1, {levels} do local n = {{}} c[1] = n c = n end c[1] = 7 return t"
+    );
+    let request = format!(
+        "*3\r\n$4\r\nEVAL\r\n${}\r\n{script}\r\n$1\r\n0\r\n",
+        script.len()
+    );
+    let mut expected = b"*1\r\n".repeat(levels + 1);
+    expected.extend_from_slice(b":7\r\n");
+    (request, expected)
+}

@@ -64,7 +64,7 @@ sources:
     );
     let stderr = start_failing(&topology, "main_log_level: info\n", "config.yaml");
     let expected = "topology.yaml: invalid topology (4 errors):
-  sources[0].chain[1]: unknown transform `NoSuchTransform`, expected one of: RedisSinkSingle, ValkeySinkSingle, RedisSinkCluster, ValkeySinkCluster, RedisClusterPortsRewrite, ValkeyClusterPortsRewrite, CassandraSinkSingle, CassandraPeersRewrite, RequestThrottling, NullSink, DebugPrinter, DebugReturner, QueryCounter, QueryTypeFilter, Coalesce, Tee
+  sources[0].chain[1]: unknown transform `NoSuchTransform`, expected one of: RedisSinkSingle, ValkeySinkSingle, RedisSinkCluster, ValkeySinkCluster, RedisClusterPortsRewrite, ValkeyClusterPortsRewrite, CassandraSinkSingle, CassandraPeersRewrite, RequestThrottling, NullSink, DebugPrinter, DebugReturner, DebugForceParse, DebugForceEncode, QueryCounter, QueryTypeFilter, Coalesce, Tee
   sources[1].chain[0].bogus: unknown field `bogus`, expected one of `name`, `remoteAddress`, `remote_address`, `connectTimeoutMs`, `connect_timeout_ms`, `tls`, `connectionCount`, `connection_count`, `readTimeout`, `read_timeout`, `maxBufferedReplyBytes`, `max_buffered_reply_bytes`
   sources[1].name: duplicate name `redis`, already used at sources[0]
   sources[1].listenAddr: `not-an-address` is not a listen address: expected ip:port, for example 127.0.0.1:6379 or 0.0.0.0:6379";

@@ -582,13 +582,7 @@ async fn reset_then_client_reply_off_in_one_pipeline_keeps_counting_replies(mode
 async fn a_script_reply_nested_deeper_than_1024_levels_reaches_the_client(mode: Mode) {
     let port = free_port();
     let shotover = mode.start(&passthrough(port, &redis_addr(), ""));
-    let script = "local t = {} local c = t for i = 1, 3000 do local n = {} c[1] = n c = n end c[1] = 7 return t";
-    let request = format!(
-        "*3\r\n$4\r\nEVAL\r\n${}\r\n{script}\r\n$1\r\n0\r\n",
-        script.len()
-    );
-    let mut expected = b"*1\r\n".repeat(3001);
-    expected.extend_from_slice(b":7\r\n");
+    let (request, expected) = nested_script(3000);
     // What Redis itself answers, so the test checks the proxy against Redis.
     let direct = raw(&redis_addr(), request.as_bytes(), expected.len());
     assert_eq!(direct, expected, "Redis's own reply");

@@ -118,6 +118,70 @@ async fn debug_printer_logs_requests_and_responses(mode: Mode) {
     shotover.stop();
 }
 
+/// Every request and reply parsed and encoded again by the proxy's RESP codec: RESP2 and
+/// RESP3 clients (maps, sets, pushes, transactions), an inline command and a 1 MiB binary
+/// value read the same as without it, and nothing failed to parse.
+async fn debug_force_encode_re_encodes_every_message_and_clients_see_no_difference(mode: Mode) {
+    let port = free_port();
+    let chain = format!(
+        "        - DebugForceEncode: {{ name: \"encode\", encode_requests: true, encode_responses: true }}\n{}",
+        sink("sink")
+    );
+    let shotover = mode.start(&source(port, &chain));
+    let out = python(
+        "resp3.py",
+        &["127.0.0.1", &port.to_string(), &prefix("encode")],
+    );
+    assert!(out.contains("resp3 ok"), "{out}");
+    // An inline command is re-encoded as a multibulk: Redis answers it all the same.
+    let reply = raw(&format!("127.0.0.1:{port}"), b"PING inline\r\n", 13);
+    assert_eq!(reply, b"$6\r\ninline\r\n");
+    let key = format!("{}bin", prefix("encode"));
+    let value: Vec<u8> = (0..1024 * 1024).map(|i| (i % 256) as u8).collect();
+    let mut con = connect(port).await;
+    let () = redis::cmd("SET")
+        .arg(&key)
+        .arg(&value)
+        .query_async(&mut con)
+        .await
+        .expect("SET");
+    let back: Vec<u8> = redis::cmd("GET")
+        .arg(&key)
+        .query_async(&mut con)
+        .await
+        .expect("GET");
+    assert!(back == value, "the value came back different");
+    assert_eq!(
+        shotover.metric(r#"shotover_debug_force_unparsed_count{chain="redis",transform="encode"}"#),
+        Some(0.0)
+    );
+    shotover.stop();
+}
+
+/// DebugForceParse parses and passes the bytes on as read; a reply it cannot parse (nested
+/// deeper than the parser's cap) still reaches the client, and is counted.
+async fn debug_force_parse_passes_on_what_it_cannot_parse(mode: Mode) {
+    let port = free_port();
+    let chain = format!(
+        "        - DebugForceParse: {{ name: \"parse\", parse_requests: true, parse_responses: true }}\n{}",
+        sink("sink")
+    );
+    let shotover = mode.start(&source(port, &chain));
+    // A Lua table nested 2000 deep: Redis sends it as nested arrays.
+    let (request, expected) = nested_script(2000);
+    let got = raw(
+        &format!("127.0.0.1:{port}"),
+        request.as_bytes(),
+        expected.len(),
+    );
+    assert!(got == expected, "the reply differs ({} bytes)", got.len());
+    assert_eq!(
+        shotover.metric(r#"shotover_debug_force_unparsed_count{chain="redis",transform="parse"}"#),
+        Some(1.0)
+    );
+    shotover.stop();
+}
+
 async fn query_counter_counts_requests_by_command(mode: Mode) {
     let port = free_port();
     let chain = format!(
@@ -450,6 +514,8 @@ fn request_throttling_answers_overloaded_beyond_its_rate_in_reply_order(mode: Mo
 crate::in_both_modes!(
     async: [
         debug_printer_logs_requests_and_responses,
+        debug_force_encode_re_encodes_every_message_and_clients_see_no_difference,
+        debug_force_parse_passes_on_what_it_cannot_parse,
         query_counter_counts_requests_by_command,
         query_type_filter_refuses_what_is_denied_and_keeps_reply_order,
         coalesce_holds_requests_until_the_count_is_reached,

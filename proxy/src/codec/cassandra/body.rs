@@ -60,6 +60,22 @@ pub fn body<'a>(
     }
 }
 
+/// `body` compressed the way [`body`] decompresses it.
+pub fn compress(body: &[u8], compression: Compression) -> Vec<u8> {
+    match compression {
+        Compression::None => body.to_vec(),
+        Compression::Lz4 => {
+            let mut out = Vec::with_capacity(4 + body.len() / 2);
+            out.extend_from_slice(&(body.len() as u32).to_be_bytes());
+            out.extend_from_slice(&lz4_flex::block::compress(body));
+            out
+        }
+        Compression::Snappy => snap::raw::Encoder::new()
+            .compress_vec(body)
+            .unwrap_or_else(|_| body.to_vec()),
+    }
+}
+
 /// Where the message proper starts in a body: after the tracing id (a response with the
 /// TRACING flag), the warnings (WARNING) and the custom payload (CUSTOM_PAYLOAD).
 pub fn extras_len(header: &Header, body: &[u8]) -> Result<usize, BodyError> {

@@ -144,7 +144,12 @@ fn pairs_out(out: &mut BytesMut, kind: u8, pairs: &[(RedisFrame, RedisFrame)]) {
     }
 }
 
-const MAX_DEPTH: usize = 1024;
+/// How deep a parsed value may nest. Parsing, encoding, printing and dropping a value recurse
+/// once per level, on the stack of the worker that serves the connection: 128 levels stay far
+/// inside it (1024 overflowed a debug build's 2 MiB stack). Deeper replies are still framed
+/// and forwarded (the response decoder does not recurse); only a transform that parses them
+/// gets this error.
+pub const MAX_DEPTH: usize = 128;
 
 fn parse_at(b: &Bytes, pos: &mut usize, depth: usize) -> Result<RedisFrame, ParseError> {
     if depth > MAX_DEPTH {

@@ -955,3 +955,24 @@ fn a_bad_request_keeps_failing_the_stream() {
     // The bad line was consumed, but the stream stays failed: nothing after it is read.
     assert_eq!(decoder.decode(&mut buf).expect_err("still failed"), first);
 }
+
+#[test]
+fn values_nested_deeper_than_the_cap_are_an_error_not_a_stack_overflow() {
+    use super::frame::MAX_DEPTH;
+    let nested = |levels: usize| {
+        let mut b = b"*1\r\n".repeat(levels);
+        b.extend_from_slice(b":7\r\n");
+        Bytes::from(b)
+    };
+    let at_cap = nested(MAX_DEPTH);
+    let frame = RedisFrame::parse(&at_cap).expect("parses at the cap");
+    assert_eq!(frame.to_bytes(), at_cap, "encodes back the same");
+    assert!(!frame.to_string().is_empty());
+    for levels in [MAX_DEPTH + 1, 100_000] {
+        assert_eq!(
+            RedisFrame::parse(&nested(levels)),
+            Err(ParseError("nested too deeply")),
+            "{levels} levels"
+        );
+    }
+}

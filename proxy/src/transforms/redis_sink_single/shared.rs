@@ -650,7 +650,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
             let frame = match decoder.decode(&mut buf) {
                 Ok(Some(frame)) => frame,
                 Ok(None) => break,
-                Err(e) => break 'run format!("upstream {addr} sent a malformed response: {e}"),
+                Err(e) => break 'run format!("sent a malformed response: {e}"),
             };
             if frame.first() == Some(&b'>') {
                 metrics.stray.inc();
@@ -661,9 +661,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 None => match slots.try_recv() {
                     Ok(w) => current.insert(w),
                     Err(_) => {
-                        break 'run format!(
-                            "upstream {addr} sent a reply to no request on a shared connection"
-                        );
+                        break 'run "sent a reply to no request on a shared connection".to_string();
                     }
                 },
             };
@@ -696,11 +694,11 @@ async fn read_loop<R: AsyncRead + Unpin>(
         };
         tokio::select! {
             read = reader.read_buf(&mut buf) => match read {
-                Ok(0) => break format!("upstream {addr} closed the connection"),
+                Ok(0) => break "closed the connection".to_string(),
                 Ok(_) => {}
-                Err(e) => break format!("upstream {addr} failed: {e}"),
+                Err(e) => break format!("failed: {e}"),
             },
-            _ = cancel.cancelled() => break format!("upstream {addr}: the shared connection failed"),
+            _ = cancel.cancelled() => break "the shared connection failed".to_string(),
             // A batch written while nothing was waiting: take it now, so that the read
             // timeout covers it. (Only then: it costs a wake-up per batch.)
             next = slots.recv(), if read_timeout.is_some() && current.is_none() && !slots.is_closed() => {
@@ -709,7 +707,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 }
             }
             _ = timeout => break format!(
-                "upstream {addr} sent no reply within the read_timeout of {} s",
+                "sent no reply within the read_timeout of {} s",
                 read_timeout.map_or(0, |t| t.as_secs())
             ),
         }
@@ -722,6 +720,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
         tracing::debug!(upstream = %addr, error = %error, "a shared upstream connection closed");
     }
     slots.close();
+    // Each client's error reply names the upstream before this text.
     let text = format!("{error} (the requests may have run)");
     for mut waiting in current
         .into_iter()
