@@ -294,6 +294,102 @@ async fn keyless_commands_reach_every_master() {
     shotover.stop();
 }
 
+/// An ACL user of the cluster (made on every node for this test): its AUTH, and a HELLO with
+/// AUTH, apply on every node the client's requests reach; the nodes' own refusals
+/// (NOPERM for a key outside the user's patterns, WRONGPASS) reach the client.
+#[tokio::test(flavor = "multi_thread")]
+async fn auth_and_hello_credentials_apply_on_every_node_the_client_reaches() {
+    use std::io::Write;
+    let _layout = LAYOUT.read().await;
+    let p = prefix("acl");
+    let user = format!("{}user", p.replace(':', "_"));
+    let pattern = format!("~{p}*");
+    for addr in cluster_addrs() {
+        let ok = cli(
+            &addr,
+            &["acl", "setuser", &user, "on", ">secret", &pattern, "+@all"],
+        );
+        assert_eq!(ok, "OK", "ACL SETUSER on {addr}");
+    }
+    let port = free_port();
+    let shotover = Shotover::start(&hiding_topology(port, &cluster_addrs(), ""));
+    let client =
+        redis::Client::open(format!("redis://{user}:secret@127.0.0.1:{port}/")).expect("client");
+    let mut conn = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("AUTH through the proxy");
+    let whoami: String = redis::cmd("ACL")
+        .arg("WHOAMI")
+        .query_async(&mut conn)
+        .await
+        .expect("ACL WHOAMI");
+    assert_eq!(whoami, user);
+    // Keys on every master, written and read as the user.
+    let pairs: Vec<(String, String)> = (0..100)
+        .map(|i| (format!("{p}{i}"), i.to_string()))
+        .collect();
+    let () = conn.mset(&pairs).await.expect("MSET as the user");
+    let keys: Vec<&String> = pairs.iter().map(|(k, _)| k).collect();
+    let values: Vec<String> = conn.mget(&keys).await.expect("MGET as the user");
+    assert_eq!(
+        values,
+        pairs.iter().map(|(_, v)| v.clone()).collect::<Vec<_>>()
+    );
+    let masters: Vec<String> = nodes().into_iter().filter(|n| n.2).map(|n| n.1).collect();
+    for m in &masters {
+        assert!(
+            !cli(m, &["keys", &format!("{p}*")]).is_empty(),
+            "{m} got some keys"
+        );
+    }
+    // The node refuses what the user may not do, as it would directly.
+    let err = conn
+        .set::<_, _, ()>(format!("outside-{p}"), 1)
+        .await
+        .expect_err("a key outside the user's pattern");
+    assert!(err.to_string().contains("no permissions"), "NOPERM: {err}");
+    // Another client, as the default user, shares the nodes' connections of its own lane:
+    // it may write that key, and the user still may not.
+    let mut default = connect(port).await;
+    let () = default
+        .set(format!("outside-{p}"), 1)
+        .await
+        .expect("the default user may");
+    let err = conn
+        .get::<_, i64>(format!("outside-{p}"))
+        .await
+        .expect_err("still refused to the user");
+    assert!(err.to_string().contains("no permissions"), "NOPERM: {err}");
+    let _: i64 = default.del(format!("outside-{p}")).await.expect("DEL");
+    // HELLO 3 with AUTH on a connection of its own; a wrong password is WRONGPASS.
+    let mut raw = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    let hello = format!(
+        "*5\r\n$5\r\nHELLO\r\n$1\r\n3\r\n$4\r\nAUTH\r\n${}\r\n{user}\r\n$5\r\nwrong\r\n",
+        user.len()
+    );
+    raw.write_all(hello.as_bytes()).expect("write");
+    let reply =
+        String::from_utf8_lossy(&read_available(&mut raw, 10, Duration::from_secs(5))).into_owned();
+    assert!(reply.starts_with("-WRONGPASS"), "{reply:?}");
+    let hello = hello.replace("$5\r\nwrong", "$6\r\nsecret");
+    let whoami = "*2\r\n$3\r\nACL\r\n$6\r\nWHOAMI\r\n";
+    let key = &pairs[7].0;
+    let get = format!("*2\r\n$3\r\nGET\r\n${}\r\n{key}\r\n", key.len());
+    raw.write_all(format!("{hello}{whoami}{get}").as_bytes())
+        .expect("write");
+    let expected_tail = format!("${}\r\n{user}\r\n$1\r\n7\r\n", user.len());
+    let reply = read_available(&mut raw, usize::MAX, Duration::from_secs(3));
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(reply.starts_with('%'), "HELLO 3 answers a map: {reply:?}");
+    assert!(reply.ends_with(&expected_tail), "{reply:?}");
+    let _: i64 = conn.del(&keys).await.expect("DEL");
+    shotover.stop();
+    for addr in cluster_addrs() {
+        cli(&addr, &["acl", "deluser", &user]);
+    }
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn contact_points_that_are_down_are_skipped_and_all_down_is_an_error_per_request() {
     let _layout = LAYOUT.read().await;
