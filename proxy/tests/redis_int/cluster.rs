@@ -143,6 +143,58 @@ fn plain_redis_py_through_the_hiding_proxy(encode: bool) {
     shotover.stop();
 }
 
+/// A cluster that speaks only TLS (`e2e/services up redis-cluster-tls`), hidden behind a
+/// proxy that speaks TLS to its clients too, as upstream's `cluster-tls` topology: redis-py's
+/// whole plain-client run passes, with its own direct checks of the nodes over TLS.
+#[test]
+fn redis_py_sees_one_redis_through_a_tls_hiding_proxy_to_a_tls_cluster() {
+    let nodes = std::env::var("REDIS_CLUSTER_TLS_ADDRS").expect(
+        "REDIS_CLUSTER_TLS_ADDRS is not set: start the TLS cluster with `eval \"$(e2e/services up redis-cluster-tls)\"` (the test command does this)",
+    );
+    let ca = std::env::var("REDIS_CLUSTER_TLS_CA").expect("REDIS_CLUSTER_TLS_CA (e2e/services)");
+    let dir = std::path::Path::new(&ca)
+        .parent()
+        .expect("the CA's folder")
+        .to_path_buf();
+    let port = free_port();
+    let points: Vec<String> = nodes.split(',').map(|p| format!("\"{p}\"")).collect();
+    let topology = format!(
+        r#"
+sources:
+  - Valkey:
+      name: "redis"
+      listen_addr: "127.0.0.1:{port}"
+      tls:
+        certificate_path: "{crt}"
+        private_key_path: "{key}"
+      chain:
+        - ValkeySinkCluster:
+            name: "cluster"
+            first_contact_points: [{points}]
+            connect_timeout_ms: 3000
+            tls:
+              certificate_authority_path: "{ca}"
+              verify_hostname: true
+"#,
+        crt = dir.join("server.crt").display(),
+        key = dir.join("server.key").display(),
+        points = points.join(", "),
+    );
+    let shotover = Shotover::start(&topology);
+    let out = python(
+        "cluster_plain.py",
+        &[
+            "127.0.0.1",
+            &port.to_string(),
+            &prefix("cluster_tls"),
+            &nodes,
+            &ca,
+        ],
+    );
+    assert!(out.contains("cluster plain ok"), "{out}");
+    shotover.stop();
+}
+
 #[test]
 fn cluster_aware_redis_py_talks_only_to_the_proxy_with_the_ports_rewrite() {
     let _layout = LAYOUT.blocking_read();

@@ -1,7 +1,11 @@
 """redis-py's plain client (RESP2 and RESP3) through a proxy that hides a Redis Cluster: keys
 over every master, multi-key commands split and merged, pipelines, transactions in one slot
 (and CROSSSLOT otherwise), WATCH, SCAN that sees every key once, pub/sub and sharded pub/sub,
-blocking commands and scripts."""
+blocking commands and scripts.
+
+    cluster_plain.py HOST PORT PREFIX NODE,NODE,... [CA]
+
+With CA, the proxy and the nodes are reached over TLS, verified against CA."""
 import sys
 import threading
 import time
@@ -9,19 +13,20 @@ import time
 import redis
 
 host, port, prefix, nodes = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4].split(",")
+tls = {"ssl": True, "ssl_ca_certs": sys.argv[5]} if len(sys.argv) > 5 else {}
 
 masters = []
 for addr in nodes:
     h, p = addr.rsplit(":", 1)
-    direct = redis.Redis(host=h, port=int(p), decode_responses=True)
+    direct = redis.Redis(host=h, port=int(p), decode_responses=True, **tls)
     if direct.info("replication")["role"] == "master":
         masters.append(direct)
 assert len(masters) == 3, masters
 
 for proto in (2, 3):
     pre = f"{prefix}p{proto}:"
-    r = redis.Redis(host=host, port=port, protocol=proto, decode_responses=True)
-    other = redis.Redis(host=host, port=port, protocol=proto, decode_responses=True)
+    r = redis.Redis(host=host, port=port, protocol=proto, decode_responses=True, **tls)
+    other = redis.Redis(host=host, port=port, protocol=proto, decode_responses=True, **tls)
     assert r.ping()
 
     # 3000 keys, written in pipelines: they land on every master.
@@ -99,7 +104,9 @@ for proto in (2, 3):
 
     # Pub/sub and sharded pub/sub, published through another connection of the proxy.
     for sharded in (False, True):
-        sub = redis.Redis(host=host, port=port, protocol=proto, decode_responses=True).pubsub()
+        sub = redis.Redis(
+            host=host, port=port, protocol=proto, decode_responses=True, **tls
+        ).pubsub()
         channel = f"{pre}ch{sharded}"
         (sub.ssubscribe if sharded else sub.subscribe)(channel)
         deadline = time.time() + 5
