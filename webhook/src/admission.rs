@@ -64,6 +64,29 @@ async fn admit(AxumState(state): AxumState<Arc<State>>, body: Bytes) -> Response
                 .ok()
                 .and_then(|r| TryInto::<AdmissionRequest<DynamicObject>>::try_into(r).ok())
             {
+                // A Pod to create that does not read as a Pod: refused as malformed, never
+                // admitted without the sidecar it may have asked for.
+                Some(req)
+                    if req.kind.kind == "Pod"
+                        && req.operation == Operation::Create
+                        && req.sub_resource.is_none() =>
+                {
+                    let message = format!("the Pod does not parse: {e}");
+                    state.metrics.admission(
+                        Outcome::Refused(Refuse::Malformed),
+                        req.dry_run,
+                        start.elapsed().as_secs_f64(),
+                    );
+                    info!(
+                        namespace = req.namespace.as_deref().unwrap_or_default(),
+                        reason = Refuse::Malformed.as_str(),
+                        "refused: {message}"
+                    );
+                    let mut response = AdmissionResponse::from(&req).deny(&message);
+                    response.result.code = 400;
+                    response.result.reason = Refuse::Malformed.as_str().to_owned();
+                    json(response.into_review())
+                }
                 Some(req) => {
                     state.metrics.admission(
                         Outcome::Skipped(Skip::NotPodCreate),
@@ -90,7 +113,19 @@ async fn admit(AxumState(state): AxumState<Arc<State>>, body: Bytes) -> Response
                 .into_response();
         }
     };
-    let decision = decide(&state, &req).await;
+    let decision = match decide(&state, &req).await {
+        Ok(decision) => decision,
+        // Not the Pod's fault and not the topology's: the webhook's failurePolicy decides.
+        Err(error) => {
+            state.metrics.admission(
+                Outcome::ApiserverError,
+                req.dry_run,
+                start.elapsed().as_secs_f64(),
+            );
+            warn!(pod = %pod_display_name(&req), namespace = req.namespace.as_deref().unwrap_or_default(), %error, "answering HTTP 500: the apiserver could not be read");
+            return (StatusCode::INTERNAL_SERVER_ERROR, error).into_response();
+        }
+    };
     let elapsed = start.elapsed().as_secs_f64();
     state
         .metrics
@@ -110,6 +145,7 @@ async fn admit(AxumState(state): AxumState<Arc<State>>, body: Bytes) -> Response
         Outcome::Skipped(skip) => {
             debug!(pod = %pod_name, %namespace, reason = skip.as_str(), "skipped")
         }
+        Outcome::ApiserverError => {}
     }
     if !req.dry_run
         && let Some(event) = decision.event
@@ -146,7 +182,8 @@ struct Decision {
     event: Option<PendingEvent>,
 }
 
-async fn decide(state: &State, req: &AdmissionRequest<Pod>) -> Decision {
+/// The decision on one request; `Err` when the apiserver could not be read to make it.
+async fn decide(state: &State, req: &AdmissionRequest<Pod>) -> Result<Decision, String> {
     let allow = AdmissionResponse::from(req);
     let skip = |skip: Skip| Decision {
         response: AdmissionResponse::from(req),
@@ -155,13 +192,13 @@ async fn decide(state: &State, req: &AdmissionRequest<Pod>) -> Decision {
         event: None,
     };
     let Some(pod) = req.object.as_ref() else {
-        return skip(Skip::NotPodCreate);
+        return Ok(skip(Skip::NotPodCreate));
     };
     if req.operation != Operation::Create || req.kind.kind != "Pod" || req.sub_resource.is_some() {
-        return skip(Skip::NotPodCreate);
+        return Ok(skip(Skip::NotPodCreate));
     }
     let namespace = req.namespace.clone().unwrap_or_default();
-    let ns = state.namespace_meta(&namespace).await;
+    let ns = state.namespace_meta(&namespace).await?;
     let settings = Settings {
         own_namespace: state.own_namespace.clone(),
         native_sidecar_default: state.native_sidecar.load(Ordering::Relaxed),
@@ -186,7 +223,7 @@ async fn decide(state: &State, req: &AdmissionRequest<Pod>) -> Decision {
         }
     };
     let selected = match inject::select(pod, &namespace, &ns, &settings) {
-        Err(refusal) => return refuse(refusal, None),
+        Err(refusal) => return Ok(refuse(refusal, None)),
         Ok(Err(s)) => {
             let mut decision = skip(s);
             if s.asked() {
@@ -198,13 +235,13 @@ async fn decide(state: &State, req: &AdmissionRequest<Pod>) -> Decision {
                     note: format!("Pod {pod_name}: {}", s.message()),
                 });
             }
-            return decision;
+            return Ok(decision);
         }
         Ok(Ok(selected)) => selected,
     };
-    let rendered = match state.topology(&namespace, &selected.topology).await {
+    let rendered = match state.topology(&namespace, &selected.topology).await? {
         None => {
-            return refuse(
+            return Ok(refuse(
                 Refusal::new(
                     Refuse::TopologyNotFound,
                     format!(
@@ -213,13 +250,13 @@ async fn decide(state: &State, req: &AdmissionRequest<Pod>) -> Decision {
                     ),
                 ),
                 None,
-            );
+            ));
         }
         Some(rendered) => rendered,
     };
     let rendered = match rendered.as_ref() {
         Err((message, reference)) => {
-            return refuse(
+            return Ok(refuse(
                 Refusal::new(
                     Refuse::TopologyInvalid,
                     format!(
@@ -228,11 +265,11 @@ async fn decide(state: &State, req: &AdmissionRequest<Pod>) -> Decision {
                     ),
                 ),
                 Some(reference.clone()),
-            );
+            ));
         }
         Ok(rendered) => rendered,
     };
-    match inject::inject(pod, &ns, rendered, &settings) {
+    Ok(match inject::inject(pod, &ns, rendered, &settings) {
         Err(refusal) => refuse(refusal, Some(rendered.topology.object_ref(&()))),
         Ok(injection) => {
             let message = format!(
@@ -258,10 +295,10 @@ async fn decide(state: &State, req: &AdmissionRequest<Pod>) -> Decision {
                     response
                 }
                 Err(e) => {
-                    return refuse(
+                    return Ok(refuse(
                         Refusal::new(Refuse::Malformed, format!("cannot build the patch: {e}")),
                         None,
-                    );
+                    ));
                 }
             };
             Decision {
@@ -276,7 +313,7 @@ async fn decide(state: &State, req: &AdmissionRequest<Pod>) -> Decision {
                 message,
             }
         }
-    }
+    })
 }
 
 /// The Pod's controller (ReplicaSet, Job, StatefulSet...), which Events are about: the Pod
@@ -302,26 +339,27 @@ fn owner_reference(pod: &Pod, namespace: &str) -> Option<ObjectReference> {
 type Lookup = Arc<Result<RenderedTopology, (String, ObjectReference)>>;
 
 impl State {
-    async fn namespace_meta(&self, namespace: &str) -> NamespaceMeta {
+    /// The namespace's labels and annotations; `Err` when the apiserver cannot be read.
+    async fn namespace_meta(&self, namespace: &str) -> Result<NamespaceMeta, String> {
         let meta = match self.namespaces.get(&ObjectRef::new(namespace)) {
             Some(ns) => Some(ns.metadata.clone()),
             // Created a moment ago and not in the cache yet: ask.
             None => Api::<Namespace>::all(self.client.clone())
                 .get_metadata_opt(namespace)
                 .await
-                .ok()
-                .flatten()
+                .map_err(|e| format!("cannot read Namespace {namespace}: {e}"))?
                 .map(|ns| ns.metadata),
         };
         let meta = meta.unwrap_or_default();
-        NamespaceMeta {
+        Ok(NamespaceMeta {
             labels: meta.labels.unwrap_or_default(),
             annotations: meta.annotations.unwrap_or_default(),
-        }
+        })
     }
 
-    /// The topology, rendered (once per resourceVersion); `None` when it does not exist.
-    async fn topology(&self, namespace: &str, name: &str) -> Option<Lookup> {
+    /// The topology, rendered (once per resourceVersion); `None` when it does not exist,
+    /// `Err` when the apiserver cannot be read.
+    async fn topology(&self, namespace: &str, name: &str) -> Result<Option<Lookup>, String> {
         let topology = match self.topologies.get(&ObjectRef::new(name).within(namespace)) {
             Some(t) => t,
             // Created a moment ago and not in the cache yet: ask.
@@ -330,10 +368,11 @@ impl State {
                 .await
             {
                 Ok(Some(t)) => Arc::new(t),
-                Ok(None) => return None,
+                Ok(None) => return Ok(None),
                 Err(e) => {
-                    warn!(error = %e, %namespace, %name, "cannot read the ShotoverTopology");
-                    return None;
+                    return Err(format!(
+                        "cannot read ShotoverTopology {namespace}/{name}: {e}"
+                    ));
                 }
             },
         };
@@ -347,7 +386,7 @@ impl State {
         if let Some((v, rendered)) = cache.get(&key)
             && *v == version
         {
-            return Some(rendered.clone());
+            return Ok(Some(rendered.clone()));
         }
         let rendered: Lookup = Arc::new(match render(&topology) {
             Ok(r) => Ok(RenderedTopology {
@@ -358,7 +397,7 @@ impl State {
             Err(e) => Err((e.to_string(), topology.object_ref(&()))),
         });
         cache.insert(key, (version, rendered.clone()));
-        Some(rendered)
+        Ok(Some(rendered))
     }
 }
 

@@ -19,6 +19,9 @@ pub enum Outcome {
     Injected,
     Skipped(Skip),
     Refused(Refuse),
+    /// Not decided: the apiserver could not be read (answered HTTP 500, so the webhook's
+    /// `failurePolicy` applies).
+    ApiserverError,
 }
 
 #[derive(Debug)]
@@ -26,6 +29,7 @@ pub struct Metrics {
     injected: AtomicU64,
     skipped: [AtomicU64; Skip::ALL.len()],
     refused: [AtomicU64; Refuse::ALL.len()],
+    apiserver_errors: AtomicU64,
     dry_run: AtomicU64,
     duration: Histogram,
     cert_not_after: AtomicI64,
@@ -39,6 +43,7 @@ impl Default for Metrics {
             injected: AtomicU64::new(0),
             skipped: Default::default(),
             refused: Default::default(),
+            apiserver_errors: AtomicU64::new(0),
             dry_run: AtomicU64::new(0),
             duration: Histogram::new(&BUCKETS),
             cert_not_after: AtomicI64::new(0),
@@ -63,6 +68,7 @@ impl Metrics {
             Outcome::Refused(refuse) => {
                 &self.refused[Refuse::ALL.iter().position(|r| *r == refuse).unwrap_or(0)]
             }
+            Outcome::ApiserverError => &self.apiserver_errors,
         }
         .fetch_add(1, Ordering::Relaxed);
         self.duration.observe(seconds);
@@ -109,6 +115,11 @@ impl Metrics {
         }
         let _ = writeln!(
             out,
+            "shotover_webhook_admissions_total{{result=\"error\",reason=\"apiserver-unavailable\"}} {}",
+            self.apiserver_errors.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
             "# HELP shotover_webhook_dry_run_requests_total Dry-run admission requests (answered alike, without Events).\n# TYPE shotover_webhook_dry_run_requests_total counter\nshotover_webhook_dry_run_requests_total {}",
             self.dry_run.load(Ordering::Relaxed)
         );
@@ -147,6 +158,7 @@ mod tests {
         m.admission(Outcome::Skipped(Skip::HostNetwork), false, 0.001);
         m.admission(Outcome::Refused(Refuse::TopologyNotFound), false, 0.002);
         m.admission(Outcome::Injected, true, 0.001);
+        m.admission(Outcome::ApiserverError, false, 0.001);
         m.certificate_reloaded();
         let text = m.render();
         for line in [
@@ -154,9 +166,10 @@ mod tests {
             "shotover_webhook_admissions_total{result=\"skipped\",reason=\"host-network\"} 1\n",
             "shotover_webhook_admissions_total{result=\"skipped\",reason=\"not-opted-in\"} 0\n",
             "shotover_webhook_admissions_total{result=\"refused\",reason=\"topology-not-found\"} 1\n",
+            "shotover_webhook_admissions_total{result=\"error\",reason=\"apiserver-unavailable\"} 1\n",
             "shotover_webhook_dry_run_requests_total 1\n",
-            "shotover_webhook_admission_duration_seconds_count 3\n",
-            "shotover_webhook_admission_duration_seconds_bucket{le=\"0.001\"} 2\n",
+            "shotover_webhook_admission_duration_seconds_count 4\n",
+            "shotover_webhook_admission_duration_seconds_bucket{le=\"0.001\"} 3\n",
             "shotover_webhook_certificate_reloads_total 1\n",
         ] {
             assert!(text.contains(line), "{line} not in\n{text}");

@@ -209,6 +209,13 @@ impl Setup {
 
     /// A webhook process sharing the release's Secret, listening on `port`, once ready.
     async fn spawn_webhook(&self, port: u16, extra: &[&str]) -> Webhook {
+        self.spawn_webhook_as(port, extra, &format!("{}-webhook", self.release))
+            .await
+    }
+
+    /// [`Self::spawn_webhook`], acting as the ServiceAccount `account` of the release's
+    /// namespace.
+    async fn spawn_webhook_as(&self, port: u16, extra: &[&str], account: &str) -> Webhook {
         let http = format!("127.0.0.1:{}", free_port());
         let mut cmd = Command::new(workspace_binary("shotover-webhook", "shotover-webhook"));
         cmd.args([
@@ -231,10 +238,7 @@ impl Setup {
         ])
         .args(extra)
         .env("RUST_LOG", "info")
-        .env(
-            "KUBECONFIG",
-            service_account_kubeconfig(&self.sys, &format!("{}-webhook", self.release)),
-        );
+        .env("KUBECONFIG", service_account_kubeconfig(&self.sys, account));
         let process = Process::start(&format!("webhook :{port}"), &mut cmd);
         wait_for("the webhook to be ready", LONG, || async {
             get(&http, "/readyz").map(|_| ())
@@ -618,6 +622,165 @@ async fn pods_asking_for_a_missing_or_invalid_topology_are_refused_saying_why() 
         (!setup.events("SidecarInjectionRefused").await.is_empty()).then_some(())
     })
     .await;
+}
+
+/// POSTs an AdmissionReview of `pod` (a JSON object, CREATE in `namespace`) straight to a
+/// webhook on `port`; returns the HTTP status and the body.
+fn review(port: u16, namespace: &str, pod: Value) -> (u16, String) {
+    let body = json!({
+        "apiVersion": "admission.k8s.io/v1",
+        "kind": "AdmissionReview",
+        "request": {
+            "uid": "00000000-0000-0000-0000-000000000001",
+            "kind": {"group": "", "version": "v1", "kind": "Pod"},
+            "resource": {"group": "", "version": "v1", "resource": "pods"},
+            "namespace": namespace,
+            "operation": "CREATE",
+            "userInfo": {"username": "test"},
+            "object": pod,
+            "dryRun": false,
+        }
+    });
+    let out = run(
+        Command::new("curl").args([
+            "-sk",
+            "-X",
+            "POST",
+            "-H",
+            "Content-Type: application/json",
+            "--data-binary",
+            "@-",
+            "-w",
+            "\n%{http_code}",
+            &format!("https://127.0.0.1:{port}/inject"),
+        ]),
+        Some(&body.to_string()),
+    );
+    let (body, code) = out
+        .trim_end()
+        .rsplit_once('\n')
+        .expect("curl's status line");
+    (code.parse().expect("HTTP status"), body.to_owned())
+}
+
+/// The webhook never answers for someone else's mistake with a refusal that looks like the
+/// Pod's: when the apiserver cannot be read on a cache miss (here: the webhook's identity
+/// may list and watch topologies but not get one), it answers HTTP 500, so the webhook's
+/// `failurePolicy` decides; a Pod that does not parse is refused as malformed, never
+/// admitted without its sidecar.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apiserver_errors_are_http_500_and_unparsable_pods_are_refused_as_malformed() {
+    let setup = Setup::new("apiserver_errors", "Fail", &[]).await;
+    let (sys, release) = (&setup.sys, &setup.release);
+    let limited = format!("{release}-limited");
+    let rbac = format!(
+        r#"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {{name: {limited}}}
+rules:
+  - {{apiGroups: [shotover.io], resources: [shotovertopologies], verbs: [list, watch]}}
+  - {{apiGroups: [""], resources: [namespaces], verbs: [get, list, watch]}}
+  - {{apiGroups: [""], resources: [nodes], verbs: [list]}}
+  - {{apiGroups: [events.k8s.io], resources: [events], verbs: [create, patch]}}
+  - {{apiGroups: [admissionregistration.k8s.io], resources: [mutatingwebhookconfigurations], verbs: [get, patch]}}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {{name: {limited}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: {limited}}}
+subjects: [{{kind: ServiceAccount, name: {limited}, namespace: {sys}}}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: {limited}, namespace: {sys}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: Role, name: {release}-webhook-certificate}}
+subjects: [{{kind: ServiceAccount, name: {limited}, namespace: {sys}}}]
+"#
+    );
+    run(
+        Command::new("kubectl").args(["apply", "-f", "-"]),
+        Some(&rbac),
+    );
+    let port = free_port();
+    let webhook = setup.spawn_webhook_as(port, &[], &limited).await;
+    let ns = &setup.cluster.ns;
+    let pod = |annotations: Value, spec: Value| {
+        json!({
+            "metadata": {"name": "p", "namespace": ns, "labels": {"shotover.io/inject": "true"},
+                         "annotations": annotations},
+            "spec": spec,
+        })
+    };
+    let containers = json!({"containers": [{"name": "app", "image": "app:1"}]});
+
+    // Not in the cache (it does not exist): the webhook must ask, and may not.
+    let (code, body) = review(
+        port,
+        ns,
+        pod(
+            json!({"shotover.io/topology": "not-cached"}),
+            containers.clone(),
+        ),
+    );
+    assert_eq!(code, 500, "{body}");
+    assert!(
+        body.contains(&format!("cannot read ShotoverTopology {ns}/not-cached"))
+            && body.contains("forbidden"),
+        "{body}"
+    );
+    assert_eq!(
+        webhook.metric(
+            "shotover_webhook_admissions_total{result=\"error\",reason=\"apiserver-unavailable\"}"
+        ),
+        1.0
+    );
+    // The webhook with its real rights says the topology does not exist (a refusal).
+    let (code, body) = review(
+        setup.port,
+        ns,
+        pod(
+            json!({"shotover.io/topology": "not-cached"}),
+            containers.clone(),
+        ),
+    );
+    assert_eq!(code, 200, "{body}");
+    assert!(
+        body.contains("\"allowed\":false") && body.contains("does not exist"),
+        "{body}"
+    );
+
+    // A Pod whose containers are not a list.
+    let (code, body) = review(
+        port,
+        ns,
+        pod(
+            json!({"shotover.io/topology": "cache"}),
+            json!({"containers": "app"}),
+        ),
+    );
+    assert_eq!(code, 200, "{body}");
+    let answer: Value = serde_json::from_str(&body).expect("an AdmissionReview");
+    let response = &answer["response"];
+    assert_eq!(response["allowed"], json!(false), "{body}");
+    assert_eq!(response["status"]["code"], json!(400), "{body}");
+    assert_eq!(response["status"]["reason"], json!("malformed"), "{body}");
+    assert!(
+        response["status"]["message"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("the Pod does not parse")),
+        "{body}"
+    );
+    assert_eq!(
+        webhook
+            .metric("shotover_webhook_admissions_total{result=\"refused\",reason=\"malformed\"}"),
+        1.0
+    );
+    drop(webhook);
+    run(
+        Command::new("kubectl").args(["delete", "--ignore-not-found", "-f", "-"]),
+        Some(&rbac),
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
