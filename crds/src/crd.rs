@@ -342,6 +342,11 @@ pub struct ShotoverTopologyStatus {
     /// Name of the ConfigMap holding `topology.yaml` and `config.yaml`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_map: Option<String>,
+    /// The spec the configuration in the ConfigMap was rendered from (the last valid one):
+    /// while the topology is invalid, the webhook injects new Pods with it, with a warning.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "crate::schema::opaque")]
+    pub last_valid_spec: Option<serde_json::Value>,
     /// DB-side: proxy pods that exist, from the StatefulSet's status.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replicas: Option<i32>,

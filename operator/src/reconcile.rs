@@ -149,6 +149,7 @@ pub async fn reconcile(
                 hash: rendered.hash.clone(),
                 config_map: names::config_map(&name),
             };
+            obs.valid_spec = serde_json::to_value(&topology.spec).ok();
             match apply_all(&ctx, &topology, &namespace, &rendered).await {
                 Ok(db_side) => obs.db_side = db_side,
                 Err(e) => {

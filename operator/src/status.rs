@@ -19,6 +19,8 @@ pub struct Observation {
     pub generation: Option<i64>,
     /// The topology rendered: its hash; or why not.
     pub config: ConfigOutcome,
+    /// The spec that rendered, when it did.
+    pub valid_spec: Option<serde_json::Value>,
     /// A write to the apiserver failed (the message says which).
     pub apply_error: Option<String>,
     /// DB-side mode: the StatefulSet as last seen.
@@ -123,13 +125,18 @@ pub fn reconciled(
     now: &Time,
 ) -> (ShotoverTopologyStatus, Vec<Transition>) {
     let previous_hash = previous.and_then(|s| s.config_hash.clone());
-    let (config_hash, config_map) = match &obs.config {
-        ConfigOutcome::Valid { hash, config_map } if obs.apply_error.is_none() => {
-            (Some(hash.clone()), Some(config_map.clone()))
-        }
+    let (config_hash, config_map, last_valid_spec) = match &obs.config {
+        ConfigOutcome::Valid { hash, config_map } if obs.apply_error.is_none() => (
+            Some(hash.clone()),
+            Some(config_map.clone()),
+            obs.valid_spec
+                .clone()
+                .or_else(|| previous.and_then(|s| s.last_valid_spec.clone())),
+        ),
         _ => (
             previous_hash.clone(),
             previous.and_then(|s| s.config_map.clone()),
+            previous.and_then(|s| s.last_valid_spec.clone()),
         ),
     };
 
@@ -235,6 +242,7 @@ pub fn reconciled(
         conditions: Vec::new(),
         config_hash,
         config_map,
+        last_valid_spec,
         replicas: stateful_set.map(|s| s.replicas),
         ready_replicas: stateful_set.map(|s| s.ready_replicas),
         sidecars,

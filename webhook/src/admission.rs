@@ -269,6 +269,15 @@ async fn decide(state: &State, req: &AdmissionRequest<Pod>) -> Result<Decision, 
         }
         Ok(rendered) => rendered,
     };
+    let (rendered, invalid_now) = (&rendered.rendered, &rendered.invalid_now);
+    // Someone else's invalid edit does not block the app: the last valid configuration (the
+    // one in the operator's ConfigMap) is injected, with a warning.
+    let fallback = invalid_now.as_ref().map(|message| {
+        format!(
+            "ShotoverTopology {namespace}/{} is invalid ({message}): injected its last valid configuration, hash {}",
+            selected.topology, rendered.hash
+        )
+    });
     Ok(match inject::inject(pod, &ns, rendered, &settings) {
         Err(refusal) => refuse(refusal, Some(rendered.topology.object_ref(&()))),
         Ok(injection) => {
@@ -289,8 +298,10 @@ async fn decide(state: &State, req: &AdmissionRequest<Pod>) -> Result<Decision, 
             .and_then(|patch| allow.with_patch(patch).map_err(|e| e.to_string()))
             {
                 Ok(mut response) => {
-                    if !injection.warnings.is_empty() {
-                        response.warnings = Some(injection.warnings);
+                    let mut warnings = injection.warnings;
+                    warnings.extend(fallback.clone());
+                    if !warnings.is_empty() {
+                        response.warnings = Some(warnings);
                     }
                     response
                 }
@@ -301,15 +312,30 @@ async fn decide(state: &State, req: &AdmissionRequest<Pod>) -> Result<Decision, 
                     ));
                 }
             };
-            Decision {
-                response,
-                outcome: Outcome::Injected,
-                event: owner.map(|reference| PendingEvent {
+            let message = match &fallback {
+                Some(fallback) => format!("{message}; {fallback}"),
+                None => message,
+            };
+            // With the last valid configuration, the Warning goes to the topology (whose
+            // edit is at fault) when the Pod has no controller.
+            let event = match fallback {
+                None => owner.map(|reference| PendingEvent {
                     reference,
                     warning: false,
                     reason: "SidecarInjected",
                     note: format!("Pod {pod_name}: {message}"),
                 }),
+                Some(_) => Some(PendingEvent {
+                    reference: owner.unwrap_or_else(|| rendered.topology.object_ref(&())),
+                    warning: true,
+                    reason: "SidecarInjectedLastValidConfig",
+                    note: format!("Pod {pod_name}: {message}"),
+                }),
+            };
+            Decision {
+                response,
+                outcome: Outcome::Injected,
+                event,
                 message,
             }
         }
@@ -335,8 +361,16 @@ fn owner_reference(pod: &Pod, namespace: &str) -> Option<ObjectReference> {
     })
 }
 
-/// A rendered topology, or why it is invalid (with a reference for the Event).
-type Lookup = Arc<Result<RenderedTopology, (String, ObjectReference)>>;
+/// A topology to inject: rendered from its spec, or from its last valid spec while the
+/// current one is invalid (`invalid_now` says why).
+pub struct Usable {
+    pub rendered: RenderedTopology,
+    pub invalid_now: Option<String>,
+}
+
+/// A usable topology, or why it is invalid and has no last valid spec (with a reference
+/// for the Event).
+pub type Lookup = Arc<Result<Usable, (String, ObjectReference)>>;
 
 impl State {
     /// The namespace's labels and annotations; `Err` when the apiserver cannot be read.
@@ -389,16 +423,43 @@ impl State {
             return Ok(Some(rendered.clone()));
         }
         let rendered: Lookup = Arc::new(match render(&topology) {
-            Ok(r) => Ok(RenderedTopology {
-                sources: source_ports(&topology),
-                hash: r.hash,
-                topology: (*topology).clone(),
+            Ok(r) => Ok(Usable {
+                rendered: RenderedTopology {
+                    sources: source_ports(&topology),
+                    hash: r.hash,
+                    topology: (*topology).clone(),
+                },
+                invalid_now: None,
             }),
-            Err(e) => Err((e.to_string(), topology.object_ref(&()))),
+            Err(e) => match last_valid(&topology) {
+                Some(rendered) => Ok(Usable {
+                    rendered,
+                    invalid_now: Some(e.to_string()),
+                }),
+                None => Err((e.to_string(), topology.object_ref(&()))),
+            },
         });
         cache.insert(key, (version, rendered.clone()));
         Ok(Some(rendered))
     }
+}
+
+/// The topology as its last valid spec (`status.lastValidSpec`, kept by the operator)
+/// renders it: the configuration the operator's ConfigMap still holds.
+fn last_valid(topology: &ShotoverTopology) -> Option<RenderedTopology> {
+    let spec = topology.status.as_ref()?.last_valid_spec.clone()?;
+    let spec = serde_json::from_value(spec).ok()?;
+    let last = ShotoverTopology {
+        metadata: topology.metadata.clone(),
+        spec,
+        status: topology.status.clone(),
+    };
+    let rendered = render(&last).ok()?;
+    Some(RenderedTopology {
+        sources: source_ports(&last),
+        hash: rendered.hash,
+        topology: last,
+    })
 }
 
 /// An Event to publish off the request path.

@@ -12,6 +12,7 @@ fn valid(generation: i64) -> Observation {
             hash: format!("hash{generation}"),
             config_map: "cache-shotover-config".to_owned(),
         },
+        valid_spec: Some(serde_json::json!({"generation": generation})),
         apply_error: None,
         db_side: None,
         pods: None,
@@ -24,6 +25,7 @@ fn invalid(generation: i64) -> Observation {
         config: ConfigOutcome::Invalid {
             message: "invalid topology (1 error):\n  spec.sources[0]: bad".to_owned(),
         },
+        valid_spec: None,
         apply_error: None,
         db_side: None,
         pods: None,
@@ -132,6 +134,11 @@ fn an_invalid_topology_keeps_the_last_good_hash_and_says_why() {
     let (bad, _) = reconciled(Some(&good), &invalid(2), &at(10));
     assert_eq!(bad.observed_generation, Some(2));
     assert_eq!(bad.config_hash.as_deref(), Some("hash1"));
+    // The spec of that configuration stays too, for the webhook to inject new Pods with.
+    assert_eq!(
+        bad.last_valid_spec,
+        Some(serde_json::json!({"generation": 1}))
+    );
     assert_eq!(bad.config_map.as_deref(), Some("cache-shotover-config"));
     let config_valid = condition(&bad, CONFIG_VALID);
     assert_eq!(config_valid.status, "False");

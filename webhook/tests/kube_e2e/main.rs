@@ -624,6 +624,83 @@ async fn pods_asking_for_a_missing_or_invalid_topology_are_refused_saying_why() 
     .await;
 }
 
+/// Someone else's invalid edit of a topology does not block new Pods: they get the last
+/// valid configuration (the one the operator's ConfigMap still holds, from the spec the
+/// operator keeps in `status.lastValidSpec`), with a Warning Event on the topology. A
+/// topology that was never valid still refuses (tested above).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pods_get_the_last_valid_config_while_their_topology_is_invalid() {
+    let setup = Setup::new("last_valid", "Fail", &[]).await;
+    let status = setup.rendered_topology("cache").await;
+    let hash = status.config_hash.clone().expect("a config hash");
+    assert!(status.last_valid_spec.is_some(), "{status:?}");
+    // Accepted by the CRD, refused by the proxy's validation: the source now listens on
+    // the observability port.
+    setup
+        .cluster
+        .patch(
+            "cache",
+            json!({"spec": {"sources": [{"Redis": {
+                "name": "redis",
+                "listenAddr": "127.0.0.1:9001",
+                "chain": [{"RedisSinkSingle": {"remoteAddress": "redis.db:6379"}}]
+            }}]}}),
+        )
+        .await;
+    let status = setup
+        .cluster
+        .status_where("cache", "ConfigValid=False", |s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "ConfigValid" && c.status == "False")
+        })
+        .await;
+    assert_eq!(
+        status.config_hash.as_deref(),
+        Some(hash.as_str()),
+        "the last valid hash stays"
+    );
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "after-the-edit", "labels": {"shotover.io/inject": "true"},
+                     "annotations": {"shotover.io/topology": "cache"}},
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]},
+    }))
+    .expect("pod");
+    let pod = setup
+        .cluster
+        .api::<Pod>()
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect("admitted with the last valid configuration");
+    let sidecar = sidecar(&pod).expect("injected");
+    assert!(
+        sidecar
+            .ports
+            .iter()
+            .flatten()
+            .any(|p| p.container_port == 6379),
+        "the last valid spec's port: {sidecar:?}"
+    );
+    assert_eq!(
+        pod.annotations().get(CONFIG_HASH_ANNOTATION),
+        Some(&hash),
+        "injected with the last valid configuration"
+    );
+    let event = wait_for("the Warning Event on the topology", LONG, || async {
+        setup
+            .events("SidecarInjectedLastValidConfig")
+            .await
+            .into_iter()
+            .find(|e| e.type_.as_deref() == Some("Warning"))
+    })
+    .await;
+    let note = event.note.unwrap_or_default();
+    assert!(
+        note.contains("is invalid") && note.contains(&hash) && note.contains("observabilityPort"),
+        "{note}"
+    );
+}
+
 /// POSTs an AdmissionReview of `pod` (a JSON object, CREATE in `namespace`) straight to a
 /// webhook on `port`; returns the HTTP status and the body.
 fn review(port: u16, namespace: &str, pod: Value) -> (u16, String) {
