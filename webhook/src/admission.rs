@@ -64,6 +64,12 @@ async fn admit(AxumState(state): AxumState<Arc<State>>, body: Bytes) -> Response
                 .ok()
                 .and_then(|r| TryInto::<AdmissionRequest<DynamicObject>>::try_into(r).ok())
             {
+                Some(req)
+                    if req.kind.kind == "ShotoverTopology"
+                        && req.operation == Operation::Delete =>
+                {
+                    json(topology_delete(&state, &req).into_review())
+                }
                 // A Pod to create that does not read as a Pod: refused as malformed, never
                 // admitted without the sidecar it may have asked for.
                 Some(req)
@@ -113,6 +119,9 @@ async fn admit(AxumState(state): AxumState<Arc<State>>, body: Bytes) -> Response
                 .into_response();
         }
     };
+    if req.kind.kind == "ShotoverTopology" && req.operation == Operation::Delete {
+        return json(topology_delete(&state, &req).into_review());
+    }
     let decision = match decide(&state, &req).await {
         Ok(decision) => decision,
         // Not the Pod's fault and not the topology's: the webhook's failurePolicy decides.
@@ -180,6 +189,45 @@ struct Decision {
     outcome: Outcome,
     message: String,
     event: Option<PendingEvent>,
+}
+
+/// The delete of a topology is allowed, always (the ValidatingWebhookConfiguration sends
+/// it); while Pods still run the topology as a sidecar, as the operator last counted them in
+/// its status, with a warning saying what follows.
+fn topology_delete<T: kube::Resource + serde::Serialize>(
+    state: &State,
+    req: &AdmissionRequest<T>,
+) -> AdmissionResponse {
+    let mut response = AdmissionResponse::from(req);
+    let namespace = req.namespace.clone().unwrap_or_default();
+    // The object being deleted, as the apiserver has it; else this webhook's cache.
+    let topology = req
+        .old_object
+        .as_ref()
+        .and_then(|o| serde_json::to_value(o).ok())
+        .and_then(|v| serde_json::from_value::<ShotoverTopology>(v).ok())
+        .map(Arc::new)
+        .or_else(|| {
+            state
+                .topologies
+                .get(&ObjectRef::new(&req.name).within(&namespace))
+        });
+    let injected = topology
+        .and_then(|t| t.status.as_ref()?.sidecars.as_ref().map(|s| s.injected))
+        .unwrap_or(0);
+    if injected > 0 {
+        let pods = if injected == 1 {
+            "1 Pod".to_owned()
+        } else {
+            format!("{injected} Pods")
+        };
+        info!(%namespace, topology = %req.name, injected, "a topology still run by Pods is being deleted");
+        response.warnings = Some(vec![format!(
+            "ShotoverTopology {namespace}/{} still runs as a sidecar in {pods}: its ConfigMap, which their sidecars mount, goes with it, and new Pods naming it will be refused until it exists again",
+            req.name
+        )]);
+    }
+    response
 }
 
 /// The decision on one request; `Err` when the apiserver could not be read to make it.

@@ -18,7 +18,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context as _, anyhow, bail};
 use k8s_openapi::ByteString;
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Api;
@@ -281,11 +283,21 @@ pub enum Source {
         name: String,
         sans: Vec<String>,
         lifetime: Duration,
-        /// The MutatingWebhookConfiguration whose `caBundle` to keep current, if any.
-        webhook_config: Option<Box<(Api<MutatingWebhookConfiguration>, String)>>,
+        /// The Mutating- and ValidatingWebhookConfiguration (one name for both) whose
+        /// `caBundle` to keep current, if any.
+        webhook_config: Option<Box<WebhookConfigs>>,
     },
     /// PEM files written by someone else (cert-manager).
     Files { cert: String, key: String },
+}
+
+/// The webhook configurations of this webhook: the Pod injection (mutating) and the
+/// warning on deleting a topology still in use (validating), under one name.
+#[derive(Debug, Clone)]
+pub struct WebhookConfigs {
+    pub mutating: Api<MutatingWebhookConfiguration>,
+    pub validating: Api<ValidatingWebhookConfiguration>,
+    pub name: String,
 }
 
 /// Keeps `resolver` current until cancelled. The first round's error is returned (the
@@ -363,8 +375,8 @@ impl Keeper {
             },
         ) = (ca, &self.source)
         {
-            let (api, name) = config.as_ref();
-            match patch_ca_bundle(api, name, &ca).await {
+            let name = &config.name;
+            match patch_ca_bundle(&config.mutating, name, &ca).await {
                 Ok(true) => info!(webhook_config = %name, "caBundle updated"),
                 Ok(false) => {}
                 Err(e) if is_not_found(&e) => {
@@ -374,6 +386,17 @@ impl Keeper {
                     }
                 }
                 Err(e) => return Err(e.context(format!("updating the caBundle of {name}"))),
+            }
+            // Only a warning hangs on it: a chart without it is fine.
+            match patch_ca_bundle(&config.validating, name, &ca).await {
+                Ok(true) => {
+                    info!(webhook_config = %name, "caBundle of the ValidatingWebhookConfiguration updated")
+                }
+                Ok(false) => {}
+                Err(e) if is_not_found(&e) => {}
+                Err(e) => {
+                    warn!(webhook_config = %name, error = %e, "cannot update the caBundle of the ValidatingWebhookConfiguration: deleting a topology still in use will not warn")
+                }
             }
         }
         Ok(())
@@ -446,22 +469,23 @@ async fn ensure_secret(
     ))
 }
 
-/// Sets `caBundle` on every webhook of the configuration that lacks it. Returns whether it
-/// wrote anything.
-pub async fn patch_ca_bundle(
-    api: &Api<MutatingWebhookConfiguration>,
-    name: &str,
-    ca_pem: &str,
-) -> anyhow::Result<bool> {
-    let config = api.get(name).await?;
+/// Sets `caBundle` on every webhook of the configuration (mutating or validating) that
+/// lacks it. Returns whether it wrote anything.
+pub async fn patch_ca_bundle<K>(api: &Api<K>, name: &str, ca_pem: &str) -> anyhow::Result<bool>
+where
+    K: kube::Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + serde::Serialize,
+{
+    let config = serde_json::to_value(api.get(name).await?)?;
+    let wanted = base64(ca_pem.as_bytes());
     let mut ops = Vec::new();
-    for (i, webhook) in config.webhooks.iter().flatten().enumerate() {
-        let current = webhook.client_config.ca_bundle.as_ref().map(|b| &b.0[..]);
-        if current != Some(ca_pem.as_bytes()) {
+    let webhooks = config["webhooks"].as_array().cloned().unwrap_or_default();
+    for (i, webhook) in webhooks.iter().enumerate() {
+        let current = webhook["clientConfig"]["caBundle"].as_str();
+        if current != Some(wanted.as_str()) {
             ops.push(
-                json!({"op": "test", "path": format!("/webhooks/{i}/name"), "value": webhook.name}),
+                json!({"op": "test", "path": format!("/webhooks/{i}/name"), "value": webhook["name"]}),
             );
-            ops.push(json!({"op": "add", "path": format!("/webhooks/{i}/clientConfig/caBundle"), "value": base64(ca_pem.as_bytes())}));
+            ops.push(json!({"op": "add", "path": format!("/webhooks/{i}/clientConfig/caBundle"), "value": wanted}));
         }
     }
     if ops.is_empty() {

@@ -20,7 +20,9 @@ use std::time::Duration;
 
 use anyhow::{Context as _, bail};
 use futures_util::StreamExt;
-use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::admissionregistration::v1::{
+    MutatingWebhookConfiguration, ValidatingWebhookConfiguration,
+};
 use k8s_openapi::api::core::v1::{Namespace, Node, Secret};
 use kube::api::PartialObjectMeta;
 use kube::runtime::events::{Recorder, Reporter};
@@ -108,7 +110,8 @@ pub struct Opts {
     /// How often the certificate (Secret or files) and the `caBundle` are checked.
     #[arg(long, default_value = "60s", value_parser = parse_duration)]
     pub cert_check_interval: Duration,
-    /// The MutatingWebhookConfiguration whose `caBundle` this process keeps current
+    /// The MutatingWebhookConfiguration (and the ValidatingWebhookConfiguration of the same
+    /// name, when it exists) whose `caBundle` this process keeps current
     /// (`--cert-mode secret`); empty to leave it alone.
     #[arg(long, default_value = "shotover-sidecar-injector")]
     pub webhook_config_name: String,
@@ -194,10 +197,11 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
             sans: cert_names(&opts),
             lifetime: opts.cert_lifetime,
             webhook_config: (!opts.webhook_config_name.is_empty()).then(|| {
-                Box::new((
-                    Api::<MutatingWebhookConfiguration>::all(client.clone()),
-                    opts.webhook_config_name.clone(),
-                ))
+                Box::new(certs::WebhookConfigs {
+                    mutating: Api::<MutatingWebhookConfiguration>::all(client.clone()),
+                    validating: Api::<ValidatingWebhookConfiguration>::all(client.clone()),
+                    name: opts.webhook_config_name.clone(),
+                })
             }),
         },
     };

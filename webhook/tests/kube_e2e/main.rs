@@ -701,6 +701,38 @@ async fn pods_get_the_last_valid_config_while_their_topology_is_invalid() {
     );
 }
 
+/// Deleting a topology that Pods still run as a sidecar is allowed (it changes nothing for
+/// them) but never silent: `kubectl delete` prints the webhook's warning. One that no Pod
+/// runs goes without one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_topology_still_in_use_warns() {
+    let setup = Setup::new("delete_warns", "Fail", &[]).await;
+    setup.rendered_topology("cache").await;
+    setup.rendered_topology("unused").await;
+    setup.opted_in_deployment("app", 1).await;
+    assert!(sidecar(&setup.pods("app", 1).await[0]).is_some());
+    setup
+        .sidecars_where("cache", "1 injected", |s| s.injected == 1)
+        .await;
+    let ns = setup.cluster.ns.clone();
+    let delete = |name: &str| {
+        let out = Command::new("kubectl")
+            .args(["delete", "shotovertopology", name, "-n", &ns])
+            .output()
+            .expect("kubectl delete");
+        assert!(out.status.success(), "{out:?}");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let stderr = delete("cache");
+    assert!(
+        stderr.contains(&format!(
+            "Warning: ShotoverTopology {ns}/cache still runs as a sidecar in 1 Pod"
+        )),
+        "{stderr}"
+    );
+    assert!(!delete("unused").contains("Warning"), "no Pod runs it");
+}
+
 /// POSTs an AdmissionReview of `pod` (a JSON object, CREATE in `namespace`) straight to a
 /// webhook on `port`; returns the HTTP status and the body.
 fn review(port: u16, namespace: &str, pod: Value) -> (u16, String) {
