@@ -184,8 +184,11 @@ def main():
     kubectl(env, "create", "namespace", sys_ns)
     selector = json.dumps([{"key": "kubernetes.io/metadata.name", "operator": "In",
                             "values": [ns]}])
+    # Offline, helm assumes Kubernetes 1.20, below the chart's kubeVersion.
+    server = json.loads(kubectl(env, "version", "-o", "json"))["serverVersion"]["gitVersion"]
     rendered = subprocess.run(
         [env["HELM"], "template", release, os.path.join(ROOT, "charts/shotover"),
+         "--kube-version", server,
          "--namespace", sys_ns, "--set", f"webhook.url=https://127.0.0.1:{port}/inject",
          "--set", "webhook.certificate.names={127.0.0.1}", "--set", "operator.enabled=false",
          "--set-json", f"webhook.namespaceSelector={selector}"],

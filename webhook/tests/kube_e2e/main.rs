@@ -35,16 +35,31 @@ fn helm() -> String {
     })
 }
 
-/// `helm template RELEASE charts/shotover --namespace NS ARGS...`.
+/// `helm template RELEASE charts/shotover --namespace NS ARGS...`, for the test cluster's
+/// Kubernetes version (offline, helm would assume 1.20, below the chart's kubeVersion).
 fn helm_template(release: &str, namespace: &str, args: &[&str]) -> String {
     let chart = repo().join("charts/shotover");
     run(
         Command::new(helm())
             .args(["template", release, chart.to_str().expect("path")])
             .args(["--namespace", namespace])
+            .args(["--kube-version", &server_version()])
             .args(args),
         None,
     )
+}
+
+/// The apiserver's version (`v1.36.3`).
+fn server_version() -> String {
+    let out = run(
+        Command::new("kubectl").args(["version", "-o", "json"]),
+        None,
+    );
+    let version: Value = serde_json::from_str(&out).expect("kubectl version -o json");
+    version["serverVersion"]["gitVersion"]
+        .as_str()
+        .expect("serverVersion.gitVersion")
+        .to_owned()
 }
 
 fn repo() -> std::path::PathBuf {
@@ -1089,6 +1104,107 @@ async fn a_topology_change_shows_up_as_outdated_sidecars_until_pods_restart() {
             .values()
             .all(|h| Some(h) == after.config_hash.as_ref()),
         "{hashes:?}"
+    );
+}
+
+/// What platform teams expect of the chart: namespace users get the CRD through
+/// Kubernetes' own `view` and `edit` roles (ClusterRole aggregation, on the real apiserver
+/// and controller manager); a mistyped or out-of-range value is refused by
+/// `values.schema.json`; a Kubernetes older than the chart's `kubeVersion` is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn namespace_users_get_the_crd_through_view_and_edit_and_bad_values_are_refused() {
+    let setup = Setup::new("aggregated_roles", "Fail", &[]).await;
+    let ns = setup.cluster.ns.clone();
+    let bindings = format!(
+        r#"
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: alice-edit, namespace: {ns}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: edit}}
+subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: User, name: alice}}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {{name: bob-view, namespace: {ns}}}
+roleRef: {{apiGroup: rbac.authorization.k8s.io, kind: ClusterRole, name: view}}
+subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: User, name: bob}}]
+"#
+    );
+    run(
+        Command::new("kubectl").args(["apply", "-f", "-"]),
+        Some(&bindings),
+    );
+    let can = |user: &str, verb: &str| {
+        let out = Command::new("kubectl")
+            .args(["auth", "can-i", verb, "shotovertopologies.shotover.io"])
+            .args(["--as", user, "-n", &ns])
+            .output()
+            .expect("kubectl auth can-i");
+        String::from_utf8_lossy(&out.stdout).trim() == "yes"
+    };
+    // The aggregation controller fills `edit` and `view` a moment after the chart is applied.
+    wait_for(
+        "edit and view to include ShotoverTopologies",
+        LONG,
+        || async { (can("alice", "create") && can("bob", "list")).then_some(()) },
+    )
+    .await;
+    assert!(can("alice", "delete"), "edit may delete");
+    assert!(!can("bob", "create"), "view may not create");
+    assert!(!can("bob", "delete"), "view may not delete");
+
+    let chart = repo().join("charts/shotover");
+    let template = |args: &[&str]| {
+        Command::new(helm())
+            .args(["template", "t", chart.to_str().expect("path")])
+            .args(args)
+            .output()
+            .expect("helm template")
+    };
+    let version = server_version();
+    for (args, expected) in [
+        (
+            vec![
+                "--kube-version",
+                &version,
+                "--set",
+                "webhook.failurPolicy=Fail",
+            ],
+            "additional properties 'failurPolicy' not allowed",
+        ),
+        (
+            vec![
+                "--kube-version",
+                &version,
+                "--set",
+                "webhook.failurePolicy=Sometimes",
+            ],
+            "value must be one of 'Fail', 'Ignore'",
+        ),
+        (
+            vec![
+                "--kube-version",
+                &version,
+                "--set",
+                "webhook.timeoutSeconds=60",
+            ],
+            "/webhook/timeoutSeconds",
+        ),
+        (
+            vec!["--kube-version", "1.29.0"],
+            "chart requires kubeVersion: >=1.30.0-0",
+        ),
+    ] {
+        let out = template(&args);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(expected),
+            "helm template {args:?}: {stderr}"
+        );
+    }
+    run(
+        Command::new("kubectl").args(["delete", "-f", "-"]),
+        Some(&bindings),
     );
 }
 
