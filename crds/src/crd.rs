@@ -147,7 +147,8 @@ pub struct ShotoverTopologySpec {
     /// When the kubelet pulls the image (Kubernetes' default when omitted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image_pull_policy: Option<ImagePullPolicy>,
-    /// CPU and memory requests and limits of the proxy container.
+    /// CPU and memory requests and limits of the proxy container (default: requests of
+    /// 10m CPU and 32Mi memory, no limits).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
     /// Log filter of the proxy (`config.yaml`'s `main_log_level`), for example `info` or
@@ -400,6 +401,21 @@ pub mod names {
 /// The CRD, with the schema tidied for the apiserver and `kubectl explain`: unsigned integer
 /// formats (which the apiserver does not know, and warns about on every apply) are dropped,
 /// and the line breaks of doc comments are unwrapped, keeping paragraphs.
+/// The proxy container's resources when a topology sets none: small requests, so that a
+/// scheduler counts it (idle it holds 6-20 MiB and little CPU) without crowding a node
+/// with many injected Pods; no limits (a limit is the owner's call: the proxy's reply
+/// budget follows a memory limit when there is one).
+pub fn default_proxy_resources() -> ResourceRequirements {
+    use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_owned(), Quantity("10m".to_owned())),
+            ("memory".to_owned(), Quantity("32Mi".to_owned())),
+        ])),
+        ..ResourceRequirements::default()
+    }
+}
+
 pub fn crd() -> serde_json::Value {
     let mut value = serde_json::to_value(ShotoverTopology::crd()).expect("a CRD serializes");
     tidy(&mut value);

@@ -342,7 +342,11 @@ fn render_db_side(
         sources,
         &ProxySettings {
             image: &spec.image,
-            resources: spec.resources.clone(),
+            resources: Some(
+                spec.resources
+                    .clone()
+                    .unwrap_or_else(shotover_crds::crd::default_proxy_resources),
+            ),
             log_level: None,
             port_names: true,
         },

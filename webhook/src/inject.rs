@@ -291,17 +291,33 @@ pub fn inject(
         .native_sidecar
         .or(spec.sidecar.as_ref().and_then(|s| s.native_sidecar))
         .unwrap_or(settings.native_sidecar_default);
-    let base_resources = spec
+    let configured = spec
         .sidecar
         .as_ref()
         .and_then(|s| s.resources.clone())
         .or_else(|| spec.resources.clone());
+    let defaulted = configured.is_none();
+    let mut resources = overrides.resources(Some(
+        configured.unwrap_or_else(shotover_crds::crd::default_proxy_resources),
+    ));
+    if defaulted && let Some(requests) = resources.as_mut().and_then(|r| r.requests.as_mut()) {
+        // A limit given by annotation alone: Kubernetes makes the request equal to it, and a
+        // default request above a smaller limit would make the Pod invalid.
+        for (name, request, limit) in [
+            ("cpu", &overrides.cpu_request, &overrides.cpu_limit),
+            ("memory", &overrides.memory_request, &overrides.memory_limit),
+        ] {
+            if limit.is_some() && request.is_none() {
+                requests.remove(name);
+            }
+        }
+    }
     let mut container = proxy_container(
         spec,
         &rendered.sources,
         &ProxySettings {
             image: overrides.image.as_deref().unwrap_or(&spec.image),
-            resources: overrides.resources(base_resources),
+            resources,
             log_level: overrides.log_level.as_deref(),
             port_names: false,
         },

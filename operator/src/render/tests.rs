@@ -145,6 +145,11 @@ fn the_stateful_set_runs_the_proxy_on_the_config_map() {
         container.image.as_deref(),
         Some(shotover_crds::crd::DEFAULT_IMAGE)
     );
+    // No resources in the spec: the default requests, no limits.
+    assert_eq!(
+        container.resources,
+        Some(shotover_crds::crd::default_proxy_resources())
+    );
     assert_eq!(
         container.args.as_deref(),
         Some(

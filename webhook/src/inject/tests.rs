@@ -270,6 +270,33 @@ fn the_pod_then_the_topology_then_the_cluster_decide_native_sidecars() {
     assert!(i.native_sidecar, "the Pod says yes");
 }
 
+/// A topology that sets no resources gets default requests (10m CPU, 32Mi), no limits; a
+/// memory limit given by annotation alone drops the default memory request (Kubernetes then
+/// requests the limit), so a limit below 32Mi still makes a valid Pod.
+#[test]
+fn a_topology_without_resources_gets_default_requests_that_a_lower_limit_replaces() {
+    let r = rendered(topology(json!({})));
+    let p = app_pod();
+    let out = patched(
+        &p,
+        &inject(&pod(p.clone()), &no_ns(), &r, &settings(true)).expect("injected"),
+    );
+    assert_eq!(
+        out["spec"]["initContainers"][0]["resources"],
+        json!({"requests": {"cpu": "10m", "memory": "32Mi"}})
+    );
+    let mut p = app_pod();
+    p["metadata"]["annotations"][keys::MEMORY_LIMIT] = json!("16Mi");
+    let out = patched(
+        &p,
+        &inject(&pod(p.clone()), &no_ns(), &r, &settings(true)).expect("injected"),
+    );
+    assert_eq!(
+        out["spec"]["initContainers"][0]["resources"],
+        json!({"requests": {"cpu": "10m"}, "limits": {"memory": "16Mi"}})
+    );
+}
+
 #[test]
 fn overrides_set_image_resources_and_log_level() {
     let r = rendered(topology(json!({
