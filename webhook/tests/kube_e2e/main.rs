@@ -20,6 +20,7 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{DeleteParams, ListParams, PostParams};
 use kube::{Api, ResourceExt};
+use serde::Deserialize;
 use serde_json::{Value, json};
 use shotover_crds::crd::{CONFIG_HASH_ANNOTATION, STATUS_ANNOTATION, SidecarStatus};
 use support::{
@@ -1275,5 +1276,42 @@ async fn install_yaml_is_the_rendered_chart_and_the_apiserver_accepts_it() {
     );
     assert!(cert_manager.contains("--cert-mode=files"));
     assert!(!cert_manager.contains("mutatingwebhookconfigurations"));
+    // The ServiceMonitors (off by default) each select a Service of the chart by its labels,
+    // on a port of that Service named as the endpoint says.
+    assert!(!rendered.contains("kind: ServiceMonitor"));
+    let monitored = helm_template(
+        "shotover",
+        "shotover-system",
+        &["--set", "serviceMonitor.enabled=true"],
+    );
+    let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&monitored)
+        .filter_map(|d| Value::deserialize(d).ok())
+        .filter(|d| d.is_object())
+        .collect();
+    let monitors: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "ServiceMonitor")
+        .collect();
+    assert_eq!(monitors.len(), 2, "the operator's and the webhook's");
+    for monitor in monitors {
+        let wanted = monitor["spec"]["selector"]["matchLabels"]
+            .as_object()
+            .expect("matchLabels");
+        let port = &monitor["spec"]["endpoints"][0]["port"];
+        let service = docs
+            .iter()
+            .filter(|d| d["kind"] == "Service")
+            .find(|d| wanted.iter().all(|(k, v)| &d["metadata"]["labels"][k] == v))
+            .unwrap_or_else(|| panic!("no Service for {}", monitor["metadata"]["name"]));
+        assert!(
+            service["spec"]["ports"]
+                .as_array()
+                .expect("ports")
+                .iter()
+                .any(|p| &p["name"] == port),
+            "{} has no port {port}",
+            service["metadata"]["name"]
+        );
+    }
     drop(cluster);
 }
