@@ -406,14 +406,26 @@ pub mod names {
 /// with many injected Pods; no limits (a limit is the owner's call: the proxy's reply
 /// budget follows a memory limit when there is one).
 pub fn default_proxy_resources() -> ResourceRequirements {
+    with_default_requests(ResourceRequirements::default())
+}
+
+/// `resources` with the default request of each of CPU and memory for which it sets neither
+/// a request nor a limit (with a limit alone, Kubernetes requests the limit: a default
+/// request above a smaller limit would make the Pod invalid).
+pub fn with_default_requests(mut resources: ResourceRequirements) -> ResourceRequirements {
     use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-    ResourceRequirements {
-        requests: Some(BTreeMap::from([
-            ("cpu".to_owned(), Quantity("10m".to_owned())),
-            ("memory".to_owned(), Quantity("32Mi".to_owned())),
-        ])),
-        ..ResourceRequirements::default()
+    for (name, quantity) in [("cpu", "10m"), ("memory", "32Mi")] {
+        let set = |m: &Option<BTreeMap<String, Quantity>>| {
+            m.as_ref().is_some_and(|m| m.contains_key(name))
+        };
+        if !set(&resources.limits) && !set(&resources.requests) {
+            resources
+                .requests
+                .get_or_insert_with(BTreeMap::new)
+                .insert(name.to_owned(), Quantity(quantity.to_owned()));
+        }
     }
+    resources
 }
 
 pub fn crd() -> serde_json::Value {

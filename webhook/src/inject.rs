@@ -296,22 +296,14 @@ pub fn inject(
         .as_ref()
         .and_then(|s| s.resources.clone())
         .or_else(|| spec.resources.clone());
-    let defaulted = configured.is_none();
-    let mut resources = overrides.resources(Some(
-        configured.unwrap_or_else(shotover_crds::crd::default_proxy_resources),
-    ));
-    if defaulted && let Some(requests) = resources.as_mut().and_then(|r| r.requests.as_mut()) {
-        // A limit given by annotation alone: Kubernetes makes the request equal to it, and a
-        // default request above a smaller limit would make the Pod invalid.
-        for (name, request, limit) in [
-            ("cpu", &overrides.cpu_request, &overrides.cpu_limit),
-            ("memory", &overrides.memory_request, &overrides.memory_limit),
-        ] {
-            if limit.is_some() && request.is_none() {
-                requests.remove(name);
-            }
-        }
-    }
+    // Without resources in the topology, the annotations' quantities with the default
+    // requests filling what they leave unset.
+    let resources = match configured {
+        Some(configured) => overrides.resources(Some(configured)),
+        None => Some(shotover_crds::crd::with_default_requests(
+            overrides.resources(None).unwrap_or_default(),
+        )),
+    };
     let mut container = proxy_container(
         spec,
         &rendered.sources,

@@ -14,8 +14,7 @@ use shotover_crds::transform::{DebugForceEncodeConfig, DebugForceParseConfig};
 
 use crate::chain::{ChainError, ChainState, Transform, TransformBuilder, TransformContext};
 use crate::codec::cassandra;
-use crate::message::Message;
-use crate::message::Messages;
+use crate::message::{Message, Messages};
 use crate::metrics::{self, Counter};
 
 #[derive(Clone, Copy)]

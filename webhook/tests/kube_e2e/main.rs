@@ -408,6 +408,16 @@ impl Drop for Setup {
     }
 }
 
+/// A bare Pod named `name` that opts in for topology `cache`.
+fn opted_in_pod(name: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"shotover.io/inject": "true"},
+                     "annotations": {"shotover.io/topology": "cache"}},
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]},
+    }))
+    .expect("pod")
+}
+
 fn sidecar(pod: &Pod) -> Option<&k8s_openapi::api::core::v1::Container> {
     pod.spec
         .as_ref()?
@@ -504,12 +514,7 @@ async fn annotated_deployment_pods_are_injected_and_others_untouched() {
 
     // A dry run gets the same answer and leaves no Event and no injection count behind.
     let events_before = setup.event_count("SidecarInjected").await;
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "dry", "labels": {"shotover.io/inject": "true"},
-                     "annotations": {"shotover.io/topology": "cache"}},
-        "spec": {"containers": [{"name": "app", "image": "app:1"}]},
-    }))
-    .expect("pod");
+    let pod = opted_in_pod("dry");
     let dry = setup
         .cluster
         .api::<Pod>()
@@ -676,12 +681,7 @@ async fn pods_get_the_last_valid_config_while_their_topology_is_invalid() {
         Some(hash.as_str()),
         "the last valid hash stays"
     );
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "after-the-edit", "labels": {"shotover.io/inject": "true"},
-                     "annotations": {"shotover.io/topology": "cache"}},
-        "spec": {"containers": [{"name": "app", "image": "app:1"}]},
-    }))
-    .expect("pod");
+    let pod = opted_in_pod("after-the-edit");
     let pod = setup
         .cluster
         .api::<Pod>()
