@@ -220,6 +220,20 @@ pub struct DbSideSpec {
     /// The PodDisruptionBudget of the proxies.
     #[serde(default)]
     pub pod_disruption_budget: PodDisruptionBudgetSpec,
+    /// How a change of the configuration reaches the running proxies: `Reload` (default)
+    /// lets each proxy reload the ConfigMap the kubelet updates in place, without a
+    /// restart; `RollingRestart` replaces the proxies one at a time instead. Changes of the
+    /// Pod itself (image, ports, resources) always roll.
+    #[serde(default)]
+    pub config_update: ConfigUpdate,
+}
+
+/// How a configuration change reaches the DB-side proxies.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum ConfigUpdate {
+    #[default]
+    Reload,
+    RollingRestart,
 }
 
 fn default_replicas() -> i32 {
@@ -365,9 +379,15 @@ pub struct ShotoverTopologyStatus {
 pub struct SidecarStatus {
     /// Pods with the sidecar injected for this topology.
     pub injected: i32,
-    /// Injected Pods whose sidecar was injected with a configuration hash other than
-    /// `status.configHash`: they run the old configuration until restarted.
+    /// Running injected Pods whose proxy says (on its `/config`) that it runs a
+    /// configuration other than `status.configHash`, refused to reload it, or needs a
+    /// restart for part of it. Pods not running yet are not counted: they start with the
+    /// ConfigMap as it is then.
     pub outdated: i32,
+    /// Running injected Pods whose proxy did not answer the operator's `GET /config` (the
+    /// `SidecarsUpToDate` condition says why).
+    #[serde(default)]
+    pub unreported: i32,
     /// Pods labelled `shotover.io/inject: "true"` that name this topology but have no
     /// sidecar: created while the webhook was unreachable with `failurePolicy: Ignore`.
     pub not_injected: i32,

@@ -370,6 +370,9 @@ enforceNodeAllocatable: []
 serializeImagePulls: false
 rotateCertificates: false
 nodeStatusUpdateFrequency: 5s
+# Mounted ConfigMaps are refreshed on a Pod's periodic sync (1m by default): 10s keeps the
+# hot-reload tests short. Nothing else of the tests depends on it.
+syncFrequency: 10s
 EOF
   cat > "$RUN/kube-proxy.yaml" <<EOF
 apiVersion: kubeproxy.config.k8s.io/v1alpha1

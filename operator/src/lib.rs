@@ -11,6 +11,7 @@ pub mod metrics;
 pub mod pods;
 pub mod reconcile;
 pub mod render;
+pub mod reports;
 pub mod server;
 pub mod status;
 

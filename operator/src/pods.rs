@@ -6,6 +6,7 @@
 //! not run (an image that cannot be pulled, a crash loop, no node to run on).
 
 use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
@@ -14,6 +15,8 @@ use shotover_crds::crd::{
     CONFIG_HASH_ANNOTATION, SIDECAR_LABEL, STATUS_ANNOTATION, TOPOLOGY_ANNOTATION, TOPOLOGY_LABEL,
 };
 
+use crate::render::CONTAINER;
+use crate::reports::Target;
 use crate::status::PodObservation;
 
 /// The Pod caches.
@@ -136,7 +139,7 @@ fn write_exit(out: &mut String, t: &k8s_openapi::api::core::v1::ContainerStateTe
 }
 
 /// One line, at most [`MESSAGE_CHARS`] characters, from the end (where errors are).
-fn shorten(message: &str) -> String {
+pub fn shorten(message: &str) -> String {
     let line = message.split_whitespace().collect::<Vec<_>>().join(" ");
     let chars: Vec<char> = line.chars().collect();
     if chars.len() <= MESSAGE_CHARS {
@@ -151,16 +154,49 @@ fn shorten(message: &str) -> String {
     }
 }
 
-/// Drops what the counts do not need (a Pod's spec is most of its size).
+/// Drops what the counts do not need (a Pod's spec is most of its size): of the status,
+/// the phase, the IP and the proxy container's state stay, to ask the proxy what it runs.
 pub fn strip(pod: &mut Pod) {
     pod.spec = None;
     pod.metadata.managed_fields = None;
     if let Some(status) = pod.status.as_mut() {
+        let proxy = |statuses: &mut Option<Vec<k8s_openapi::api::core::v1::ContainerStatus>>| {
+            statuses
+                .take()
+                .map(|s| s.into_iter().filter(|c| c.name == CONTAINER).collect())
+        };
         *status = k8s_openapi::api::core::v1::PodStatus {
             phase: status.phase.take(),
+            pod_ip: status.pod_ip.take(),
+            container_statuses: proxy(&mut status.container_statuses),
+            init_container_statuses: proxy(&mut status.init_container_statuses),
             ..Default::default()
         };
     }
+}
+
+/// Where the Pod's proxy answers `/config` (its IP, on `port`), once the proxy container
+/// runs and has started (its startup probe or postStart hook passed) or is ready.
+pub fn config_address(pod: &Pod, port: i32) -> Option<SocketAddr> {
+    let status = pod.status.as_ref()?;
+    let ip: IpAddr = status.pod_ip.as_deref()?.parse().ok()?;
+    let proxy = status
+        .container_statuses
+        .iter()
+        .flatten()
+        .chain(status.init_container_statuses.iter().flatten())
+        .find(|c| c.name == CONTAINER)?;
+    let running = proxy.state.as_ref().is_some_and(|s| s.running.is_some());
+    let port = u16::try_from(port).ok()?;
+    (running && (proxy.ready || proxy.started == Some(true))).then(|| SocketAddr::new(ip, port))
+}
+
+/// The observability port the webhook injected the sidecar with (in its status
+/// annotation), if it says.
+fn injected_port(pod: &Pod) -> Option<i32> {
+    let status: serde_json::Value =
+        serde_json::from_str(pod.annotations().get(STATUS_ANNOTATION)?).ok()?;
+    i32::try_from(status.get("observabilityPort")?.as_i64()?).ok()
 }
 
 /// Not finished and not being deleted.
@@ -173,8 +209,9 @@ fn live(pod: &Pod) -> bool {
 }
 
 impl PodStores {
-    /// The live Pods of `namespace` that name `topology`, sorted by name.
-    pub fn observe(&self, namespace: &str, topology: &str) -> Vec<PodObservation> {
+    /// The live Pods of `namespace` that name `topology`, sorted by name. Sidecars are
+    /// asked for `/config` on the port they were injected with, else on `port`.
+    pub fn observe(&self, namespace: &str, topology: &str, port: i32) -> Vec<PodObservation> {
         let mut seen = HashSet::new();
         let mut pods = Vec::new();
         for pod in self.injected.state() {
@@ -191,6 +228,8 @@ impl PodStores {
                             .cloned()
                             .unwrap_or_default(),
                     ),
+                    address: config_address(&pod, injected_port(&pod).unwrap_or(port)),
+                    ..PodObservation::default()
                 });
             }
         }
@@ -207,7 +246,7 @@ impl PodStores {
             {
                 pods.push(PodObservation {
                     name: pod.name_any(),
-                    injected_hash: None,
+                    ..PodObservation::default()
                 });
             }
         }
@@ -215,11 +254,9 @@ impl PodStores {
         pods
     }
 
-    /// Why the live DB-side proxy Pods of `topology` do not run: `pod: problem`, by name;
-    /// and whether one of them waits for a node within its grace (look again after it).
-    pub fn proxy_problems(&self, namespace: &str, topology: &str, now: i64) -> (Vec<String>, bool) {
-        let pods: Vec<_> = self
-            .proxies
+    /// The live DB-side proxy Pods of `topology`.
+    fn live_proxies(&self, namespace: &str, topology: &str) -> Vec<std::sync::Arc<Pod>> {
+        self.proxies
             .state()
             .into_iter()
             .filter(|pod| {
@@ -227,7 +264,36 @@ impl PodStores {
                     && pod.labels().get(TOPOLOGY_LABEL).map(String::as_str) == Some(topology)
                     && live(pod)
             })
+            .collect()
+    }
+
+    /// The live DB-side proxy Pods of `topology`, by name, with where they answer `/config`
+    /// (on `port`).
+    pub fn proxy_targets(
+        &self,
+        namespace: &str,
+        topology: &str,
+        port: i32,
+    ) -> Vec<(String, Target)> {
+        let mut targets: Vec<(String, Target)> = self
+            .live_proxies(namespace, topology)
+            .iter()
+            .map(|pod| {
+                let target = Target {
+                    key: format!("{namespace}/{}", pod.name_any()),
+                    address: config_address(pod, port),
+                };
+                (pod.name_any(), target)
+            })
             .collect();
+        targets.sort_by(|a, b| a.0.cmp(&b.0));
+        targets
+    }
+
+    /// Why the live DB-side proxy Pods of `topology` do not run: `pod: problem`, by name;
+    /// and whether one of them waits for a node within its grace (look again after it).
+    pub fn proxy_problems(&self, namespace: &str, topology: &str, now: i64) -> (Vec<String>, bool) {
+        let pods = self.live_proxies(namespace, topology);
         let mut problems: Vec<String> = pods
             .iter()
             .filter_map(|pod| Some(format!("{}: {}", pod.name_any(), pod_problem(pod, now)?)))

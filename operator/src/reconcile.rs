@@ -28,6 +28,7 @@ use tracing::{debug, info, warn};
 use crate::metrics::Metrics;
 use crate::pods::PodStores;
 use crate::render::{self, FIELD_MANAGER, Rendered};
+use crate::reports::{self, Reports, Running, Target};
 use crate::status::{self, ConfigOutcome, DbSideObservation, Observation, StatefulSetProgress};
 
 /// How often a topology is reconciled when nothing changes (drift repair).
@@ -87,6 +88,8 @@ pub struct Context {
     failures: Mutex<HashMap<ObjectRef<ShotoverTopology>, u32>>,
     /// The application Pods, for the sidecar counts (`None`: not counted).
     pub pods: Option<PodStores>,
+    /// What the proxies said they run.
+    pub reports: Reports,
 }
 
 impl Context {
@@ -97,6 +100,7 @@ impl Context {
             metrics,
             failures: Mutex::new(HashMap::new()),
             pods: None,
+            reports: Reports::default(),
         }
     }
 
@@ -137,13 +141,23 @@ pub async fn reconcile(
         return Ok(Action::await_change());
     }
 
+    let port = topology.spec.observability_port;
+    let rendered = render::render(&topology);
+    // The configuration the proxies should run: this one, or the last valid one.
+    let hash = match &rendered {
+        Ok(rendered) => Some(rendered.hash.clone()),
+        Err(_) => previous.and_then(|s| s.config_hash.clone()),
+    };
     let mut obs = Observation {
         generation,
-        pods: ctx.pods.as_ref().map(|p| p.observe(&namespace, &name)),
+        pods: match &ctx.pods {
+            Some(stores) => Some(ask_sidecars(&ctx, stores, &namespace, &name, port, &hash).await),
+            None => None,
+        },
         ..Observation::default()
     };
     let mut failure = None;
-    match render::render(&topology) {
+    match rendered {
         Ok(rendered) => {
             obs.config = ConfigOutcome::Valid {
                 hash: rendered.hash.clone(),
@@ -173,6 +187,7 @@ pub async fn reconcile(
                             stateful_set: sts.as_ref().map(StatefulSetProgress::from_stateful_set),
                             problems,
                             waiting_for_node,
+                            proxies: ask_proxies(&ctx, &namespace, &name, port, &hash).await,
                         })
                     }
                     Err(source) => {
@@ -202,6 +217,11 @@ pub async fn reconcile(
         return Err(e);
     }
     ctx.failures().remove(&ObjectRef::from(topology.as_ref()));
+    // A proxy behind the configuration, or silent: ask again soon (the kubelet updates a
+    // mounted ConfigMap within its sync period, and nothing announces it).
+    if status::proxies_behind(&obs, &status) {
+        return Ok(Action::requeue(reports::RECHECK));
+    }
     // A proxy waiting for a node: look again once its grace is over (nothing else may change).
     if obs.db_side.as_ref().is_some_and(|d| d.waiting_for_node) {
         return Ok(Action::requeue(Duration::from_secs(
@@ -277,12 +297,68 @@ async fn apply_all(
     }
     let desired = topology.spec.db_side.as_ref().map_or(0, |d| d.replicas);
     let (problems, waiting_for_node) = proxy_problems(ctx, namespace, &name);
+    let port = topology.spec.observability_port;
     Ok(Some(DbSideObservation {
         desired,
         stateful_set: Some(StatefulSetProgress::from_stateful_set(&sts)),
         problems,
         waiting_for_node,
+        proxies: ask_proxies(ctx, namespace, &name, port, &Some(rendered.hash.clone())).await,
     }))
+}
+
+/// The application Pods of the topology, each with what its sidecar says it runs.
+async fn ask_sidecars(
+    ctx: &Context,
+    stores: &PodStores,
+    namespace: &str,
+    name: &str,
+    port: i32,
+    hash: &Option<String>,
+) -> Vec<status::PodObservation> {
+    let mut pods = stores.observe(namespace, name, port);
+    let targets: Vec<Target> = pods
+        .iter()
+        .map(|p| Target {
+            key: format!("{namespace}/{}", p.name),
+            // A Pod without its sidecar has nothing to ask.
+            address: p.address.filter(|_| p.injected_hash.is_some()),
+        })
+        .collect();
+    let answers = ask(ctx, &targets, hash).await;
+    for (pod, running) in pods.iter_mut().zip(answers) {
+        pod.running = running;
+    }
+    pods
+}
+
+/// The DB-side proxy Pods of the topology, each with what it says it runs.
+async fn ask_proxies(
+    ctx: &Context,
+    namespace: &str,
+    name: &str,
+    port: i32,
+    hash: &Option<String>,
+) -> Vec<(String, Running)> {
+    let Some(stores) = &ctx.pods else {
+        return Vec::new();
+    };
+    let (names, targets): (Vec<String>, Vec<Target>) = stores
+        .proxy_targets(namespace, name, port)
+        .into_iter()
+        .unzip();
+    names
+        .into_iter()
+        .zip(ask(ctx, &targets, hash).await)
+        .collect()
+}
+
+async fn ask(ctx: &Context, targets: &[Target], hash: &Option<String>) -> Vec<Running> {
+    match hash {
+        Some(hash) => ctx.reports.ask(targets, hash).await,
+        // Nothing valid was ever rendered: no proxy runs anything of this topology.
+        None => vec![Running::NotStarted; targets.len()],
+    }
 }
 
 /// Why the proxy Pods do not run, and whether one waits for a node within its grace.

@@ -20,7 +20,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 pub use shotover_crds::config_hash;
 use shotover_crds::crd::{
-    CONFIG_FILE, CONFIG_HASH_ANNOTATION, DbSideSpec, INJECT_LABEL, ShotoverTopology,
+    CONFIG_FILE, CONFIG_HASH_ANNOTATION, ConfigUpdate, DbSideSpec, INJECT_LABEL, ShotoverTopology,
     ShotoverTopologySpec, TOPOLOGY_FILE, TOPOLOGY_LABEL, names,
 };
 use shotover_crds::{ConfigError, ProxyConfig, TopologyErrors, load_topology};
@@ -349,15 +349,18 @@ fn render_db_side(
             ),
             log_level: None,
             port_names: true,
+            watch_files: db_side.config_update == ConfigUpdate::Reload,
         },
     );
+    // Rolling restart: the hash on the template makes every change of the files a new
+    // revision of the StatefulSet. Reload: the template does not change with the files,
+    // the proxies reload them in place.
+    let annotations = (db_side.config_update == ConfigUpdate::RollingRestart)
+        .then(|| BTreeMap::from([(CONFIG_HASH_ANNOTATION.to_owned(), hash.to_owned())]));
     let pod = PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(pod_labels),
-            annotations: Some(BTreeMap::from([(
-                CONFIG_HASH_ANNOTATION.to_owned(),
-                hash.to_owned(),
-            )])),
+            annotations,
             ..ObjectMeta::default()
         }),
         spec: Some(PodSpec {
@@ -491,6 +494,9 @@ pub struct ProxySettings<'a> {
     /// Name the container ports (a sidecar leaves them unnamed: port names must be unique in
     /// the pod, and the application's containers may use any name).
     pub port_names: bool,
+    /// Reload the mounted files when the kubelet updates them (`false`: keep the files the
+    /// proxy started with, for a tier that rolls on every change instead).
+    pub watch_files: bool,
 }
 
 /// The proxy container: one port per source and the observability port, the config mounted
@@ -547,6 +553,9 @@ pub fn proxy_container(
     ];
     if let Some(level) = settings.log_level {
         args.extend(["--log-level".to_owned(), level.to_owned()]);
+    }
+    if !settings.watch_files {
+        args.extend(["--watch-interval-ms".to_owned(), "0".to_owned()]);
     }
     Container {
         name: CONTAINER.to_owned(),

@@ -5,6 +5,8 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use shotover_crds::crd::{ShotoverTopologyStatus, SidecarStatus};
 
+use crate::reports::{Running, Standing};
+
 pub const READY: &str = "Ready";
 pub const CONFIG_VALID: &str = "ConfigValid";
 pub const PROGRESSING: &str = "Progressing";
@@ -35,6 +37,10 @@ pub struct PodObservation {
     pub name: String,
     /// The config hash its sidecar was injected with; `None` when it has no sidecar.
     pub injected_hash: Option<String>,
+    /// Where its sidecar answers `/config`, once it runs.
+    pub address: Option<std::net::SocketAddr>,
+    /// What its sidecar says it runs.
+    pub running: Running,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -63,6 +69,8 @@ pub struct DbSideObservation {
     /// A proxy Pod waits for a node, not yet for long enough to be a problem: reconcile
     /// again when it would be.
     pub waiting_for_node: bool,
+    /// The live proxy Pods by name, and what each says it runs.
+    pub proxies: Vec<(String, Running)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -150,7 +158,10 @@ pub fn reconciled(
         ConfigOutcome::Invalid { message } => want(CONFIG_VALID, false, "InvalidTopology", message),
     };
 
-    let rollout = obs.db_side.as_ref().map(rollout_state);
+    let rollout = obs
+        .db_side
+        .as_ref()
+        .map(|d| rollout_state(d, config_hash.as_deref()));
     let invalid = matches!(obs.config, ConfigOutcome::Invalid { .. });
     let nothing_deployed = obs
         .db_side
@@ -192,12 +203,28 @@ pub fn reconciled(
                 None => "the topology is invalid (see ConfigValid) and no valid configuration was ever rendered".to_owned(),
             },
         ),
-        (ConfigOutcome::Valid { .. }, None) => match obs.db_side.as_ref().map(|d| &d.problems) {
-            Some(problems) if !problems.is_empty() => {
-                want(DEGRADED, true, "ProxiesFailing", summary(problems))
+        (ConfigOutcome::Valid { hash, .. }, None) => {
+            let problems: Vec<String> = obs
+                .db_side
+                .iter()
+                .flat_map(|d| {
+                    let refusals = d.proxies.iter().filter_map(|(name, running)| {
+                        match running.standing(hash) {
+                            Standing::Refused(error) => {
+                                Some(format!("{name}: refused configuration {hash}: {error}"))
+                            }
+                            _ => None,
+                        }
+                    });
+                    d.problems.iter().cloned().chain(refusals)
+                })
+                .collect();
+            if problems.is_empty() {
+                want(DEGRADED, false, "AsExpected", "nothing is failing")
+            } else {
+                want(DEGRADED, true, "ProxiesFailing", summary(&problems))
             }
-            _ => want(DEGRADED, false, "AsExpected", "nothing is failing"),
-        },
+        }
     };
 
     let ready = match (&obs.config, &obs.apply_error, &rollout) {
@@ -278,20 +305,39 @@ fn some_names<'a>(names: impl Iterator<Item = &'a str>) -> String {
     text
 }
 
-/// The sidecar counts and the `SidecarsUpToDate` condition.
+/// The sidecar counts and the `SidecarsUpToDate` condition, from what the running sidecars
+/// say they run.
 fn sidecars(pods: &[PodObservation], hash: Option<&str>) -> (SidecarStatus, Want) {
     let injected: Vec<&PodObservation> =
         pods.iter().filter(|p| p.injected_hash.is_some()).collect();
-    let outdated: Vec<&PodObservation> = injected
-        .iter()
-        .copied()
-        .filter(|p| hash.is_some() && p.injected_hash.as_deref() != hash)
-        .collect();
+    let mut outdated = Vec::new();
+    let mut unreported = Vec::new();
+    let mut current = 0;
+    let mut not_started = 0;
+    for pod in &injected {
+        let Some(hash) = hash else { break };
+        match pod.running.standing(hash) {
+            Standing::Current => current += 1,
+            Standing::NotStarted => not_started += 1,
+            Standing::Unreported(why) => unreported.push(format!("{} ({why})", pod.name)),
+            standing => outdated.push(format!(
+                "{} ({})",
+                pod.name,
+                standing.why_not().unwrap_or_default()
+            )),
+        }
+    }
     let missing: Vec<&PodObservation> = pods.iter().filter(|p| p.injected_hash.is_none()).collect();
     let counts = SidecarStatus {
         injected: injected.len() as i32,
         outdated: outdated.len() as i32,
+        unreported: unreported.len() as i32,
         not_injected: missing.len() as i32,
+    };
+    let not_started_yet = if not_started > 0 {
+        format!(" ({not_started} not started yet)")
+    } else {
+        String::new()
     };
     let condition = if !missing.is_empty() {
         want(
@@ -310,11 +356,23 @@ fn sidecars(pods: &[PodObservation], hash: Option<&str>) -> (SidecarStatus, Want
             false,
             "Outdated",
             format!(
-                "{} of {} injected Pods run an older configuration than {}: {}; restart them (kubectl rollout restart) to pick it up",
+                "{} of {} running sidecars do not run configuration {}: {}; a sidecar reloads once the kubelet updates its ConfigMap volume (within its sync period, about a minute)",
                 outdated.len(),
-                injected.len(),
+                injected.len() - not_started,
                 hash.unwrap_or_default(),
-                some_names(outdated.iter().map(|p| p.name.as_str()))
+                summary(&outdated)
+            ),
+        )
+    } else if !unreported.is_empty() {
+        want(
+            SIDECARS,
+            false,
+            "Unreported",
+            format!(
+                "{} of {} running sidecars did not say what they run (GET /config on their observability port): {}",
+                unreported.len(),
+                injected.len() - not_started,
+                summary(&unreported)
             ),
         )
     } else {
@@ -324,13 +382,35 @@ fn sidecars(pods: &[PodObservation], hash: Option<&str>) -> (SidecarStatus, Want
             "UpToDate",
             match hash {
                 Some(hash) if !injected.is_empty() => {
-                    format!("{} injected Pods run configuration {hash}", injected.len())
+                    format!("{current} running sidecars run configuration {hash}{not_started_yet}")
                 }
                 _ => "no Pods run this topology as a sidecar".to_owned(),
             },
         )
     };
     (counts, condition)
+}
+
+/// Whether a proxy (sidecar or DB-side) is behind or silent: the operator asks again soon.
+pub fn proxies_behind(obs: &Observation, status: &ShotoverTopologyStatus) -> bool {
+    let Some(hash) = status.config_hash.as_deref() else {
+        return false;
+    };
+    let behind = |running: &Running| {
+        !matches!(
+            running.standing(hash),
+            Standing::Current | Standing::NotStarted
+        )
+    };
+    obs.pods
+        .iter()
+        .flatten()
+        .any(|p| p.injected_hash.is_some() && behind(&p.running))
+        || obs
+            .db_side
+            .iter()
+            .flat_map(|d| &d.proxies)
+            .any(|(_, running)| behind(running))
 }
 
 /// The status while `shotover.io/paused` is `"true"`: everything as before, plus
@@ -447,7 +527,8 @@ enum Rollout {
     },
 }
 
-fn rollout_state(db_side: &DbSideObservation) -> Rollout {
+/// Where the rollout of the configuration `hash` (the last valid one) stands.
+fn rollout_state(db_side: &DbSideObservation, hash: Option<&str>) -> Rollout {
     let desired = db_side.desired;
     let Some(sts) = &db_side.stateful_set else {
         return Rollout::Pending {
@@ -482,6 +563,28 @@ fn rollout_state(db_side: &DbSideObservation) -> Rollout {
             reason: "WaitingForProxies",
             message,
         };
+    }
+    // Every proxy runs the current Pod template and is ready: do they run the configuration?
+    // (They reload it once the kubelet has updated their ConfigMap volume.)
+    if let Some(hash) = hash {
+        let mut current = 0;
+        let mut behind = Vec::new();
+        for (name, running) in &db_side.proxies {
+            match running.standing(hash).why_not() {
+                None => current += 1,
+                Some(why) => behind.push(format!("{name} {why}")),
+            }
+        }
+        if !behind.is_empty() {
+            return Rollout::Pending {
+                reason: "Reloading",
+                message: format!(
+                    "{} of {desired} proxies run configuration {hash}; {}",
+                    current.min(desired),
+                    summary(&behind)
+                ),
+            };
+        }
     }
     Rollout::Done {
         message: format!("{desired} of {desired} proxies ready"),

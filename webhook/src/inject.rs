@@ -261,6 +261,9 @@ pub struct Injection {
 pub struct InjectionStatus {
     pub topology: String,
     pub config_hash: String,
+    /// Where the sidecar answers `/config` (the operator asks what it runs).
+    #[serde(default)]
+    pub observability_port: i32,
     pub native_sidecar: bool,
     pub containers: Vec<String>,
     pub volumes: Vec<String>,
@@ -312,6 +315,7 @@ pub fn inject(
             resources,
             log_level: overrides.log_level.as_deref(),
             port_names: false,
+            watch_files: true,
         },
     );
     if let Some(security) = container.security_context.as_mut() {
@@ -361,6 +365,7 @@ pub fn inject(
     let status = InjectionStatus {
         topology: name.to_owned(),
         config_hash: rendered.hash.clone(),
+        observability_port: spec.observability_port,
         native_sidecar: native,
         containers: vec![CONTAINER.to_owned()],
         volumes: vec![CONFIG_VOLUME.to_owned()],

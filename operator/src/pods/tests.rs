@@ -95,3 +95,43 @@ fn a_proxy_waits_for_a_node_for_a_while_before_that_is_a_problem() {
         Some("not scheduled (Unschedulable): 0/1 nodes are available")
     );
 }
+
+#[test]
+fn a_proxy_is_asked_once_its_container_runs_and_the_strip_keeps_what_that_needs() {
+    let sidecar = |state: serde_json::Value, ready: bool, started: bool| {
+        pod(json!({"phase": "Running", "podIP": "10.0.0.7",
+            "initContainerStatuses": [{"name": "shotover", "image": "i", "imageID": "",
+                "ready": ready, "started": started, "restartCount": 0, "state": state}],
+            "containerStatuses": [{"name": "app", "image": "i", "imageID": "", "ready": true,
+                "restartCount": 0, "state": {"running": {}}}]}))
+    };
+    let address = Some("10.0.0.7:9001".parse().expect("address"));
+    let mut running = sidecar(json!({"running": {}}), false, true);
+    super::strip(&mut running);
+    let status = running.status.as_ref().expect("status");
+    assert_eq!(status.pod_ip.as_deref(), Some("10.0.0.7"));
+    assert_eq!(
+        status.container_statuses.as_ref().map(Vec::len),
+        Some(0),
+        "only the proxy's"
+    );
+    assert_eq!(super::config_address(&running, 9001), address);
+    // Not started (its startup probe has not passed), or not running: not asked yet.
+    assert_eq!(
+        super::config_address(&sidecar(json!({"running": {}}), false, false), 9001),
+        None
+    );
+    assert_eq!(
+        super::config_address(
+            &sidecar(
+                json!({"waiting": {"reason": "CrashLoopBackOff"}}),
+                false,
+                false
+            ),
+            9001
+        ),
+        None
+    );
+    let no_ip = pod(json!({"phase": "Pending"}));
+    assert_eq!(super::config_address(&no_ip, 9001), None);
+}

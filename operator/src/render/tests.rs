@@ -87,7 +87,7 @@ fn the_hash_follows_the_chain_and_nothing_else() {
     )))
     .expect("valid");
     assert_eq!(base.hash, scaled.hash);
-    let template_hash = |r: &Rendered| {
+    let template = |r: &Rendered| {
         r.db_side
             .as_ref()
             .expect("dbSide")
@@ -96,30 +96,62 @@ fn the_hash_follows_the_chain_and_nothing_else() {
             .as_ref()
             .expect("spec")
             .template
-            .metadata
-            .as_ref()
-            .expect("meta")
-            .annotations
-            .as_ref()
-            .expect("ann")[CONFIG_HASH_ANNOTATION]
             .clone()
     };
-    assert_eq!(template_hash(&base), template_hash(&scaled));
+    let template_hash = |r: &Rendered| {
+        template(r)
+            .metadata
+            .and_then(|m| m.annotations)
+            .and_then(|a| a.get(CONFIG_HASH_ANNOTATION).cloned())
+    };
+    let args = |r: &Rendered| {
+        template(r).spec.expect("pod").containers[0]
+            .args
+            .clone()
+            .unwrap_or_default()
+            .join(" ")
+    };
+    assert_eq!(template(&base), template(&scaled));
 
-    // A different chain does, in the ConfigMap and on the pod template.
-    let changed = render(&topology(
-        &REDIS.replace("counterName: cache", "counterName: other"),
-    ))
-    .expect("valid");
+    // A different chain does, in the ConfigMap; by default not on the pod template (the
+    // proxies reload the ConfigMap in place, watching their files).
+    let other = REDIS.replace("counterName: cache", "counterName: other");
+    let changed = render(&topology(&other)).expect("valid");
     let changed_db = render(&topology(&format!(
-        "{}  dbSide:\n    replicas: 3\n",
-        REDIS.replace("counterName: cache", "counterName: other")
+        "{other}  dbSide:
+    replicas: 3
+"
     )))
     .expect("valid");
     assert_ne!(base.hash, changed.hash);
     assert_eq!(changed.hash, changed_db.hash);
-    assert_ne!(template_hash(&base), template_hash(&changed_db));
-    assert_eq!(template_hash(&changed_db), changed_db.hash);
+    assert_eq!(template(&base), template(&changed_db));
+    assert_eq!(template_hash(&base), None);
+    assert!(
+        !args(&base).contains("--watch-interval-ms"),
+        "{}",
+        args(&base)
+    );
+
+    // With `configUpdate: RollingRestart` the hash is on the template (every change rolls)
+    // and the proxies do not watch their files.
+    let restart = |yaml: &str| {
+        render(&topology(&format!(
+            "{yaml}  dbSide:\n    replicas: 3\n    configUpdate: RollingRestart\n"
+        )))
+        .expect("valid")
+    };
+    let (restart_base, restart_changed) = (restart(REDIS), restart(&other));
+    assert_eq!(
+        template_hash(&restart_base),
+        Some(restart_base.hash.clone())
+    );
+    assert_eq!(template_hash(&restart_changed), Some(changed.hash.clone()));
+    assert!(
+        args(&restart_base).contains("--watch-interval-ms 0"),
+        "{}",
+        args(&restart_base)
+    );
 
     // So does the log level (it is in config.yaml).
     let debug = render(&topology(&format!("{REDIS}  logLevel: debug\n"))).expect("valid");

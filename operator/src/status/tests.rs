@@ -1,4 +1,5 @@
 use super::*;
+use crate::reports::{Refused, Report};
 use k8s_openapi::jiff::Timestamp;
 
 fn at(seconds: i64) -> Time {
@@ -303,16 +304,32 @@ fn pod(name: &str, hash: Option<&str>) -> PodObservation {
     PodObservation {
         name: name.to_owned(),
         injected_hash: hash.map(str::to_owned),
+        ..PodObservation::default()
     }
 }
 
+/// A running sidecar whose proxy reports running `running`.
+fn running(name: &str, injected: &str, running: &str) -> PodObservation {
+    PodObservation {
+        running: reported(running),
+        ..pod(name, Some(injected))
+    }
+}
+
+fn reported(hash: &str) -> Running {
+    Running::Reported(Report {
+        hash: hash.to_owned(),
+        ..Report::default()
+    })
+}
+
 #[test]
-fn sidecars_are_counted_and_outdated_ones_reported_after_a_change() {
-    // Generation 1: two Pods injected with hash1, quietly up to date.
+fn sidecars_are_counted_by_what_their_proxies_say_they_run() {
+    // Generation 1: two Pods running hash1, quietly up to date.
     let mut obs = valid(1);
     obs.pods = Some(vec![
-        pod("web-a", Some("hash1")),
-        pod("web-b", Some("hash1")),
+        running("web-a", "hash1", "hash1"),
+        running("web-b", "hash1", "hash1"),
     ]);
     let (s1, t1) = reconciled(None, &obs, &at(0));
     assert_eq!(
@@ -320,17 +337,20 @@ fn sidecars_are_counted_and_outdated_ones_reported_after_a_change() {
         Some(SidecarStatus {
             injected: 2,
             outdated: 0,
+            unreported: 0,
             not_injected: 0
         })
     );
-    assert_eq!(condition(&s1, SIDECARS).status, "True");
+    let c = condition(&s1, SIDECARS);
+    assert_eq!(c.status, "True");
+    assert_eq!(c.message, "2 running sidecars run configuration hash1");
     assert!(!t1.iter().any(|t| t.type_ == SIDECARS), "{t1:?}");
 
-    // Generation 2 changes the config: both Pods run the old one.
+    // Generation 2 changes the config: both proxies still run the old one.
     let mut obs = valid(2);
     obs.pods = Some(vec![
-        pod("web-a", Some("hash1")),
-        pod("web-b", Some("hash1")),
+        running("web-a", "hash1", "hash1"),
+        running("web-b", "hash1", "hash1"),
     ]);
     let (s2, t2) = reconciled(Some(&s1), &obs, &at(10));
     assert_eq!(s2.sidecars.as_ref().map(|s| s.outdated), Some(2));
@@ -340,25 +360,147 @@ fn sidecars_are_counted_and_outdated_ones_reported_after_a_change() {
         ("False", "Outdated")
     );
     assert!(
-        c.message
-            .contains("2 of 2 injected Pods run an older configuration than hash2: web-a, web-b"),
+        c.message.starts_with(
+            "2 of 2 running sidecars do not run configuration hash2: web-a (runs hash1); web-b (runs hash1); a sidecar reloads once the kubelet updates"
+        ),
         "{}",
         c.message
     );
     let t = t2.iter().find(|t| t.type_ == SIDECARS).expect("an Event");
     assert!(!t.warning, "outdated sidecars are expected after a change");
+    assert!(proxies_behind(&obs, &s2), "asked again soon");
 
-    // One Pod restarted: one outdated.
+    // One reloaded (its Pod annotation still says hash1: what counts is what it runs), one
+    // refused the new files.
     let mut obs = valid(2);
-    obs.pods = Some(vec![
-        pod("web-a", Some("hash1")),
-        pod("web-c", Some("hash2")),
-    ]);
+    let mut refusing = running("web-b", "hash1", "hash1");
+    refusing.running = Running::Reported(Report {
+        hash: "hash1".to_owned(),
+        last_refused: Some(Refused {
+            hash: Some("hash2".to_owned()),
+            error: "binding 127.0.0.1:6379: address in use".to_owned(),
+        }),
+        ..Report::default()
+    });
+    obs.pods = Some(vec![running("web-a", "hash1", "hash2"), refusing]);
     let (s3, _) = reconciled(Some(&s2), &obs, &at(20));
     assert_eq!(
         s3.sidecars.as_ref().map(|s| (s.injected, s.outdated)),
         Some((2, 1))
     );
+    assert!(
+        condition(&s3, SIDECARS)
+            .message
+            .contains("web-b (refused it: binding 127.0.0.1:6379: address in use)"),
+        "{}",
+        condition(&s3, SIDECARS).message
+    );
+
+    // Both reloaded; a third Pod not started yet is not counted against anyone.
+    let mut obs = valid(2);
+    obs.pods = Some(vec![
+        running("web-a", "hash1", "hash2"),
+        running("web-b", "hash1", "hash2"),
+        pod("web-c", Some("hash2")),
+    ]);
+    let (s4, t4) = reconciled(Some(&s3), &obs, &at(30));
+    assert_eq!(
+        s4.sidecars,
+        Some(SidecarStatus {
+            injected: 3,
+            outdated: 0,
+            unreported: 0,
+            not_injected: 0
+        })
+    );
+    let c = condition(&s4, SIDECARS);
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "UpToDate"));
+    assert_eq!(
+        c.message,
+        "2 running sidecars run configuration hash2 (1 not started yet)"
+    );
+    assert!(t4.iter().any(|t| t.type_ == SIDECARS));
+    assert!(!proxies_behind(&obs, &s4));
+}
+
+#[test]
+fn a_sidecar_that_does_not_answer_is_unreported_saying_why() {
+    let mut obs = valid(1);
+    let mut silent = pod("web-b", Some("hash1"));
+    silent.running = Running::Unreachable("connecting: Connection refused".to_owned());
+    obs.pods = Some(vec![running("web-a", "hash1", "hash1"), silent]);
+    let (status, _) = reconciled(None, &obs, &at(0));
+    assert_eq!(
+        status.sidecars.as_ref().map(|s| (s.outdated, s.unreported)),
+        Some((0, 1))
+    );
+    let c = condition(&status, SIDECARS);
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "Unreported")
+    );
+    assert!(
+        c.message.contains("web-b (connecting: Connection refused)"),
+        "{}",
+        c.message
+    );
+    assert!(proxies_behind(&obs, &status));
+}
+
+#[test]
+fn db_side_proxies_that_reload_are_progressing_until_each_runs_the_new_hash() {
+    let mut obs = valid(2);
+    obs.db_side = Some(DbSideObservation {
+        desired: 2,
+        stateful_set: Some(sts(2, 2, 2, "r1", "r1")),
+        proxies: vec![
+            ("cache-shotover-0".to_owned(), reported("hash2")),
+            ("cache-shotover-1".to_owned(), reported("hash1")),
+        ],
+        ..DbSideObservation::default()
+    });
+    let (status, _) = reconciled(None, &obs, &at(0));
+    assert_eq!(
+        summary(&status)[..3],
+        [
+            row(READY, "False", "Reloading"),
+            row(CONFIG_VALID, "True", "Valid"),
+            row(PROGRESSING, "True", "Reloading"),
+        ]
+    );
+    assert_eq!(
+        condition(&status, READY).message,
+        "1 of 2 proxies run configuration hash2; cache-shotover-1 runs hash1"
+    );
+    assert_eq!(condition(&status, DEGRADED).status, "False");
+
+    // The second refuses it: Degraded says why.
+    let db_side = obs.db_side.as_mut().expect("db side");
+    db_side.proxies[1].1 = Running::Reported(Report {
+        hash: "hash1".to_owned(),
+        last_refused: Some(Refused {
+            hash: Some("hash2".to_owned()),
+            error: "no such file".to_owned(),
+        }),
+        ..Report::default()
+    });
+    let (refused, _) = reconciled(Some(&status), &obs, &at(5));
+    let degraded = condition(&refused, DEGRADED);
+    assert_eq!(
+        (degraded.status.as_str(), degraded.message.as_str()),
+        (
+            "True",
+            "cache-shotover-1: refused configuration hash2: no such file"
+        )
+    );
+
+    // Both run it: ready.
+    let db_side = obs.db_side.as_mut().expect("db side");
+    db_side.proxies[1].1 = reported("hash2");
+    let (done, _) = reconciled(Some(&refused), &obs, &at(10));
+    assert_eq!(condition(&done, READY).reason, "ProxiesReady");
+    assert_eq!(condition(&done, DEGRADED).status, "False");
+    assert!(!proxies_behind(&obs, &done));
 }
 
 #[test]
@@ -395,6 +537,7 @@ fn proxies_that_do_not_run_make_the_topology_degraded_saying_why() {
             "cache-shotover-1: container shotover ErrImageNeverPull: no image".to_owned(),
         ],
         waiting_for_node: false,
+        ..DbSideObservation::default()
     });
     let (status, transitions) = reconciled(None, &obs, &at(0));
     let degraded = condition(&status, DEGRADED);
@@ -420,6 +563,7 @@ fn proxies_that_do_not_run_make_the_topology_degraded_saying_why() {
         stateful_set: Some(sts(2, 2, 2, "r1", "r1")),
         problems: Vec::new(),
         waiting_for_node: false,
+        ..DbSideObservation::default()
     });
     let (fixed, transitions) = reconciled(Some(&status), &obs, &at(10));
     assert_eq!(condition(&fixed, DEGRADED).status, "False");

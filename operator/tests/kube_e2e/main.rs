@@ -120,7 +120,9 @@ async fn applying_a_topology_deploys_its_tier_and_reports_it_ready() {
         .get("cache-shotover")
         .await
         .expect("StatefulSet");
-    assert_eq!(template_hash(&sts).as_deref(), Some(hash.as_str()));
+    // The proxies reload the ConfigMap in place (configUpdate: Reload, the default): the
+    // pod template does not carry the hash.
+    assert_eq!(template_hash(&sts), None);
     assert_eq!(sts.spec.as_ref().and_then(|s| s.replicas), Some(2));
     let services = cluster.api::<Service>();
     let headless = services
@@ -197,7 +199,7 @@ async fn applying_a_topology_deploys_its_tier_and_reports_it_ready() {
 }
 
 #[tokio::test]
-async fn changing_a_chain_rolls_the_pods_and_scaling_does_not() {
+async fn a_chain_change_rolls_the_pods_only_with_rolling_restart_and_scaling_never() {
     let cluster = Cluster::new("change").await;
     let operator = Operator::start(&cluster.ns, "change");
     cluster
@@ -211,7 +213,7 @@ async fn changing_a_chain_rolls_the_pods_and_scaling_does_not() {
         .expect("hash");
     let sts_api = cluster.api::<StatefulSet>();
     let sts = sts_api.get("cache-shotover").await.expect("StatefulSet");
-    assert_eq!(template_hash(&sts), Some(first.clone()));
+    let generation = sts.metadata.generation;
 
     // Scaling changes neither the configuration nor the pod template.
     cluster
@@ -224,10 +226,10 @@ async fn changing_a_chain_rolls_the_pods_and_scaling_does_not() {
         .await;
     assert_eq!(scaled.config_hash.as_deref(), Some(first.as_str()));
     let sts = sts_api.get("cache-shotover").await.expect("StatefulSet");
-    assert_eq!(template_hash(&sts), Some(first.clone()));
-    let revision_before = sts.status.and_then(|s| s.update_revision);
+    assert_eq!(template_hash(&sts), None);
+    let template = sts.spec.as_ref().map(|s| s.template.clone());
 
-    // A chain change gives a new hash, in the ConfigMap and on the pod template.
+    // A chain change (configUpdate: Reload): a new hash in the ConfigMap, the same template.
     let mut spec = db_side_spec("after", 3);
     spec["sources"][0]["Redis"]["chain"][0]["QueryCounter"]["counterName"] = json!("after");
     cluster.patch("cache", json!({"spec": spec})).await;
@@ -243,6 +245,23 @@ async fn changing_a_chain_rolls_the_pods_and_scaling_does_not() {
         .await
         .expect("ConfigMap");
     assert!(cm.data.expect("data")["topology.yaml"].contains("counterName: after"));
+    let sts = sts_api.get("cache-shotover").await.expect("StatefulSet");
+    assert_eq!(sts.spec.as_ref().map(|s| s.template.clone()), template);
+    assert_ne!(sts.metadata.generation, generation, "scaled");
+    let revision_before = sts.status.and_then(|s| s.update_revision);
+
+    // configUpdate: RollingRestart: the hash goes on the template, a new revision rolls.
+    cluster
+        .patch(
+            "cache",
+            json!({"spec": {"dbSide": {"configUpdate": "RollingRestart"}}}),
+        )
+        .await;
+    cluster
+        .status_where("cache", "generation 4 observed", |s| {
+            s.observed_generation == Some(4)
+        })
+        .await;
     let sts = wait_for(
         "the StatefulSet's new revision",
         Duration::from_secs(30),
@@ -254,11 +273,23 @@ async fn changing_a_chain_rolls_the_pods_and_scaling_does_not() {
     )
     .await;
     assert_eq!(template_hash(&sts), Some(second));
-    assert!(has(&changed, "ConfigValid", "True"));
+    let args = sts
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref()?.containers[0].args.clone());
     assert!(
-        has(&changed, "Ready", "False"),
-        "the new pods are not ready: {changed:?}"
+        args.as_ref()
+            .is_some_and(|a| a.join(" ").contains("--watch-interval-ms 0")),
+        "the proxies do not watch their files: {args:?}"
     );
+    let status = cluster
+        .status_where("cache", "rolling out", |s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.reason == "RollingOut")
+        })
+        .await;
+    assert!(has(&status, "Ready", "False"), "the new pods are not ready");
     operator.assert_quiet(&[]);
 }
 

@@ -217,11 +217,21 @@ pub fn has(status: &ShotoverTopologyStatus, type_: &str, value: &str) -> bool {
     condition(status, type_).is_some_and(|c| c.status == value)
 }
 
+/// A port nothing listens on, never the same twice in one process (the OS may hand a port
+/// just released to the next bind).
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port")
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN.lock().unwrap_or_else(|e| e.into_inner());
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("no free port");
+        if !given.contains(&port) {
+            given.push(port);
+            return port;
+        }
+    }
 }
 
 /// A process whose stdout and stderr are kept (and printed if the test fails).

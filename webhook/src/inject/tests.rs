@@ -217,6 +217,7 @@ fn the_native_sidecar_is_the_first_init_container_and_injection_is_idempotent() 
         InjectionStatus {
             topology: "cache".to_owned(),
             config_hash: r.hash.clone(),
+            observability_port: 9001,
             native_sidecar: true,
             containers: vec!["shotover".to_owned()],
             volumes: vec!["shotover-config".to_owned()],

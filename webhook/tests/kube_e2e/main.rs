@@ -1033,79 +1033,192 @@ async fn the_certificate_rotates_under_load_with_no_failed_admission() {
     assert!(admitted > 50, "{admitted}");
 }
 
+/// The sidecar counts come from what the proxies say they run (`GET /config`), not from
+/// the Pods' annotations. There is no kubelet here: the test plays it, marking a Pod running
+/// on 127.0.0.1 and running a real proxy on the ConfigMap's files, then updating those files
+/// the way the kubelet updates a mounted ConfigMap (an atomic swap). The real kubelet does
+/// it in `node_e2e`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_topology_change_shows_up_as_outdated_sidecars_until_pods_restart() {
+async fn sidecars_count_as_outdated_by_what_their_proxies_say_until_they_reload() {
     let setup = Setup::new("outdated", "Fail", &[]).await;
-    setup.rendered_topology("cache").await;
-    setup.opted_in_deployment("web", 2).await;
-    setup.pods("web", 2).await;
-    let before = setup
-        .sidecars_where("cache", "2 up to date", |s| {
-            s.injected == 2 && s.outdated == 0
+    let (source_port, observability_port) = (free_port(), free_port());
+    let spec = |target: &str| {
+        json!({
+            "observabilityPort": observability_port,
+            "sources": [{"Redis": {
+                "name": "redis", "listenAddr": format!("127.0.0.1:{source_port}"),
+                "chain": [{"RedisSinkSingle": {"remoteAddress": target}}]
+            }}]
         })
-        .await;
+    };
     setup
         .cluster
-        .patch(
-            "cache",
-            json!({"spec": {"sources": [{"Redis": {
-                "name": "redis", "listenAddr": "127.0.0.1:6379",
-                "chain": [{"RedisSinkSingle": {"remoteAddress": "redis.other:6379"}}]
-            }}]}}),
-        )
-        .await;
-    let after = setup
-        .sidecars_where("cache", "2 outdated", |s| {
-            s.injected == 2 && s.outdated == 2
-        })
-        .await;
-    assert_ne!(after.config_hash, before.config_hash);
-    let condition = after
-        .conditions
-        .iter()
-        .find(|c| c.type_ == "SidecarsUpToDate")
-        .expect("condition");
-    assert_eq!(condition.reason, "Outdated");
-    // The ConfigMap (still mounted by the running Pods) holds the new configuration.
-    let cm = setup
-        .cluster
-        .api::<k8s_openapi::api::core::v1::ConfigMap>()
-        .get("cache-shotover-config")
+        .create("cache", spec("redis.db:6379"))
         .await
-        .expect("configmap");
-    assert!(
-        cm.data
-            .unwrap_or_default()
-            .get("topology.yaml")
-            .is_some_and(|t| t.contains("redis.other")),
-    );
-    // Restarted Pods are injected with the new hash.
-    setup.recreate_pods("web").await;
+        .unwrap_or_else(|e| panic!("cannot create topology cache: {e}"));
+    let first = setup
+        .cluster
+        .status_where("cache", "a config hash", |s| s.config_hash.is_some())
+        .await
+        .config_hash
+        .expect("hash");
+    setup.opted_in_deployment("web", 2).await;
+    let pods = setup.pods("web", 2).await;
+    // Not running: counted as injected, neither outdated nor silent.
     setup
-        .sidecars_where("cache", "2 up to date again", |s| {
-            s.injected == 2 && s.outdated == 0
+        .sidecars_where("cache", "2 injected, not started", |s| {
+            s.injected == 2 && s.outdated == 0 && s.unreported == 0
         })
         .await;
-    let hashes: BTreeMap<String, String> = setup
+
+    // One Pod "runs" on 127.0.0.1, and nothing answers on its observability port yet.
+    let running = pods[0].name_any();
+    let native = pods[0]
+        .spec
+        .as_ref()
+        .and_then(|s| s.init_containers.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.name == "shotover"));
+    let proxy_status = json!([{
+        "name": "shotover", "image": "shotover", "imageID": "", "ready": true, "started": true,
+        "restartCount": 0, "state": {"running": {"startedAt": "2026-01-01T00:00:00Z"}},
+    }]);
+    let statuses = if native {
+        "initContainerStatuses"
+    } else {
+        "containerStatuses"
+    };
+    setup
+        .cluster
+        .api::<Pod>()
+        .patch_status(
+            &running,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"status": {
+                "phase": "Running", "podIP": "127.0.0.1", "podIPs": [{"ip": "127.0.0.1"}],
+                statuses: proxy_status,
+            }})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("cannot mark {running} running: {e}"));
+    let silent = setup
+        .sidecars_where("cache", "1 unreported", |s| {
+            s.injected == 2 && s.unreported == 1 && s.outdated == 0
+        })
+        .await;
+    let condition = |status: &shotover_crds::crd::ShotoverTopologyStatus| {
+        status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "SidecarsUpToDate")
+            .cloned()
+            .expect("condition")
+    };
+    let c = condition(&silent);
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "Unreported")
+    );
+    assert!(
+        c.message.contains(&format!("{running} (connecting: ")),
+        "{}",
+        c.message
+    );
+
+    // The proxy runs the ConfigMap's files, as the kubelet would have mounted them.
+    let files =
+        std::env::temp_dir().join(format!("shotover-kube-e2e-outdated-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&files);
+    std::fs::create_dir_all(&files).expect("dir");
+    let configmaps = setup.cluster.api::<k8s_openapi::api::core::v1::ConfigMap>();
+    let write_files = async |what: &str| {
+        let data = configmaps
+            .get("cache-shotover-config")
+            .await
+            .expect("configmap")
+            .data
+            .expect("data");
+        swap_in(&files, what, &data);
+    };
+    write_files("first").await;
+    let _proxy = Process::start(
+        "proxy",
+        Command::new(workspace_binary("shotover", "shotover")).args([
+            "--topology-file",
+            &files.join("topology.yaml").display().to_string(),
+            "--config-file",
+            &files.join("config.yaml").display().to_string(),
+            "--watch-interval-ms",
+            "200",
+        ]),
+    );
+    let up = setup
+        .sidecars_where("cache", "1 running sidecar up to date", |s| {
+            s.injected == 2 && s.unreported == 0 && s.outdated == 0
+        })
+        .await;
+    let c = condition(&up);
+    assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "UpToDate"));
+    assert_eq!(
+        c.message,
+        format!("1 running sidecars run configuration {first} (1 not started yet)")
+    );
+
+    // A new chain: the running proxy is outdated, whatever the Pod's annotation says...
+    setup
+        .cluster
+        .patch("cache", json!({"spec": spec("redis.other:6379")}))
+        .await;
+    let outdated = setup
+        .sidecars_where("cache", "1 outdated", |s| {
+            s.injected == 2 && s.outdated == 1
+        })
+        .await;
+    let second = outdated.config_hash.clone().expect("hash");
+    assert_ne!(second, first);
+    let c = condition(&outdated);
+    assert_eq!(
+        (c.status.as_str(), c.reason.as_str()),
+        ("False", "Outdated")
+    );
+    assert!(
+        c.message.starts_with(&format!(
+            "1 of 1 running sidecars do not run configuration {second}: {running} (runs {first})"
+        )),
+        "{}",
+        c.message
+    );
+    // ...until it reloads the updated files, in the same process, the Pods untouched.
+    write_files("second").await;
+    let reloaded = setup
+        .sidecars_where("cache", "up to date after the reload", |s| {
+            s.injected == 2 && s.outdated == 0 && s.unreported == 0
+        })
+        .await;
+    assert_eq!(reloaded.config_hash.as_deref(), Some(second.as_str()));
+    assert_eq!(condition(&reloaded).reason, "UpToDate");
+    assert_eq!(setup.event_count("Outdated").await, 1);
+    let after: Vec<String> = setup
         .pods("web", 2)
         .await
         .iter()
-        .map(|p| {
-            (
-                p.name_any(),
-                p.annotations()
-                    .get(CONFIG_HASH_ANNOTATION)
-                    .cloned()
-                    .unwrap_or_default(),
-            )
-        })
+        .map(|p| p.name_any())
         .collect();
-    assert!(
-        hashes
-            .values()
-            .all(|h| Some(h) == after.config_hash.as_ref()),
-        "{hashes:?}"
-    );
+    let before: Vec<String> = pods.iter().map(|p| p.name_any()).collect();
+    assert_eq!(after, before, "no Pod was replaced");
+}
+
+/// Writes the files of a ConfigMap into `dir` the way the kubelet updates a mounted one: into
+/// a new folder, then each file's symlink swapped by a rename.
+fn swap_in(dir: &std::path::Path, version: &str, data: &BTreeMap<String, String>) {
+    let next = dir.join(format!("..{version}"));
+    std::fs::create_dir_all(&next).expect("dir");
+    for (file, content) in data {
+        std::fs::write(next.join(file), content).expect("write");
+        let link = dir.join(format!("{file}.tmp"));
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(next.join(file), &link).expect("symlink");
+        std::fs::rename(&link, dir.join(file)).expect("swap");
+    }
 }
 
 /// What platform teams expect of the chart: namespace users get the CRD through

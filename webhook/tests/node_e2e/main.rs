@@ -10,6 +10,7 @@
 //! its own in that namespace. Everything goes through `kubectl` and `helm`, as an operator
 //! of a cluster would; on failure a test prints the state of both namespaces.
 
+use std::collections::BTreeMap;
 use std::io::Write;
 use std::process::{Command, Stdio};
 use std::sync::{Mutex, OnceLock};
@@ -393,7 +394,7 @@ impl Story {
                 "spec": {"selector": labels, "ports": [{"name": "redis", "port": 6379, "targetPort": "redis"}]},
             }),
         );
-        story.apply_db(install, "db", db_replicas);
+        story.apply_db(install, "db", db_replicas, "Reload");
         story.apply_edge(install, "edge");
         apply(
             &story.ns,
@@ -422,8 +423,9 @@ impl Story {
         story
     }
 
-    /// The DB-side topology, its chain counting under `counter`.
-    fn apply_db(&self, install: &Install, counter: &str, replicas: i32) {
+    /// The DB-side topology, its chain counting under `counter`, configuration changes
+    /// reaching the proxies by `config_update` (`Reload` or `RollingRestart`).
+    fn apply_db(&self, install: &Install, counter: &str, replicas: i32, config_update: &str) {
         apply(
             &self.ns,
             &json!({
@@ -438,7 +440,7 @@ impl Story {
                             {"RedisSinkSingle": {"remoteAddress": format!("{}-redis:6379", self.prefix), "connectTimeoutMs": 3000}},
                         ],
                     }}],
-                    "dbSide": {"replicas": replicas},
+                    "dbSide": {"replicas": replicas, "configUpdate": config_update},
                 },
             }),
         );
@@ -471,12 +473,21 @@ impl Story {
             .unwrap_or(Value::Null)
     }
 
-    fn condition(&self, topology: &str, type_: &str) -> Option<String> {
+    /// A field (`status`, `reason`) of the topology's condition `type_`.
+    fn condition_field(&self, topology: &str, type_: &str, field: &str) -> Option<String> {
         self.status(topology)["conditions"]
             .as_array()?
             .iter()
             .find(|c| c["type"] == type_)
-            .and_then(|c| c["status"].as_str().map(str::to_owned))
+            .and_then(|c| c[field].as_str().map(str::to_owned))
+    }
+
+    fn condition(&self, topology: &str, type_: &str) -> Option<String> {
+        self.condition_field(topology, type_, "status")
+    }
+
+    fn reason(&self, topology: &str, type_: &str) -> Option<String> {
+        self.condition_field(topology, type_, "reason")
     }
 
     fn db_pods(&self, count: usize) -> Vec<Value> {
@@ -649,83 +660,138 @@ fn app_traffic_goes_through_its_sidecar_and_the_db_side_tier_to_redis() {
     assert_eq!(injected, 1, "{}", story.status(&story.edge));
 }
 
+/// The uid and the restart count of the `shotover` container of each Pod, by name.
+fn incarnations(pods: &[Value]) -> BTreeMap<String, (String, u64)> {
+    pods.iter()
+        .map(|p| {
+            let restarts = p["status"]["containerStatuses"]
+                .as_array()
+                .into_iter()
+                .chain(p["status"]["initContainerStatuses"].as_array())
+                .flatten()
+                .find(|c| c["name"] == "shotover")
+                .and_then(|c| c["restartCount"].as_u64())
+                .expect("a shotover container status");
+            let uid = p["metadata"]["uid"].as_str().unwrap_or_default().to_owned();
+            (name(p), (uid, restarts))
+        })
+        .collect()
+}
+
 #[test]
-fn a_chain_change_rolls_the_tier_and_outdates_sidecars_until_the_app_restarts() {
+fn a_chain_change_reloads_the_tier_and_the_sidecars_without_restarting_a_pod() {
     let install = install();
     let _dump = DumpOnFailure(install);
-    let story = Story::new(install, "roll", 2);
-    story.db_pods(2);
-    story.app_pod();
-    wait_for("the sidecar to be up to date", LONG, || {
-        (story.condition(&story.edge, "SidecarsUpToDate").as_deref() == Some("True")).then_some(())
-    });
-
-    // A new DB-side chain: a new hash on the template, every proxy Pod replaced, Ready again.
-    let old_hash = story.status(&story.db)["configHash"].clone();
-    story.apply_db(install, "db2", 2);
-    let new_db = wait_for("the DB-side tier to roll", LONG, || {
-        let pods = story.db_pods(2);
-        let names: Vec<String> = pods.iter().map(name).collect();
-        let rolled = pods
-            .iter()
-            .all(|p| p["metadata"]["annotations"]["shotover.io/config-hash"] != old_hash);
-        (rolled && names.len() == 2).then_some(pods)
-    });
-    for pod in &new_db {
-        assert!(
-            pod_http(&story.ns, &name(pod), 9001, "/metrics")
-                .is_ok_and(|m| !m.contains("name=\"db\"")),
-            "{} runs the new chain",
-            name(pod)
-        );
-    }
-    wait_for("readyReplicas 2 after the roll", LONG, || {
-        (story.status(&story.db)["readyReplicas"] == 2
-            && story.status(&story.db)["configHash"] != old_hash)
-            .then_some(())
-    });
-
-    // A new sidecar chain: the running sidecar is outdated until its Pod is recreated.
-    story.apply_edge(install, "edge2");
-    wait_for("SidecarsUpToDate=False with 1 outdated", LONG, || {
+    let story = Story::new(install, "reload", 2);
+    let db_before = incarnations(&story.db_pods(2));
+    let app_before = incarnations(&[story.app_pod()]);
+    wait_for("the sidecar to say it runs the configuration", LONG, || {
         let status = story.status(&story.edge);
-        (status["sidecars"]["outdated"] == 1
-            && story.condition(&story.edge, "SidecarsUpToDate").as_deref() == Some("False"))
-        .then_some(())
-    });
-    k(&[
-        "rollout",
-        "restart",
-        "-n",
-        &story.ns,
-        &format!("deployment/{}", story.app),
-    ]);
-    k(&[
-        "rollout",
-        "status",
-        "-n",
-        &story.ns,
-        &format!("deployment/{}", story.app),
-        "--timeout=180s",
-    ]);
-    wait_for("SidecarsUpToDate=True with none outdated", LONG, || {
-        let status = story.status(&story.edge);
-        (status["sidecars"]["outdated"] == 0
-            && status["sidecars"]["injected"] == 1
+        (status["sidecars"]["injected"] == 1
+            && status["sidecars"]["outdated"] == 0
+            && status["sidecars"]["unreported"] == 0
             && story.condition(&story.edge, "SidecarsUpToDate").as_deref() == Some("True"))
         .then_some(())
     });
+
+    // A new DB-side chain: the same proxy Pods reload it (the kubelet updates their ConfigMap
+    // volume), and the topology is Ready once each of them says it runs the new hash.
+    let old_hash = story.status(&story.db)["configHash"].clone();
+    story.apply_db(install, "db2", 2, "Reload");
+    let new_hash = wait_for("the new configuration to render", LONG, || {
+        let hash = story.status(&story.db)["configHash"].clone();
+        (hash != old_hash).then_some(hash)
+    });
+    let new_hash = new_hash.as_str().expect("hash").to_owned();
+    wait_for(
+        "every DB-side proxy to run the new configuration",
+        LONG,
+        || {
+            let ready = story.reason(&story.db, "Ready");
+            (ready.as_deref() == Some("ProxiesReady")
+                && story.status(&story.db)["readyReplicas"] == 2)
+                .then_some(())
+        },
+    );
+    assert_eq!(
+        incarnations(&story.db_pods(2)),
+        db_before,
+        "no DB-side proxy was replaced or restarted"
+    );
+    for pod in db_before.keys() {
+        let config = pod_http(&story.ns, pod, 9001, "/config").unwrap_or_else(|e| panic!("{e}"));
+        assert!(config.contains(&new_hash), "{pod}: {config}");
+        let metrics = pod_http(&story.ns, pod, 9001, "/metrics").unwrap_or_else(|e| panic!("{e}"));
+        assert!(
+            metrics.contains(&format!("shotover_config_info{{hash=\"{new_hash}\"}} 1")),
+            "{pod}: {metrics}"
+        );
+    }
+    // Traffic through the reloaded chain is counted under its new name.
     let pod = name(&story.app_pod());
+    for i in 0..5 {
+        assert_eq!(
+            story
+                .redis_cli(&pod, &["set", &format!("reload:{i}"), "1"])
+                .unwrap_or_else(|e| panic!("{e}")),
+            "OK"
+        );
+    }
+    wait_for(
+        "the reloaded proxies to count under db2",
+        Duration::from_secs(30),
+        || {
+            (story.db_metric("shotover_query_count{name=\"db2\",query=\"SET\"") >= 5.0)
+                .then_some(())
+        },
+    );
+
+    // A new sidecar chain: the running sidecar is outdated (an Event says so) until it
+    // reloads, then up to date again, in the same Pod.
+    let old_edge = story.status(&story.edge)["configHash"].clone();
+    story.apply_edge(install, "edge2");
+    wait_for(
+        "SidecarsUpToDate=True for the new configuration",
+        LONG,
+        || {
+            let status = story.status(&story.edge);
+            (status["configHash"] != old_edge
+                && status["sidecars"]["injected"] == 1
+                && status["sidecars"]["outdated"] == 0
+                && status["sidecars"]["unreported"] == 0
+                && story.condition(&story.edge, "SidecarsUpToDate").as_deref() == Some("True"))
+            .then_some(())
+        },
+    );
+    let outdated_events = get_json(&[
+        "events",
+        "-n",
+        &story.ns,
+        "--field-selector",
+        &format!("involvedObject.name={},reason=Outdated", story.edge),
+    ])
+    .expect("events");
+    assert!(
+        outdated_events["items"]
+            .as_array()
+            .is_some_and(|e| !e.is_empty()),
+        "the sidecar was announced outdated before it reloaded"
+    );
+    assert_eq!(
+        incarnations(&[story.app_pod()]),
+        app_before,
+        "the application Pod was not replaced and its sidecar not restarted"
+    );
     assert_eq!(
         story
-            .redis_cli(&pod, &["set", "roll:after", "1"])
+            .redis_cli(&pod, &["set", "reload:after", "1"])
             .unwrap_or_else(|e| panic!("{e}")),
         "OK"
     );
     let sidecar = pod_http(&story.ns, &pod, 9001, "/metrics").unwrap_or_else(|e| panic!("{e}"));
     assert!(
         sidecar.contains("name=\"edge2\""),
-        "the new sidecar runs the new chain:\n{sidecar}"
+        "the sidecar runs the new chain:\n{sidecar}"
     );
 }
 
@@ -764,16 +830,19 @@ fn a_rolling_update_of_the_db_side_tier_under_traffic_loses_no_request() {
         },
     );
 
-    // Roll all three proxies (a new chain), one at a time, while the client goes on.
+    // Roll all three proxies (a new chain, with configUpdate: RollingRestart), one at a
+    // time, while the client goes on.
     let old_hash = story.status(&story.db)["configHash"].clone();
-    story.apply_db(install, "drain2", 3);
+    story.apply_db(install, "drain2", 3, "RollingRestart");
     wait_for("the tier to roll under traffic", LONG, || {
         let status = story.status(&story.db);
         let pods = pods(&story.ns, &format!("shotover.io/topology={}", story.db));
         (status["configHash"] != old_hash
             && pods.len() == 3
             && pods.iter().all(|p| {
-                is_ready(p) && p["metadata"]["annotations"]["shotover.io/config-hash"] != old_hash
+                is_ready(p)
+                    && p["metadata"]["annotations"]["shotover.io/config-hash"]
+                        == status["configHash"]
             }))
         .then_some(())
     });
