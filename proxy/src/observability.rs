@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result};
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::{get, put};
@@ -47,9 +47,12 @@ pub async fn serve(
         .route("/ready", get(ready_check))
         .route("/live", get(|| async { "live\n" }))
         .with_state(AppState { filter, ready });
-    let result = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await;
+    let result = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move { shutdown.cancelled().await })
+    .await;
     if let Err(e) = result {
         tracing::error!(error = %e, "the observability listener stopped");
     }
@@ -68,7 +71,25 @@ async fn config() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], body + "\n")
 }
 
-async fn set_filter(State(state): State<AppState>, body: String) -> (StatusCode, String) {
+/// Whether a peer may change the proxy (`PUT /filter`): only from the same host or Pod,
+/// whatever interface the listener is on (on Kubernetes it is `0.0.0.0`, for the probes and
+/// the metrics scrapes).
+pub fn may_change(peer: std::net::SocketAddr) -> bool {
+    peer.ip().to_canonical().is_loopback()
+}
+
+async fn set_filter(
+    State(state): State<AppState>,
+    ConnectInfo(peer): ConnectInfo<std::net::SocketAddr>,
+    body: String,
+) -> (StatusCode, String) {
+    if !may_change(peer) {
+        tracing::warn!(%peer, "PUT /filter refused: not from localhost");
+        return (
+            StatusCode::FORBIDDEN,
+            "PUT /filter is accepted from localhost only (from the Pod: kubectl exec, or kubectl port-forward)\n".into(),
+        );
+    }
     match state.filter.set(body.trim()) {
         Ok(()) => {
             tracing::info!(filter = body.trim(), "log filter changed");
@@ -86,5 +107,34 @@ async fn ready_check(State(state): State<AppState>) -> (StatusCode, &'static str
             StatusCode::SERVICE_UNAVAILABLE,
             "not ready: sources are not listening yet, or shutting down\n",
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn only_local_peers_may_change_the_proxy() {
+        for local in [
+            "127.0.0.1:5000",
+            "127.8.9.1:5000",
+            "[::1]:5000",
+            "[::ffff:127.0.0.1]:5000",
+        ] {
+            assert!(
+                super::may_change(local.parse().expect("address")),
+                "{local}"
+            );
+        }
+        for remote in [
+            "10.244.0.5:5000",
+            "192.168.1.2:5000",
+            "[fd00::1]:5000",
+            "[::ffff:10.0.0.1]:5000",
+        ] {
+            assert!(
+                !super::may_change(remote.parse().expect("address")),
+                "{remote}"
+            );
+        }
     }
 }

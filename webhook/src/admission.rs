@@ -39,6 +39,8 @@ pub struct State {
     pub client: Client,
     pub own_namespace: String,
     pub native_sidecar: Arc<AtomicBool>,
+    /// `--allowed-image`: what the image override annotation may name (empty: anything).
+    pub allowed_images: Vec<String>,
     pub topologies: Store<ShotoverTopology>,
     pub namespaces: Store<PartialObjectMeta<Namespace>>,
     /// Rendered topologies by (namespace, name), with the resourceVersion they came from.
@@ -250,6 +252,7 @@ async fn decide(state: &State, req: &AdmissionRequest<Pod>) -> Result<Decision, 
     let settings = Settings {
         own_namespace: state.own_namespace.clone(),
         native_sidecar_default: state.native_sidecar.load(Ordering::Relaxed),
+        allowed_images: state.allowed_images.clone(),
     };
     let pod_name = pod_display_name(req);
     let owner = owner_reference(pod, &namespace);

@@ -166,6 +166,31 @@ pub struct Settings {
     pub own_namespace: String,
     /// Whether the cluster runs native sidecars, when neither the Pod nor the topology says.
     pub native_sidecar_default: bool,
+    /// Images the `shotover.io/proxy-image` annotation may name (empty: any). An entry is a
+    /// repository (`registry.example.com/shotover`, any tag or digest of it), or a prefix
+    /// ending in `/` (`registry.example.com/platform/`, every repository under it).
+    pub allowed_images: Vec<String>,
+}
+
+/// Whether `image` is allowed by `allowed` (see [`Settings::allowed_images`]).
+pub fn image_allowed(image: &str, allowed: &[String]) -> bool {
+    if allowed.is_empty() {
+        return true;
+    }
+    // The repository: without a digest, and without a tag (a `:` after the last `/`; one
+    // before it is a registry's port).
+    let repository = image.split('@').next().unwrap_or(image);
+    let repository = match repository.rfind(':') {
+        Some(colon) if !repository[colon..].contains('/') => &repository[..colon],
+        _ => repository,
+    };
+    allowed.iter().any(|entry| {
+        if entry.ends_with('/') {
+            repository.starts_with(entry.as_str())
+        } else {
+            repository == entry
+        }
+    })
 }
 
 /// The namespace's labels and annotations (empty when unknown).
@@ -287,6 +312,20 @@ pub fn inject(
             format!("invalid shotover sidecar overrides: {}", errors.join("; ")),
         )
     })?;
+    if let Some(image) = overrides
+        .image
+        .as_deref()
+        .filter(|image| !image_allowed(image, &settings.allowed_images))
+    {
+        return Err(Refusal::new(
+            Refuse::InvalidOverride,
+            format!(
+                "invalid shotover sidecar overrides: annotation {}: `{image}` is not in the webhook's image allow-list ({})",
+                shotover_crds::crd::overrides::IMAGE,
+                settings.allowed_images.join(", ")
+            ),
+        ));
+    }
     let pod_spec = pod.spec.clone().unwrap_or_default();
     check_conflicts(&pod_spec, rendered)?;
 

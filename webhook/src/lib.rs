@@ -123,6 +123,11 @@ pub struct Opts {
     pub tls_key_file: String,
     #[arg(long, value_enum, default_value_t = NativeSidecar::Auto)]
     pub native_sidecar: NativeSidecar,
+    /// An image the `shotover.io/proxy-image` annotation may name: a repository (any tag or
+    /// digest of it) or a prefix ending in `/`. Repeat it, or separate with commas; none
+    /// (the default) allows any image.
+    #[arg(long = "allowed-image", env = "ALLOWED_IMAGES", value_delimiter = ',')]
+    pub allowed_images: Vec<String>,
     /// After SIGTERM, keep serving this long before draining (so a Service stops sending
     /// requests first).
     #[arg(long, default_value = "5s", value_parser = parse_duration)]
@@ -283,6 +288,12 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         client: client.clone(),
         own_namespace: opts.namespace.clone(),
         native_sidecar: native,
+        allowed_images: opts
+            .allowed_images
+            .iter()
+            .map(|i| i.trim().to_owned())
+            .filter(|i| !i.is_empty())
+            .collect(),
         topologies: topologies.clone(),
         namespaces: namespaces.clone(),
         rendered: Default::default(),

@@ -66,6 +66,7 @@ pub fn inject_manifests(topology: &str, manifests: &str, native: bool) -> anyhow
     let settings = Settings {
         own_namespace: String::new(),
         native_sidecar_default: native,
+        allowed_images: Vec::new(),
     };
     let mut out = Vec::new();
     for document in serde_yaml::Deserializer::from_str(manifests) {

@@ -317,7 +317,9 @@ fn serve_switch(port: u16) -> Result<Arc<AtomicBool>> {
     if let Some(existing) = switches.get(&port) {
         return Ok(existing.clone());
     }
-    let listener = std::net::TcpListener::bind(("0.0.0.0", port))
+    // Localhost only, as upstream: the switch changes what clients get, so only the Pod
+    // itself (kubectl exec, kubectl port-forward) may flip it.
+    let listener = std::net::TcpListener::bind(("127.0.0.1", port))
         .with_context(|| format!("binding the Tee switch API on port {port}"))?;
     listener.set_nonblocking(true)?;
     let listener = tokio::net::TcpListener::from_std(listener)?;

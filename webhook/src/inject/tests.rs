@@ -59,6 +59,7 @@ fn settings(native: bool) -> Settings {
     Settings {
         own_namespace: "shotover-system".to_owned(),
         native_sidecar_default: native,
+        allowed_images: Vec::new(),
     }
 }
 
@@ -340,6 +341,55 @@ fn overrides_set_image_resources_and_log_level() {
     );
     assert_eq!(injection.warnings.len(), 1, "{:?}", injection.warnings);
     assert!(injection.warnings[0].contains("shotover.io/proxy-cpu"));
+}
+
+#[test]
+fn the_image_allow_list_limits_what_the_override_may_name() {
+    let allowed = vec![
+        "registry.local/shotover".to_owned(),
+        "registry.local:5000/platform/".to_owned(),
+    ];
+    for image in [
+        "registry.local/shotover",
+        "registry.local/shotover:dev",
+        "registry.local/shotover@sha256:abcd",
+        "registry.local/shotover:1@sha256:abcd",
+        "registry.local:5000/platform/shotover:2",
+        "registry.local:5000/platform/team/proxy",
+    ] {
+        assert!(super::image_allowed(image, &allowed), "{image}");
+    }
+    for image in [
+        "registry.local/shotover-evil:1",
+        "registry.local/other",
+        "evil.example/registry.local/shotover",
+        "registry.local:5000/platformer/x",
+        "registry.local:5000/other/shotover",
+    ] {
+        assert!(!super::image_allowed(image, &allowed), "{image}");
+    }
+    assert!(
+        super::image_allowed("anything:1", &[]),
+        "no list: any image"
+    );
+
+    let r = rendered(topology(json!({})));
+    let mut p = app_pod();
+    p["metadata"]["annotations"][keys::IMAGE] = json!("evil.example/shotover:1");
+    let with_list = Settings {
+        allowed_images: allowed,
+        ..settings(true)
+    };
+    let refusal = inject(&pod(p.clone()), &no_ns(), &r, &with_list).expect_err("refused");
+    assert_eq!(refusal.reason, Refuse::InvalidOverride);
+    assert_eq!(
+        refusal.message,
+        "invalid shotover sidecar overrides: annotation shotover.io/proxy-image: `evil.example/shotover:1` is not in the webhook's image allow-list (registry.local/shotover, registry.local:5000/platform/)"
+    );
+    // The topology's own image is the platform team's choice, not the Pod's: not checked.
+    let mut p = app_pod();
+    p["metadata"]["annotations"][keys::IMAGE] = json!("registry.local/shotover:2");
+    inject(&pod(p), &no_ns(), &r, &with_list).expect("an allowed override");
 }
 
 #[test]

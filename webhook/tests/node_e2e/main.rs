@@ -793,6 +793,36 @@ fn a_chain_change_reloads_the_tier_and_the_sidecars_without_restarting_a_pod() {
         sidecar.contains("name=\"edge2\""),
         "the sidecar runs the new chain:\n{sidecar}"
     );
+
+    // Reading is open to the cluster (probes, scrapes, the operator); changing the proxy is
+    // for the Pod itself: PUT /filter through the apiserver's proxy (from the node's address)
+    // is refused, and from inside the Pod it is accepted.
+    let put = run(
+        "kubectl",
+        &[
+            "replace",
+            "--raw",
+            &format!(
+                "/api/v1/namespaces/{}/pods/{pod}:9001/proxy/filter",
+                story.ns
+            ),
+            "-f",
+            "-",
+        ],
+        Some("debug"),
+    );
+    assert!(
+        put.as_ref().is_err_and(|e| e.contains("localhost only")),
+        "{put:?}"
+    );
+    let local = exec(
+        &story.ns,
+        &pod,
+        "app",
+        &["sh", "-c", "(printf 'PUT /filter HTTP/1.0\\r\\nContent-Length: 4\\r\\n\\r\\ninfo'; sleep 2) | nc 127.0.0.1 9001"],
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    assert!(local.starts_with("HTTP/1.0 200"), "{local}");
 }
 
 #[test]
