@@ -79,7 +79,9 @@ impl ApiServer {
         let answer = if status >= 400 {
             serde_json::json!({
                 "kind": "Status", "apiVersion": "v1", "status": "Failure",
-                "message": answer.as_str().unwrap_or("refused"), "reason": "Forbidden", "code": status,
+                "message": answer.as_str().unwrap_or("refused"),
+                "reason": match status { 404 => "NotFound", 409 => "Conflict", _ => "Forbidden" },
+                "code": status,
             })
         } else {
             answer
@@ -91,6 +93,13 @@ impl ApiServer {
                 .expect("response"),
         );
         Seen { query, body }
+    }
+
+    /// An apply of an object the topology is to own: the read that checks whose it is
+    /// (answered 404: it does not exist yet), then the apply itself.
+    pub async fn expect_apply(&mut self, path: &str, status: u16, response: Option<Value>) -> Seen {
+        self.expect("GET", path, 404, None).await;
+        self.expect("PATCH", path, status, response).await
     }
 
     /// Answers one Event creation and returns the Event.

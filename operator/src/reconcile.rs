@@ -57,6 +57,10 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    #[error(
+        "{object} exists and is not this topology's (it has no ownerReference to it{owners}): not taken over; delete or rename it, or rename the topology"
+    )]
+    NotOwned { object: String, owners: String },
     #[error("writing the status: {0}")]
     StatusWrite(#[source] kube::Error),
     #[error("the topology has no namespace")]
@@ -65,7 +69,14 @@ pub enum Error {
 
 impl Error {
     /// Every value of [`Error::kind`], for the metrics.
-    pub const KINDS: [&'static str; 5] = ["apply", "delete", "read", "status", "invalid_object"];
+    pub const KINDS: [&'static str; 6] = [
+        "apply",
+        "delete",
+        "read",
+        "not_owned",
+        "status",
+        "invalid_object",
+    ];
 
     /// What failed, as the `kind` label of `shotover_operator_reconcile_errors_total`.
     pub fn kind(&self) -> &'static str {
@@ -73,8 +84,17 @@ impl Error {
             Error::Apply { .. } => "apply",
             Error::Delete { .. } => "delete",
             Error::Read { .. } => "read",
+            Error::NotOwned { .. } => "not_owned",
             Error::StatusWrite(_) => "status",
             Error::NoNamespace => "invalid_object",
+        }
+    }
+
+    /// The reason of the `Ready` and `Degraded` conditions it causes.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Error::NotOwned { .. } => "NotOwned",
+            _ => "ApplyFailed",
         }
     }
 }
@@ -168,6 +188,7 @@ pub async fn reconcile(
                 Ok(db_side) => obs.db_side = db_side,
                 Err(e) => {
                     obs.apply_error = Some(e.to_string());
+                    obs.apply_reason = Some(e.reason());
                     failure = Some(e);
                 }
             }
@@ -264,7 +285,7 @@ async fn apply_all(
     namespace: &str,
     rendered: &Rendered,
 ) -> Result<Option<DbSideObservation>, Error> {
-    apply(&ctx.client, namespace, &rendered.config_map).await?;
+    apply_ours(ctx, topology, namespace, &rendered.config_map).await?;
     let name = topology.name_any();
     let Some(objects) = &rendered.db_side else {
         // dbSide was removed: the tier it ran goes too (only what this topology owns).
@@ -283,12 +304,12 @@ async fn apply_all(
         }
         return Ok(None);
     };
-    apply(&ctx.client, namespace, &objects.headless_service).await?;
-    apply(&ctx.client, namespace, &objects.client_service).await?;
-    let sts = apply(&ctx.client, namespace, &objects.stateful_set).await?;
+    apply_ours(ctx, topology, namespace, &objects.headless_service).await?;
+    apply_ours(ctx, topology, namespace, &objects.client_service).await?;
+    let sts = apply_ours(ctx, topology, namespace, &objects.stateful_set).await?;
     match &objects.pod_disruption_budget {
         Some(pdb) => {
-            apply(&ctx.client, namespace, pdb).await?;
+            apply_ours(ctx, topology, namespace, pdb).await?;
         }
         None => {
             delete_owned::<PodDisruptionBudget>(ctx, topology, namespace, &names::db_side(&name))
@@ -370,6 +391,63 @@ fn proxy_problems(ctx: &Context, namespace: &str, name: &str) -> (Vec<String>, b
         .unwrap_or_default()
 }
 
+/// [`apply`], unless the object exists and is not this topology's: the operator never
+/// takes over an object someone else made (a ConfigMap or Service of the same name), which
+/// server-side apply with `force` would otherwise do.
+async fn apply_ours<K>(
+    ctx: &Context,
+    topology: &ShotoverTopology,
+    namespace: &str,
+    object: &K,
+) -> Result<K, Error>
+where
+    K: Resource<Scope = NamespaceResourceScope, DynamicType = ()>
+        + Serialize
+        + DeserializeOwned
+        + Clone
+        + Debug,
+{
+    let api: Api<K> = Api::namespaced(ctx.client.clone(), namespace);
+    let name = object.meta().name.clone().unwrap_or_default();
+    let described = format!("{} {namespace}/{name}", K::kind(&()));
+    let existing = api.get_opt(&name).await.map_err(|source| Error::Read {
+        object: described.clone(),
+        source,
+    })?;
+    if let Some(existing) = existing
+        && !owned_by(existing.meta(), topology)
+    {
+        let owners: Vec<String> = existing
+            .meta()
+            .owner_references
+            .iter()
+            .flatten()
+            .map(|o| format!("{} {}", o.kind, o.name))
+            .collect();
+        return Err(Error::NotOwned {
+            object: described,
+            owners: if owners.is_empty() {
+                String::new()
+            } else {
+                format!("; its owners: {}", owners.join(", "))
+            },
+        });
+    }
+    apply(&ctx.client, namespace, object).await
+}
+
+/// Whether `meta` names the topology (by uid) among its owners.
+fn owned_by(
+    meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    topology: &ShotoverTopology,
+) -> bool {
+    let uid = topology.uid();
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|o| Some(&o.uid) == uid.as_ref())
+}
+
 /// Server-side apply with the operator's field manager, taking over conflicting fields.
 async fn apply<K>(client: &Client, namespace: &str, object: &K) -> Result<K, Error>
 where
@@ -415,14 +493,7 @@ where
     else {
         return Ok(());
     };
-    let uid = topology.uid();
-    let owned = existing
-        .meta()
-        .owner_references
-        .iter()
-        .flatten()
-        .any(|o| Some(&o.uid) == uid.as_ref());
-    if !owned {
+    if !owned_by(existing.meta(), topology) {
         return Ok(());
     }
     match api.delete(name, &DeleteParams::background()).await {

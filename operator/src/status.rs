@@ -25,6 +25,8 @@ pub struct Observation {
     pub valid_spec: Option<serde_json::Value>,
     /// A write to the apiserver failed (the message says which).
     pub apply_error: Option<String>,
+    /// The conditions' reason for it (default `ApplyFailed`; `NotOwned`).
+    pub apply_reason: Option<&'static str>,
     /// DB-side mode: the StatefulSet as last seen.
     pub db_side: Option<DbSideObservation>,
     /// The live application Pods that name this topology (`None` when Pods are not watched).
@@ -191,7 +193,12 @@ pub fn reconciled(
     };
 
     let degraded = match (&obs.config, &obs.apply_error) {
-        (_, Some(error)) => want(DEGRADED, true, "ApplyFailed", error),
+        (_, Some(error)) => want(
+            DEGRADED,
+            true,
+            obs.apply_reason.unwrap_or("ApplyFailed"),
+            error,
+        ),
         (ConfigOutcome::Invalid { .. }, None) => want(
             DEGRADED,
             true,
@@ -234,7 +241,12 @@ pub fn reconciled(
             "InvalidTopology",
             "the topology is invalid (see ConfigValid)",
         ),
-        (_, Some(error), _) => want(READY, false, "ApplyFailed", error),
+        (_, Some(error), _) => want(
+            READY,
+            false,
+            obs.apply_reason.unwrap_or("ApplyFailed"),
+            error,
+        ),
         (ConfigOutcome::Valid { hash, .. }, None, None) => want(
             READY,
             true,

@@ -47,8 +47,7 @@ fn condition(status: &Value, type_: &str) -> Value {
 
 /// The ConfigMap apply every valid reconcile starts with (answered with its own body).
 async fn expect_config_map(api: &mut ApiServer) -> crate::fixtures::Seen {
-    api.expect(
-        "PATCH",
+    api.expect_apply(
         "/api/v1/namespaces/apps/configmaps/cache-shotover-config",
         200,
         None,
@@ -236,23 +235,16 @@ async fn db_side_applies_the_tier_and_reads_its_progress() {
     let task = spawn(topology(spec, json!({}), None), ctx);
 
     expect_config_map(&mut api).await;
-    api.expect(
-        "PATCH",
+    api.expect_apply(
         "/api/v1/namespaces/apps/services/cache-shotover-headless",
         200,
         None,
     )
     .await;
-    api.expect(
-        "PATCH",
-        "/api/v1/namespaces/apps/services/cache-shotover",
-        200,
-        None,
-    )
-    .await;
+    api.expect_apply("/api/v1/namespaces/apps/services/cache-shotover", 200, None)
+        .await;
     let applied_sts = api
-        .expect(
-            "PATCH",
+        .expect_apply(
             "/apis/apps/v1/namespaces/apps/statefulsets/cache-shotover",
             200,
             None,
@@ -260,8 +252,7 @@ async fn db_side_applies_the_tier_and_reads_its_progress() {
         .await
         .body;
     assert_eq!(applied_sts["spec"]["replicas"], 3);
-    api.expect(
-        "PATCH",
+    api.expect_apply(
         "/apis/policy/v1/namespaces/apps/poddisruptionbudgets/cache-shotover",
         200,
         None,
@@ -280,8 +271,7 @@ async fn a_failed_apply_is_reported_and_retried_with_growing_backoff() {
     let (ctx, mut api) = ApiServer::context();
     let object = topology(redis_spec(), json!({}), None);
     let task = spawn(object.clone(), ctx.clone());
-    api.expect(
-        "PATCH",
+    api.expect_apply(
         "/api/v1/namespaces/apps/configmaps/cache-shotover-config",
         403,
         Some(json!("configmaps is forbidden")),

@@ -15,6 +15,7 @@ fn valid(generation: i64) -> Observation {
         },
         valid_spec: Some(serde_json::json!({"generation": generation})),
         apply_error: None,
+        apply_reason: None,
         db_side: None,
         pods: None,
     }
@@ -28,6 +29,7 @@ fn invalid(generation: i64) -> Observation {
         },
         valid_spec: None,
         apply_error: None,
+        apply_reason: None,
         db_side: None,
         pods: None,
     }

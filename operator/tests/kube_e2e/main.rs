@@ -12,7 +12,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use serde_json::{Value, json};
 use shotover_crds::crd::{CONFIG_HASH_ANNOTATION, ShotoverTopology};
 use support::{Cluster, Operator, has, wait_for};
@@ -653,4 +653,84 @@ async fn the_rendered_config_runs_the_proxy_against_real_redis() {
     let _ = proxy.wait();
     let _ = std::fs::remove_dir_all(&dir);
     operator.assert_quiet(&[]);
+}
+
+/// An object of the name the operator would write, made by someone else, is not taken over:
+/// the status says whose it is, nothing of it changes, and once it is gone the topology
+/// renders as usual.
+#[tokio::test]
+async fn objects_the_topology_does_not_own_are_not_taken_over() {
+    let cluster = Cluster::new("foreign").await;
+    let operator = Operator::start(&cluster.ns, "foreign");
+    let configmaps = cluster.api::<ConfigMap>();
+    let theirs: ConfigMap = serde_json::from_value(json!({
+        "metadata": {"name": "cache-shotover-config", "labels": {"team": "other"}},
+        "data": {"settings": "theirs"},
+    }))
+    .expect("ConfigMap");
+    configmaps
+        .create(&PostParams::default(), &theirs)
+        .await
+        .expect("their ConfigMap");
+    cluster
+        .create("cache", db_side_spec("cache", 1))
+        .await
+        .expect("created");
+    let refused = cluster
+        .status_where("cache", "Ready=False NotOwned", |s| {
+            s.conditions
+                .iter()
+                .any(|c| c.type_ == "Ready" && c.reason == "NotOwned")
+        })
+        .await;
+    let degraded = refused
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Degraded")
+        .expect("Degraded");
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", "NotOwned")
+    );
+    assert_eq!(
+        degraded.message,
+        format!(
+            "ConfigMap {}/cache-shotover-config exists and is not this topology's (it has no ownerReference to it): not taken over; delete or rename it, or rename the topology",
+            cluster.ns
+        )
+    );
+    let kept = configmaps
+        .get("cache-shotover-config")
+        .await
+        .expect("their ConfigMap");
+    assert_eq!(kept.data, theirs.data, "their data is untouched");
+    assert!(kept.metadata.owner_references.is_none());
+    assert!(
+        cluster
+            .api::<StatefulSet>()
+            .get_opt("cache-shotover")
+            .await
+            .expect("read")
+            .is_none(),
+        "nothing else was made either"
+    );
+
+    configmaps
+        .delete("cache-shotover-config", &Default::default())
+        .await
+        .expect("deleted");
+    let rendered = cluster
+        .status_where("cache", "the ConfigMap rendered once theirs is gone", |s| {
+            has(s, "ConfigValid", "True")
+                && s.conditions
+                    .iter()
+                    .any(|c| c.type_ == "Degraded" && c.reason == "AsExpected")
+        })
+        .await;
+    assert!(rendered.config_hash.is_some());
+    assert!(
+        operator.metric("shotover_operator_reconcile_errors_total{kind=\"not_owned\"}")
+            >= Some(1.0),
+        "counted"
+    );
 }
