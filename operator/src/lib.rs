@@ -87,6 +87,31 @@ pub struct RunOpts {
     /// Topologies reconciled at once.
     #[arg(long, default_value_t = 16)]
     pub concurrency: u16,
+    /// Service types the DB-side tier's client Service may have (comma-separated); a
+    /// topology asking for another is invalid, saying so.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "ClusterIP,NodePort,LoadBalancer",
+        value_parser = parse_service_type
+    )]
+    pub allowed_service_types: Vec<shotover_crds::crd::ServiceType>,
+    /// Annotation keys the client Service may carry (comma-separated): a key, a prefix
+    /// ending in `*`, or `*` (the default) for any; an empty value allows none.
+    #[arg(long, value_delimiter = ',', default_value = "*")]
+    pub allowed_service_annotations: Vec<String>,
+}
+
+fn parse_service_type(text: &str) -> Result<shotover_crds::crd::ServiceType, String> {
+    use shotover_crds::crd::ServiceType;
+    [
+        ServiceType::ClusterIP,
+        ServiceType::NodePort,
+        ServiceType::LoadBalancer,
+    ]
+    .into_iter()
+    .find(|t| t.as_str() == text.trim())
+    .ok_or_else(|| format!("`{text}` is not ClusterIP, NodePort or LoadBalancer"))
 }
 
 /// Runs the operator until SIGTERM/SIGINT, or until it loses the leader Lease (an error, so
@@ -208,6 +233,15 @@ pub async fn run(opts: RunOpts) -> anyhow::Result<()> {
             injected,
             opted_in,
             proxies,
+        })
+        .with_policy(render::Policy {
+            service_types: opts.allowed_service_types.clone(),
+            service_annotations: opts
+                .allowed_service_annotations
+                .iter()
+                .map(|a| a.trim().to_owned())
+                .filter(|a| !a.is_empty())
+                .collect(),
         }),
     );
     Controller::new(topologies, watcher::Config::default().any_semantic())

@@ -110,6 +110,8 @@ pub struct Context {
     pub pods: Option<PodStores>,
     /// What the proxies said they run.
     pub reports: Reports,
+    /// What topologies may ask of the DB-side tier.
+    pub policy: render::Policy,
 }
 
 impl Context {
@@ -121,7 +123,14 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             pods: None,
             reports: Reports::default(),
+            policy: render::Policy::default(),
         }
+    }
+
+    /// Renders under this policy.
+    pub fn with_policy(mut self, policy: render::Policy) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// Counts the sidecars of each topology from these Pod caches.
@@ -162,7 +171,7 @@ pub async fn reconcile(
     }
 
     let port = topology.spec.observability_port;
-    let rendered = render::render(&topology);
+    let rendered = render::render_with(&topology, &ctx.policy);
     // The configuration the proxies should run: this one, or the last valid one.
     let hash = match &rendered {
         Ok(rendered) => Some(rendered.hash.clone()),

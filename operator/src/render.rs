@@ -20,8 +20,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::Resource;
 pub use shotover_crds::config_hash;
 use shotover_crds::crd::{
-    CONFIG_FILE, CONFIG_HASH_ANNOTATION, ConfigUpdate, DbSideSpec, INJECT_LABEL, ShotoverTopology,
-    ShotoverTopologySpec, TOPOLOGY_FILE, TOPOLOGY_LABEL, names,
+    CONFIG_FILE, CONFIG_HASH_ANNOTATION, ConfigUpdate, DbSideSpec, INJECT_LABEL, ServiceType,
+    ShotoverTopology, ShotoverTopologySpec, TOPOLOGY_FILE, TOPOLOGY_LABEL, names,
 };
 use shotover_crds::{ConfigError, ProxyConfig, TopologyErrors, load_topology};
 
@@ -66,8 +66,51 @@ impl InvalidTopology {
     }
 }
 
-/// Renders `topology`, or says everything that is wrong with it.
+/// What a platform team allows topologies to ask of the DB-side tier's client Service
+/// (`--allowed-service-types`, `--allowed-service-annotations`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    /// Service types the client Service may have.
+    pub service_types: Vec<ServiceType>,
+    /// Annotation keys it may carry: a key, a prefix ending in `*`, or `*` for any.
+    pub service_annotations: Vec<String>,
+}
+
+impl Default for Policy {
+    /// Anything, as a namespace editor may create any Service.
+    fn default() -> Self {
+        Policy {
+            service_types: vec![
+                ServiceType::ClusterIP,
+                ServiceType::NodePort,
+                ServiceType::LoadBalancer,
+            ],
+            service_annotations: vec!["*".to_owned()],
+        }
+    }
+}
+
+impl Policy {
+    fn annotation_allowed(&self, key: &str) -> bool {
+        self.service_annotations
+            .iter()
+            .any(|entry| match entry.strip_suffix('*') {
+                Some(prefix) => key.starts_with(prefix),
+                None => key == entry,
+            })
+    }
+}
+
+/// Renders `topology` under the default [`Policy`], or says everything that is wrong with it.
 pub fn render(topology: &ShotoverTopology) -> Result<Rendered, InvalidTopology> {
+    render_with(topology, &Policy::default())
+}
+
+/// Renders `topology`, or says everything that is wrong with it, `policy` included.
+pub fn render_with(
+    topology: &ShotoverTopology,
+    policy: &Policy,
+) -> Result<Rendered, InvalidTopology> {
     let spec = &topology.spec;
     let name = topology.metadata.name.as_deref().unwrap_or_default();
     let mut errors = Vec::new();
@@ -109,6 +152,7 @@ pub fn render(topology: &ShotoverTopology) -> Result<Rendered, InvalidTopology> 
     }
     if let Some(db_side) = &spec.db_side {
         check_db_side(topology, db_side, &sources, &mut errors);
+        check_policy(db_side, policy, &mut errors);
     }
     if !errors.is_empty() {
         return Err(InvalidTopology::new(errors));
@@ -218,6 +262,40 @@ fn is_port_name(name: &str) -> bool {
         && !name.ends_with('-')
         && !name.contains("--")
         && name != OBSERVABILITY_PORT_NAME
+}
+
+fn check_policy(db_side: &DbSideSpec, policy: &Policy, errors: &mut Vec<ConfigError>) {
+    let service = &db_side.service;
+    if !policy.service_types.contains(&service.type_) {
+        let allowed: Vec<&str> = policy.service_types.iter().map(|t| t.as_str()).collect();
+        errors.push(ConfigError::new(
+            "spec.dbSide.service.type",
+            format!(
+                "{} is not allowed by the operator (--allowed-service-types: {})",
+                service.type_.as_str(),
+                if allowed.is_empty() {
+                    "none".to_owned()
+                } else {
+                    allowed.join(", ")
+                }
+            ),
+        ));
+    }
+    for key in service.annotations.keys() {
+        if !policy.annotation_allowed(key) {
+            errors.push(ConfigError::new(
+                format!("spec.dbSide.service.annotations[{key}]"),
+                format!(
+                    "annotation `{key}` is not allowed by the operator (--allowed-service-annotations: {})",
+                    if policy.service_annotations.is_empty() {
+                        "none".to_owned()
+                    } else {
+                        policy.service_annotations.join(", ")
+                    }
+                ),
+            ));
+        }
+    }
 }
 
 fn check_db_side(

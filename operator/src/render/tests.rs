@@ -369,3 +369,46 @@ fn a_long_name_is_refused_only_with_db_side() {
         "{message}"
     );
 }
+
+#[test]
+fn the_policy_limits_service_types_and_annotations() {
+    let spec = format!(
+        "{REDIS}  dbSide:\n    service:\n      type: LoadBalancer\n      annotations:\n        service.beta.kubernetes.io/aws-load-balancer-internal: \"true\"\n        example.com/cost-center: db\n"
+    );
+    let load_balancer = topology(&spec);
+    render(&load_balancer).expect("the default policy allows anything");
+    let policy = super::Policy {
+        service_types: vec![ServiceType::ClusterIP, ServiceType::NodePort],
+        service_annotations: vec!["service.beta.kubernetes.io/*".to_owned()],
+    };
+    let errors = super::render_with(&load_balancer, &policy)
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        errors.contains(
+            "spec.dbSide.service.type: LoadBalancer is not allowed by the operator (--allowed-service-types: ClusterIP, NodePort)"
+        ),
+        "{errors}"
+    );
+    assert!(
+        errors.contains(
+            "spec.dbSide.service.annotations[example.com/cost-center]: annotation `example.com/cost-center` is not allowed by the operator (--allowed-service-annotations: service.beta.kubernetes.io/*)"
+        ),
+        "{errors}"
+    );
+    assert!(!errors.contains("aws-load-balancer-internal"), "{errors}");
+    let none = super::Policy {
+        service_annotations: Vec::new(),
+        ..super::Policy::default()
+    };
+    let errors = super::render_with(&load_balancer, &none)
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        errors.contains("(--allowed-service-annotations: none)"),
+        "{errors}"
+    );
+    // A sidecar-only topology has no Service to limit.
+    render(&topology(REDIS)).expect("valid");
+    super::render_with(&topology(REDIS), &policy).expect("valid");
+}

@@ -734,3 +734,64 @@ async fn objects_the_topology_does_not_own_are_not_taken_over() {
         "counted"
     );
 }
+
+/// `--allowed-service-types` and `--allowed-service-annotations` limit what a topology may
+/// ask of its client Service: more is invalid, saying what, and nothing is deployed.
+#[tokio::test]
+async fn the_service_policy_refuses_what_it_does_not_allow() {
+    let cluster = Cluster::new("policy").await;
+    let operator = Operator::start_with(
+        &cluster.ns,
+        "policy",
+        None,
+        &[
+            "--allowed-service-types=ClusterIP",
+            "--allowed-service-annotations=service.beta.kubernetes.io/*",
+        ],
+    );
+    let mut spec = db_side_spec("cache", 1);
+    spec["dbSide"]["service"] = json!({
+        "type": "LoadBalancer",
+        "annotations": {"example.com/expose": "internet"},
+    });
+    cluster.create("cache", spec).await.expect("created");
+    let status = cluster
+        .status_where("cache", "ConfigValid=False", |s| {
+            has(s, "ConfigValid", "False")
+        })
+        .await;
+    let message = &status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "ConfigValid")
+        .expect("ConfigValid")
+        .message;
+    assert!(
+        message.contains("spec.dbSide.service.type: LoadBalancer is not allowed by the operator (--allowed-service-types: ClusterIP)")
+            && message.contains("annotation `example.com/expose` is not allowed"),
+        "{message}"
+    );
+    assert!(
+        cluster
+            .api::<Service>()
+            .get_opt("cache-shotover")
+            .await
+            .expect("read")
+            .is_none()
+    );
+    // Within the policy: deployed.
+    cluster
+        .patch(
+            "cache",
+            json!({"spec": {"dbSide": {"service": {"type": "ClusterIP", "annotations": {
+                "example.com/expose": null,
+                "service.beta.kubernetes.io/aws-load-balancer-internal": "true"}}}}}),
+        )
+        .await;
+    cluster
+        .status_where("cache", "ConfigValid=True", |s| {
+            has(s, "ConfigValid", "True")
+        })
+        .await;
+    operator.assert_quiet(&[]);
+}
