@@ -1426,5 +1426,68 @@ async fn install_yaml_is_the_rendered_chart_and_the_apiserver_accepts_it() {
             service["metadata"]["name"]
         );
     }
+    // The NetworkPolicies (on by default) each select the Pods of one Deployment of the chart,
+    // and open only ports its container names: the webhook's admission port and the HTTP
+    // port of both.
+    let default_docs: Vec<Value> = serde_yaml::Deserializer::from_str(&rendered)
+        .filter_map(|d| Value::deserialize(d).ok())
+        .filter(|d| d.is_object())
+        .collect();
+    let policies: Vec<&Value> = default_docs
+        .iter()
+        .filter(|d| d["kind"] == "NetworkPolicy")
+        .collect();
+    assert_eq!(policies.len(), 2, "the operator's and the webhook's");
+    let mut opened = Vec::new();
+    for policy in policies {
+        let wanted = policy["spec"]["podSelector"]["matchLabels"]
+            .as_object()
+            .expect("matchLabels");
+        let deployment = default_docs
+            .iter()
+            .filter(|d| d["kind"] == "Deployment")
+            .find(|d| {
+                wanted
+                    .iter()
+                    .all(|(k, v)| &d["spec"]["template"]["metadata"]["labels"][k] == v)
+            })
+            .unwrap_or_else(|| panic!("no Deployment for {}", policy["metadata"]["name"]));
+        let ports = &deployment["spec"]["template"]["spec"]["containers"][0]["ports"];
+        for rule in policy["spec"]["ingress"].as_array().expect("ingress") {
+            for port in rule["ports"].as_array().expect("ports") {
+                assert!(
+                    ports
+                        .as_array()
+                        .expect("ports")
+                        .iter()
+                        .any(|p| p["name"] == port["port"]),
+                    "{} opens {} that its Pods do not have",
+                    policy["metadata"]["name"],
+                    port["port"]
+                );
+                opened.push(format!(
+                    "{} {}",
+                    policy["metadata"]["name"].as_str().unwrap_or_default(),
+                    port["port"].as_str().unwrap_or_default()
+                ));
+            }
+        }
+    }
+    opened.sort();
+    assert_eq!(
+        opened,
+        [
+            "shotover-operator http",
+            "shotover-webhook http",
+            "shotover-webhook https"
+        ]
+    );
+    let only_apiserver = helm_template(
+        "shotover",
+        "shotover-system",
+        &["--set", "networkPolicy.apiserverCIDRs={10.245.0.1/32}"],
+    );
+    assert!(only_apiserver.contains("cidr: \"10.245.0.1/32\""));
+    assert!(!only_apiserver.contains("0.0.0.0/0"));
     drop(cluster);
 }
