@@ -24,4 +24,4 @@ pub use topology::{
     TlsConnectorConfig, Topology,
 };
 pub use transform::TransformConfig;
-pub use validate::{ConfigError, TopologyErrors, validate};
+pub use validate::{ConfigError, TopologyErrors, tls_files, validate};

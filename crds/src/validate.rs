@@ -116,6 +116,8 @@ pub const MIN_REPLY_BUFFER: usize = 64 * 1024;
 
 struct Checker {
     errors: Vec<ConfigError>,
+    /// The TLS files named, with where: certificates, keys and CAs.
+    files: Vec<(String, String)>,
     /// Every explicit name seen so far, with the path where it was first used.
     names: HashMap<String, String>,
     switch_ports: HashMap<u16, String>,
@@ -123,8 +125,28 @@ struct Checker {
 }
 
 pub(crate) fn validate_partial(sources: &[PartialSource]) -> Vec<ConfigError> {
+    check_partial(sources).errors
+}
+
+/// The TLS files (certificates, keys, CAs) a topology names, each with where (`sources[0].tls.
+/// certificatePath`, `sources[0].chain[1].RedisSinkSingle.tls.certificateAuthorityPath`), in
+/// topology order: what a reload watches, and what a Kubernetes mount must provide.
+pub fn tls_files(topology: &Topology) -> Vec<(String, String)> {
+    let partial: Vec<PartialSource> = topology
+        .sources
+        .iter()
+        .map(|s| PartialSource {
+            config: Some(s.clone()),
+            chain: s.chain().iter().cloned().map(Some).collect(),
+        })
+        .collect();
+    check_partial(&partial).files
+}
+
+fn check_partial(sources: &[PartialSource]) -> Checker {
     let mut c = Checker {
         errors: Vec::new(),
+        files: Vec::new(),
         names: HashMap::new(),
         switch_ports: HashMap::new(),
         listen_addrs: HashMap::new(),
@@ -142,7 +164,7 @@ pub(crate) fn validate_partial(sources: &[PartialSource]) -> Vec<ConfigError> {
             source.chain.iter().map(Option::as_ref).collect();
         c.check_chain(&items, &format!("{path}.chain"), protocol);
     }
-    c.errors
+    c
 }
 
 impl Checker {
@@ -231,6 +253,8 @@ impl Checker {
     fn check_path(&mut self, value: &str, path: &str) {
         if value.trim().is_empty() {
             self.err(path, "must not be empty");
+        } else {
+            self.files.push((path.to_owned(), value.to_owned()));
         }
     }
 

@@ -43,26 +43,77 @@ use crate::server::{Source, SourceSettings, connection_limit};
 use crate::telemetry::FilterHandle;
 use crate::transforms;
 
-/// The two files as read.
+/// The two files as read, and what the TLS files the topology names hold.
 #[derive(Clone, PartialEq)]
 pub struct Files {
     pub topology: String,
     pub config: String,
+    /// Every TLS file the topology names (certificates, keys, CAs) with the SHA-256 of its
+    /// content, in topology order: a new certificate (a cert-manager renewal, a rotated
+    /// Kubernetes Secret) reloads too. Empty while the topology does not load.
+    pub tls: Vec<TlsFile>,
 }
 
 impl Files {
     pub fn read(topology: &PathBuf, config: &PathBuf) -> Result<Files> {
+        let topology_text = std::fs::read_to_string(topology)
+            .with_context(|| format!("reading the topology file {}", topology.display()))?;
+        let tls = tls_files(&topology_text);
         Ok(Files {
-            topology: std::fs::read_to_string(topology)
-                .with_context(|| format!("reading the topology file {}", topology.display()))?,
+            topology: topology_text,
             config: std::fs::read_to_string(config)
                 .with_context(|| format!("reading the config file {}", config.display()))?,
+            tls,
         })
     }
 
     pub fn hash(&self) -> String {
         config_hash(&self.topology, &self.config)
     }
+}
+
+/// One TLS file the topology names, and what it holds.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct TlsFile {
+    /// Where the topology names it (`sources[0].tls.certificatePath`).
+    pub at: String,
+    pub path: String,
+    /// SHA-256 of its content (hex, as `sha256sum` prints it)...
+    pub sha256: Option<String>,
+    /// ...or why it cannot be read.
+    pub error: Option<String>,
+}
+
+/// See [`Files::tls`]. An unreadable file counts as its error, so that it reloads (and is
+/// refused, saying why) when it becomes readable or unreadable.
+fn tls_files(topology: &str) -> Vec<TlsFile> {
+    use sha2::{Digest, Sha256};
+    let Ok(topology) = shotover_crds::load_topology(topology) else {
+        return Vec::new();
+    };
+    shotover_crds::tls_files(&topology)
+        .into_iter()
+        .map(|(at, path)| {
+            let (sha256, error) = match std::fs::read(&path) {
+                Ok(content) => (
+                    Some(
+                        Sha256::digest(&content)
+                            .iter()
+                            .map(|b| format!("{b:02x}"))
+                            .collect(),
+                    ),
+                    None,
+                ),
+                Err(e) => (None, Some(e.to_string())),
+            };
+            TlsFile {
+                at,
+                path,
+                sha256,
+                error,
+            }
+        })
+        .collect()
 }
 
 /// What `/config` shows.
@@ -82,6 +133,9 @@ pub struct ConfigStatus {
     pub last_refused: Option<Refused>,
     /// Settings of the running files that wait for a restart.
     pub needs_restart: Vec<String>,
+    /// The TLS files running, with the SHA-256 of what was read: after a certificate is
+    /// renewed, the new one's hash shows here once it is applied.
+    pub tls_files: Vec<TlsFile>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -235,6 +289,7 @@ impl Reloader {
             sources: self.source_names(),
             last_refused: None,
             needs_restart: Vec::new(),
+            tls_files: self.applied.tls.clone(),
         };
     }
 
@@ -349,6 +404,7 @@ impl Reloader {
                         status.applied_at = now();
                         status.sources = sources;
                         status.last_refused = None;
+                        status.tls_files = self.applied.tls.clone();
                     }
                     Err(e) => self.refuse(Some(hash), format!("{e:#}")),
                 }
@@ -395,8 +451,23 @@ impl Reloader {
             },
         }
         let mut plans: Vec<(SourceConfig, Plan)> = Vec::new();
-        for source in &topology.sources {
+        let mut new_tls: Vec<String> = Vec::new();
+        // New TLS files: a chain that names one is built again (its connectors read them),
+        // and every source's acceptor is built again anyway.
+        let tls_changed = files.tls != self.applied.tls;
+        let tls_files = shotover_crds::tls_files(&topology);
+        for (i, source) in topology.sources.iter().enumerate() {
             let context = || format!("source `{}`", source.name());
+            let chain_prefix = format!("sources[{i}].chain");
+            let chain_tls_changed = tls_changed
+                && tls_files
+                    .iter()
+                    .any(|(at, _)| at.starts_with(&chain_prefix));
+            let source_prefix = format!("sources[{i}].");
+            let source_tls_changed = tls_changed
+                && tls_files
+                    .iter()
+                    .any(|(at, _)| at.starts_with(&source_prefix));
             let addr = &source.listener().listen_addr;
             let old = self.running.get(addr);
             let same_protocol = old.is_some_and(|o| o.config.protocol() == source.protocol());
@@ -404,6 +475,7 @@ impl Reloader {
                 // The chain is named after its source: a rename builds it again.
                 Some(old)
                     if same_protocol
+                        && !chain_tls_changed
                         && old.config.name() == source.name()
                         && old.config.chain() == source.chain() =>
                 {
@@ -417,6 +489,9 @@ impl Reloader {
                     transforms::build_chain(source.name(), source.chain()).with_context(context)?,
                 ),
             };
+            if source_tls_changed {
+                new_tls.push(source.name().to_owned());
+            }
             let tls = Source::tls_acceptor(source.listener()).with_context(context)?;
             let settings = SourceSettings::new(source, chain, tls);
             let plan = match old {
@@ -440,7 +515,10 @@ impl Reloader {
         }
 
         // Apply.
-        let mut summary = Summary::default();
+        let mut summary = Summary {
+            tls_changed: new_tls,
+            ..Summary::default()
+        };
         let wanted: Vec<String> = topology
             .sources
             .iter()
@@ -570,6 +648,8 @@ struct Summary {
     removed: Vec<String>,
     chain_changed: Vec<String>,
     listener_changed: Vec<String>,
+    /// Sources whose TLS files (certificates, keys, CAs) hold something new.
+    tls_changed: Vec<String>,
 }
 
 impl std::fmt::Display for Summary {
@@ -579,6 +659,7 @@ impl std::fmt::Display for Summary {
             ("removed", &self.removed),
             ("new chain", &self.chain_changed),
             ("new listener settings", &self.listener_changed),
+            ("new TLS files", &self.tls_changed),
         ];
         let mut any = false;
         for (what, names) in parts {

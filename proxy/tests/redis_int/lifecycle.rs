@@ -171,7 +171,7 @@ fn make_certs(dir: &std::path::Path) {
 }
 
 /// Certificates for a CA, a server with the given names, and a client, written to `dir`.
-fn make_certs_for(dir: &std::path::Path, server_names: &[&str]) {
+pub(crate) fn make_certs_for(dir: &std::path::Path, server_names: &[&str]) {
     use rcgen::{
         BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
         IsCa, KeyPair,

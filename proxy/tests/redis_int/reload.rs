@@ -271,6 +271,144 @@ fn a_kubelet_style_symlink_swap_of_the_mounted_files_reloads() {
     shotover.stop();
 }
 
+/// SHA-256 of a file, as `sha256sum` prints it.
+fn sha256_of(path: &std::path::Path) -> String {
+    use sha2::{Digest, Sha256};
+    Sha256::digest(std::fs::read(path).expect("read"))
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+/// A renewed certificate (a Kubernetes Secret volume's swap, as cert-manager's renewals
+/// cause) is served to new connections without a restart, the open ones keep going, and a
+/// broken renewal (a key that does not match) is refused with the old certificate serving.
+#[test]
+fn a_renewed_certificate_is_served_without_a_restart_and_a_broken_one_is_refused() {
+    let secret = temp_dir("rotation");
+    // A Secret volume: each file a link into ..data, ..data a link to the generation.
+    let generation = |name: &str| {
+        let dir = secret.join(name);
+        std::fs::create_dir_all(&dir).expect("mkdir");
+        crate::lifecycle::make_certs_for(&dir, &["localhost", "127.0.0.1"]);
+        dir
+    };
+    let point_data_at = |name: &str| {
+        let _ = std::fs::remove_file(secret.join("..data_tmp"));
+        std::os::unix::fs::symlink(name, secret.join("..data_tmp")).expect("symlink");
+        std::fs::rename(secret.join("..data_tmp"), secret.join("..data")).expect("swap ..data");
+    };
+    let first = generation("..1");
+    let second = generation("..2");
+    point_data_at("..1");
+    for file in ["server.pem", "server.key", "ca.pem"] {
+        std::os::unix::fs::symlink(format!("..data/{file}"), secret.join(file)).expect("link");
+    }
+    let port = free_port();
+    let d = secret.display();
+    let tls = format!(
+        "      tls:\n        certificate_path: \"{d}/server.pem\"\n        private_key_path: \"{d}/server.key\""
+    );
+    let shotover = Shotover::spawn(&passthrough(port, &redis_addr(), &tls), FAST_WATCH);
+    shotover.wait_ready();
+    let ping = |ca: &std::path::Path| {
+        let (ca, p) = (ca.join("ca.pem").display().to_string(), port.to_string());
+        redis_cli(&["--tls", "--cacert", &ca, "-p", &p, "PING"])
+            .trim()
+            .to_owned()
+    };
+    let served = |shotover: &Shotover| {
+        config_json(shotover)["tls_files"]
+            .as_array()
+            .expect("tls_files")
+            .iter()
+            .map(|f| {
+                (
+                    f["at"].as_str().unwrap_or_default().to_owned(),
+                    f["sha256"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(ping(&first), "PONG");
+    assert_eq!(
+        served(&shotover),
+        [
+            (
+                "sources[0].tls.certificatePath".to_owned(),
+                sha256_of(&first.join("server.pem"))
+            ),
+            (
+                "sources[0].tls.privateKeyPath".to_owned(),
+                sha256_of(&first.join("server.key"))
+            ),
+        ]
+    );
+    let hash = config_json(&shotover)["hash"].clone();
+    let mut open = raw_connect_tls_free(port, &first);
+
+    // Renewed: new connections get the new certificate (only its CA trusts it).
+    point_data_at("..2");
+    shotover.wait_metric(APPLIED, |v| v == 1.0);
+    assert_eq!(ping(&second), "PONG");
+    assert_ne!(ping(&first), "PONG", "the old certificate is still served");
+    assert_eq!(
+        served(&shotover)[0].1,
+        sha256_of(&second.join("server.pem"))
+    );
+    assert_eq!(
+        config_json(&shotover)["hash"],
+        hash,
+        "the topology did not change"
+    );
+    assert_eq!(open.ping(), "+PONG\r\n", "an open connection keeps going");
+
+    // Broken: a certificate with another generation's key. Refused, the last one serves.
+    let third = secret.join("..3");
+    std::fs::create_dir_all(&third).expect("mkdir");
+    std::fs::copy(second.join("ca.pem"), third.join("ca.pem")).expect("copy");
+    std::fs::copy(second.join("server.pem"), third.join("server.pem")).expect("copy");
+    std::fs::copy(first.join("server.key"), third.join("server.key")).expect("copy");
+    point_data_at("..3");
+    shotover.wait_metric(REFUSED, |v| v == 1.0);
+    assert_eq!(ping(&second), "PONG");
+    let refused = config_json(&shotover)["last_refused"]["error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(refused.contains("TLS"), "{refused}");
+    shotover.stop_expecting(&["reload refused"]);
+}
+
+/// A TLS client connection (rustls, trusting `ca_dir/ca.pem`) that sends PINGs.
+struct TlsPing(rustls::StreamOwned<rustls::ClientConnection, TcpStream>);
+
+impl TlsPing {
+    fn ping(&mut self) -> String {
+        self.0.write_all(b"*1\r\n$4\r\nPING\r\n").expect("write");
+        let mut buf = [0u8; 64];
+        let n = self.0.read(&mut buf).expect("read");
+        String::from_utf8_lossy(&buf[..n]).into_owned()
+    }
+}
+
+fn raw_connect_tls_free(port: u16, ca_dir: &std::path::Path) -> TlsPing {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in rustls_pki_types::CertificateDer::pem_file_iter(ca_dir.join("ca.pem")).expect("ca")
+    {
+        roots.add(cert.expect("cert")).expect("add");
+    }
+    let config = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let name = rustls_pki_types::ServerName::try_from("localhost").expect("name");
+    let connection = rustls::ClientConnection::new(Arc::new(config), name).expect("client");
+    let mut tls = TlsPing(rustls::StreamOwned::new(connection, raw_connect(port)));
+    assert_eq!(tls.ping(), "+PONG\r\n");
+    tls
+}
+
 #[test]
 fn sources_added_removed_and_changed_open_and_close_while_the_others_keep_serving() {
     let (kept, removed, added) = (free_port(), free_port(), free_port());
