@@ -60,6 +60,10 @@ pub mod overrides {
         NATIVE_SIDECAR,
     ];
 }
+/// Where the Secrets of `spec.tlsSecrets` are mounted, each in its own folder
+/// (`/etc/shotover-tls/<secretName>/tls.crt`).
+pub const TLS_DIR: &str = "/etc/shotover-tls";
+
 /// Keys of the rendered files in the ConfigMap.
 pub const TOPOLOGY_FILE: &str = "topology.yaml";
 pub const CONFIG_FILE: &str = "config.yaml";
@@ -163,6 +167,16 @@ pub struct ShotoverTopologySpec {
         "message": "observabilityPort must be a port number (1-65535)",
     }]))]
     pub observability_port: i32,
+    /// Secrets with TLS certificates, keys and CAs, mounted read-only in the proxy
+    /// container at `/etc/shotover-tls/<secretName>/` (DB-side Pods and sidecars alike), for
+    /// the topology's `tls` paths to name (`/etc/shotover-tls/redis-tls/tls.crt`). A renewed
+    /// Secret reaches the running proxies, which reload it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16), extend("x-kubernetes-validations" = [{
+        "rule": "self.all(a, self.exists_one(b, b.secretName == a.secretName))",
+        "message": "each Secret may be listed once",
+    }]))]
+    pub tls_secrets: Vec<TlsSecret>,
     /// Run the proxy as its own tier in front of the database: a StatefulSet of proxies, a
     /// headless Service, a client Service and a PodDisruptionBudget. Omit it for a topology
     /// that is only injected as a sidecar.
@@ -201,6 +215,19 @@ impl ImagePullPolicy {
             ImagePullPolicy::Never => "Never",
         }
     }
+}
+
+/// A Secret mounted for the proxy's TLS files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TlsSecret {
+    /// Name of a Secret in the topology's namespace (for example a cert-manager
+    /// Certificate's `secretName`: keys `tls.crt`, `tls.key`, `ca.crt`).
+    #[schemars(length(min = 1, max = 253), extend("x-kubernetes-validations" = [{
+        "rule": "self.matches('^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$')",
+        "message": "must be a Secret name (lowercase letters, digits, '-' and '.')",
+    }]))]
+    pub secret_name: String,
 }
 
 /// The DB-side proxy tier.

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use k8s_openapi::NamespaceResourceScope;
 use k8s_openapi::api::apps::v1::StatefulSet;
-use k8s_openapi::api::core::v1::Service;
+use k8s_openapi::api::core::v1::{Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -33,6 +33,8 @@ use crate::status::{self, ConfigOutcome, DbSideObservation, Observation, Statefu
 
 /// How often a topology is reconciled when nothing changes (drift repair).
 pub const RESYNC: Duration = Duration::from_secs(300);
+/// How soon a topology whose Secret is missing is looked at again.
+pub const SECRET_RECHECK: Duration = Duration::from_secs(10);
 /// Error backoff per topology: doubles from the first value up to the last.
 const BACKOFF_FIRST: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
@@ -193,6 +195,7 @@ pub async fn reconcile(
                 config_map: names::config_map(&name),
             };
             obs.valid_spec = serde_json::to_value(&topology.spec).ok();
+            obs.secrets = missing_secrets(&ctx, &topology, &namespace).await;
             match apply_all(&ctx, &topology, &namespace, &rendered).await {
                 Ok(db_side) => obs.db_side = db_side,
                 Err(e) => {
@@ -251,6 +254,10 @@ pub async fn reconcile(
     // mounted ConfigMap within its sync period, and nothing announces it).
     if status::proxies_behind(&obs, &status) {
         return Ok(Action::requeue(reports::RECHECK));
+    }
+    // A Secret to wait for: Secrets are not watched (the operator may only get them).
+    if !obs.secrets.is_empty() {
+        return Ok(Action::requeue(SECRET_RECHECK));
     }
     // A proxy waiting for a node: look again once its grace is over (nothing else may change).
     if obs.db_side.as_ref().is_some_and(|d| d.waiting_for_node) {
@@ -335,6 +342,30 @@ async fn apply_all(
         waiting_for_node,
         proxies: ask_proxies(ctx, namespace, &name, port, &Some(rendered.hash.clone())).await,
     }))
+}
+
+/// The Secrets of `spec.tlsSecrets` that do not exist, or cannot be read, as sentences. Only
+/// their metadata is asked for: the operator never reads what a Secret holds.
+async fn missing_secrets(
+    ctx: &Context,
+    topology: &ShotoverTopology,
+    namespace: &str,
+) -> Vec<String> {
+    let api: Api<Secret> = Api::namespaced(ctx.client.clone(), namespace);
+    let mut missing = Vec::new();
+    for secret in &topology.spec.tls_secrets {
+        let name = &secret.secret_name;
+        match api.get_metadata_opt(name).await {
+            Ok(Some(_)) => {}
+            Ok(None) => missing.push(format!(
+                "Secret {namespace}/{name} (spec.tlsSecrets) does not exist: the proxies that mount it do not start until it does"
+            )),
+            Err(e) => missing.push(format!(
+                "cannot check Secret {namespace}/{name} (spec.tlsSecrets): {e}"
+            )),
+        }
+    }
+    missing
 }
 
 /// The application Pods of the topology, each with what its sidecar says it runs.

@@ -12,7 +12,7 @@ use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, HTTPGetAction,
     PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SeccompProfile,
-    SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -21,7 +21,7 @@ use kube::Resource;
 pub use shotover_crds::config_hash;
 use shotover_crds::crd::{
     CONFIG_FILE, CONFIG_HASH_ANNOTATION, ConfigUpdate, DbSideSpec, INJECT_LABEL, ServiceType,
-    ShotoverTopology, ShotoverTopologySpec, TOPOLOGY_FILE, TOPOLOGY_LABEL, names,
+    ShotoverTopology, ShotoverTopologySpec, TLS_DIR, TOPOLOGY_FILE, TOPOLOGY_LABEL, names,
 };
 use shotover_crds::{ConfigError, ProxyConfig, TopologyErrors, load_topology};
 
@@ -138,6 +138,7 @@ pub fn render_with(
     let config_yaml = serde_yaml::to_string(&proxy_config)
         .map_err(|e| InvalidTopology::new(vec![ConfigError::new("spec", e.to_string())]))?;
 
+    check_tls_files(spec, &mut errors);
     let sources = source_ports(topology);
     for (i, source) in sources.iter().enumerate() {
         if source.port == Some(spec.observability_port) {
@@ -443,14 +444,18 @@ fn render_db_side(
         }),
         spec: Some(PodSpec {
             containers: vec![container],
-            volumes: Some(vec![Volume {
-                name: CONFIG_VOLUME.to_owned(),
-                config_map: Some(ConfigMapVolumeSource {
-                    name: names::config_map(name),
-                    ..ConfigMapVolumeSource::default()
-                }),
-                ..Volume::default()
-            }]),
+            volumes: Some(
+                std::iter::once(Volume {
+                    name: CONFIG_VOLUME.to_owned(),
+                    config_map: Some(ConfigMapVolumeSource {
+                        name: names::config_map(name),
+                        ..ConfigMapVolumeSource::default()
+                    }),
+                    ..Volume::default()
+                })
+                .chain(tls_volumes(spec))
+                .collect(),
+            ),
             termination_grace_period_seconds: Some(30),
             // The proxy never talks to the Kubernetes API.
             automount_service_account_token: Some(false),
@@ -644,15 +649,90 @@ pub fn proxy_container(
         readiness_probe: Some(probe("/ready", 2)),
         liveness_probe: Some(probe("/live", 6)),
         resources: settings.resources.clone(),
-        volume_mounts: Some(vec![VolumeMount {
-            name: CONFIG_VOLUME.to_owned(),
-            mount_path: CONFIG_DIR.to_owned(),
-            read_only: Some(true),
-            ..VolumeMount::default()
-        }]),
+        volume_mounts: Some(
+            std::iter::once(VolumeMount {
+                name: CONFIG_VOLUME.to_owned(),
+                mount_path: CONFIG_DIR.to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            })
+            .chain(
+                spec.tls_secrets
+                    .iter()
+                    .enumerate()
+                    .map(|(i, secret)| VolumeMount {
+                        name: tls_volume(i),
+                        mount_path: format!("{TLS_DIR}/{}", secret.secret_name),
+                        read_only: Some(true),
+                        ..VolumeMount::default()
+                    }),
+            )
+            .collect(),
+        ),
         security_context: Some(hardened_security_context()),
         termination_message_policy: Some("FallbackToLogsOnError".to_owned()),
         ..Container::default()
+    }
+}
+
+/// Name of the volume of `spec.tlsSecrets[i]`.
+pub fn tls_volume(i: usize) -> String {
+    format!("shotover-tls-{i}")
+}
+
+/// The volumes the proxy container mounts besides its ConfigMap: one per Secret of
+/// `spec.tlsSecrets` (the kubelet updates them in place when the Secret changes).
+pub fn tls_volumes(spec: &ShotoverTopologySpec) -> Vec<Volume> {
+    spec.tls_secrets
+        .iter()
+        .enumerate()
+        .map(|(i, secret)| Volume {
+            name: tls_volume(i),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.secret_name.clone()),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        })
+        .collect()
+}
+
+/// Every TLS file of the topology must be in a Secret it mounts: the proxy container has
+/// nothing else (`/etc/shotover-tls/<secretName>/<key>`).
+fn check_tls_files(spec: &ShotoverTopologySpec, errors: &mut Vec<ConfigError>) {
+    let listed: Vec<&str> = spec
+        .tls_secrets
+        .iter()
+        .map(|s| s.secret_name.as_str())
+        .collect();
+    for (at, file) in shotover_crds::tls_files(&spec.topology()) {
+        let location = format!("spec.{at}");
+        let inside = file
+            .strip_prefix(TLS_DIR)
+            .and_then(|rest| rest.strip_prefix('/'))
+            .and_then(|rest| rest.split_once('/'))
+            .filter(|(_, key)| {
+                !key.is_empty()
+                    && !key
+                        .split('/')
+                        .any(|c| c == ".." || c == "." || c.is_empty())
+            });
+        match inside {
+            None => errors.push(ConfigError::new(
+                location,
+                format!(
+                    "`{file}` is not in a Secret of spec.tlsSecrets: the proxy container has only those, each at {TLS_DIR}/<secretName>/ (for example {TLS_DIR}/redis-tls/tls.crt)"
+                ),
+            )),
+            Some((secret, _)) if !listed.contains(&secret) => errors.push(ConfigError::new(
+                location,
+                format!(
+                    "`{file}` is in Secret `{secret}`, which spec.tlsSecrets does not list (listed: {})",
+                    if listed.is_empty() { "none".to_owned() } else { listed.join(", ") }
+                ),
+            )),
+            Some(_) => {}
+        }
     }
 }
 

@@ -27,6 +27,9 @@ pub struct Observation {
     pub apply_error: Option<String>,
     /// The conditions' reason for it (default `ApplyFailed`; `NotOwned`).
     pub apply_reason: Option<&'static str>,
+    /// Secrets of `spec.tlsSecrets` that do not exist (or could not be read), each as a
+    /// sentence.
+    pub secrets: Vec<String>,
     /// DB-side mode: the StatefulSet as last seen.
     pub db_side: Option<DbSideObservation>,
     /// The live application Pods that name this topology (`None` when Pods are not watched).
@@ -210,6 +213,9 @@ pub fn reconciled(
                 None => "the topology is invalid (see ConfigValid) and no valid configuration was ever rendered".to_owned(),
             },
         ),
+        (ConfigOutcome::Valid { .. }, None) if !obs.secrets.is_empty() => {
+            want(DEGRADED, true, "SecretMissing", summary(&obs.secrets))
+        }
         (ConfigOutcome::Valid { hash, .. }, None) => {
             let problems: Vec<String> = obs
                 .db_side
@@ -246,6 +252,12 @@ pub fn reconciled(
             false,
             obs.apply_reason.unwrap_or("ApplyFailed"),
             error,
+        ),
+        (ConfigOutcome::Valid { .. }, None, _) if !obs.secrets.is_empty() => want(
+            READY,
+            false,
+            "SecretMissing",
+            format!("{} (see Degraded)", summary(&obs.secrets)),
         ),
         (ConfigOutcome::Valid { hash, .. }, None, None) => want(
             READY,

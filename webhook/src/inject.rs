@@ -401,13 +401,16 @@ pub fn inject(
         }),
         ..Volume::default()
     };
+    let volumes: Vec<Volume> = std::iter::once(volume)
+        .chain(shotover_operator::render::tls_volumes(spec))
+        .collect();
     let status = InjectionStatus {
         topology: name.to_owned(),
         config_hash: rendered.hash.clone(),
         observability_port: spec.observability_port,
         native_sidecar: native,
         containers: vec![CONTAINER.to_owned()],
-        volumes: vec![CONFIG_VOLUME.to_owned()],
+        volumes: volumes.iter().map(|v| v.name.clone()).collect(),
     };
 
     let mut patch = Vec::new();
@@ -435,13 +438,15 @@ pub fn inject(
         pod.metadata.labels.is_some(),
         vec![(SIDECAR_LABEL.to_owned(), name.to_owned())],
     );
-    add_list_item(
-        &mut patch,
-        "/spec/volumes",
-        pod_spec.volumes.is_some(),
-        false,
-        to_value(&volume),
-    );
+    for (i, volume) in volumes.iter().enumerate() {
+        add_list_item(
+            &mut patch,
+            "/spec/volumes",
+            pod_spec.volumes.is_some() || i > 0,
+            false,
+            to_value(volume),
+        );
+    }
     if native {
         add_list_item(
             &mut patch,
@@ -519,16 +524,23 @@ fn check_conflicts(
         .name
         .as_deref()
         .unwrap_or_default();
-    if pod
+    let needed: Vec<String> = std::iter::once(CONFIG_VOLUME.to_owned())
+        .chain(
+            (0..rendered.topology.spec.tls_secrets.len())
+                .map(shotover_operator::render::tls_volume),
+        )
+        .collect();
+    if let Some(taken) = pod
         .volumes
         .iter()
         .flatten()
-        .any(|v| v.name == CONFIG_VOLUME)
+        .find(|v| needed.contains(&v.name))
     {
         return Err(Refusal::new(
             Refuse::Conflict,
             format!(
-                "the Pod already has a volume named {CONFIG_VOLUME}, which the shotover sidecar needs"
+                "the Pod already has a volume named {}, which the shotover sidecar needs",
+                taken.name
             ),
         ));
     }

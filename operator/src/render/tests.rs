@@ -412,3 +412,99 @@ fn the_policy_limits_service_types_and_annotations() {
     render(&topology(REDIS)).expect("valid");
     super::render_with(&topology(REDIS), &policy).expect("valid");
 }
+
+const TLS_REDIS: &str = r#"
+  tlsSecrets:
+    - secretName: redis-tls
+    - secretName: upstream-ca
+  sources:
+    - Redis:
+        name: redis
+        listenAddr: 0.0.0.0:6379
+        tls:
+          certificatePath: /etc/shotover-tls/redis-tls/tls.crt
+          privateKeyPath: /etc/shotover-tls/redis-tls/tls.key
+        chain:
+          - RedisSinkSingle:
+              remoteAddress: "redis:6379"
+              tls: {certificateAuthorityPath: /etc/shotover-tls/upstream-ca/ca.crt}
+"#;
+
+#[test]
+fn tls_secrets_are_mounted_and_every_tls_file_must_be_in_one() {
+    let rendered = render(&topology(&format!(
+        "{TLS_REDIS}  dbSide: {{replicas: 1}}\n"
+    )))
+    .expect("valid");
+    let pod = rendered
+        .db_side
+        .expect("dbSide")
+        .stateful_set
+        .spec
+        .expect("spec")
+        .template
+        .spec
+        .expect("pod");
+    let volumes: Vec<(String, Option<String>)> = pod
+        .volumes
+        .iter()
+        .flatten()
+        .map(|v| {
+            (
+                v.name.clone(),
+                v.secret.as_ref().and_then(|s| s.secret_name.clone()),
+            )
+        })
+        .collect();
+    assert_eq!(
+        volumes,
+        [
+            ("shotover-config".to_owned(), None),
+            ("shotover-tls-0".to_owned(), Some("redis-tls".to_owned())),
+            ("shotover-tls-1".to_owned(), Some("upstream-ca".to_owned())),
+        ]
+    );
+    let mounts: Vec<(String, String, Option<bool>)> = pod.containers[0]
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| (m.name.clone(), m.mount_path.clone(), m.read_only))
+        .collect();
+    assert_eq!(
+        mounts,
+        [
+            (
+                "shotover-config".to_owned(),
+                "/etc/shotover".to_owned(),
+                Some(true)
+            ),
+            (
+                "shotover-tls-0".to_owned(),
+                "/etc/shotover-tls/redis-tls".to_owned(),
+                Some(true)
+            ),
+            (
+                "shotover-tls-1".to_owned(),
+                "/etc/shotover-tls/upstream-ca".to_owned(),
+                Some(true)
+            ),
+        ]
+    );
+
+    // A path outside the mounted Secrets, in one not listed, or escaping its folder.
+    let bad = TLS_REDIS
+        .replace("    - secretName: upstream-ca\n", "")
+        .replace("/etc/shotover-tls/redis-tls/tls.key", "/certs/tls.key")
+        .replace(
+            "/etc/shotover-tls/redis-tls/tls.crt",
+            "/etc/shotover-tls/redis-tls/../upstream-ca/tls.crt",
+        );
+    let errors = render(&topology(&bad)).expect_err("invalid").to_string();
+    for wanted in [
+        "spec.sources[0].tls.certificatePath: `/etc/shotover-tls/redis-tls/../upstream-ca/tls.crt` is not in a Secret of spec.tlsSecrets",
+        "spec.sources[0].tls.privateKeyPath: `/certs/tls.key` is not in a Secret of spec.tlsSecrets: the proxy container has only those, each at /etc/shotover-tls/<secretName>/ (for example /etc/shotover-tls/redis-tls/tls.crt)",
+        "spec.sources[0].chain[0].tls.certificateAuthorityPath: `/etc/shotover-tls/upstream-ca/ca.crt` is in Secret `upstream-ca`, which spec.tlsSecrets does not list (listed: redis-tls)",
+    ] {
+        assert!(errors.contains(wanted), "{wanted}\nnot in\n{errors}");
+    }
+}

@@ -16,6 +16,7 @@ fn valid(generation: i64) -> Observation {
         valid_spec: Some(serde_json::json!({"generation": generation})),
         apply_error: None,
         apply_reason: None,
+        secrets: Vec::new(),
         db_side: None,
         pods: None,
     }
@@ -30,6 +31,7 @@ fn invalid(generation: i64) -> Observation {
         valid_spec: None,
         apply_error: None,
         apply_reason: None,
+        secrets: Vec::new(),
         db_side: None,
         pods: None,
     }
@@ -570,4 +572,30 @@ fn proxies_that_do_not_run_make_the_topology_degraded_saying_why() {
     let (fixed, transitions) = reconciled(Some(&status), &obs, &at(10));
     assert_eq!(condition(&fixed, DEGRADED).status, "False");
     assert!(transitions.iter().any(|t| t.type_ == DEGRADED));
+}
+
+#[test]
+fn a_missing_tls_secret_is_degraded_and_not_ready_saying_which() {
+    let mut obs = valid(1);
+    obs.secrets = vec![
+        "Secret apps/redis-tls (spec.tlsSecrets) does not exist: the proxies that mount it do not start until it does".to_owned(),
+    ];
+    let (status, transitions) = reconciled(None, &obs, &at(0));
+    let degraded = condition(&status, DEGRADED);
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", "SecretMissing")
+    );
+    assert!(degraded.message.starts_with("Secret apps/redis-tls"));
+    let ready = condition(&status, READY);
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "SecretMissing")
+    );
+    assert!(ready.message.ends_with("(see Degraded)"));
+    assert!(transitions.iter().any(|t| t.type_ == DEGRADED && t.warning));
+    // It appears: ready.
+    let (fixed, _) = reconciled(Some(&status), &valid(1), &at(10));
+    assert_eq!(condition(&fixed, READY).reason, "ConfigRendered");
+    assert_eq!(condition(&fixed, DEGRADED).status, "False");
 }

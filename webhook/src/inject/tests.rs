@@ -469,3 +469,57 @@ fn the_patch_matches_the_golden_file() {
         "the patch changed: review, then UPDATE_GOLDEN=1"
     );
 }
+
+#[test]
+fn tls_secrets_are_mounted_in_the_sidecar_and_their_volume_names_checked() {
+    let r = rendered(topology(json!({
+        "tlsSecrets": [{"secretName": "redis-tls"}],
+        "sources": [{"Redis": {
+            "name": "redis",
+            "listenAddr": "127.0.0.1:6379",
+            "chain": [{"RedisSinkSingle": {"remoteAddress": "redis.db:6379",
+                "tls": {"certificateAuthorityPath": "/etc/shotover-tls/redis-tls/ca.crt"}}}]
+        }}],
+    })));
+    let p = app_pod();
+    let injection = inject(&pod(p.clone()), &no_ns(), &r, &settings(true)).expect("injected");
+    let out = patched(&p, &injection);
+    let volumes: Vec<&Value> = out["spec"]["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .collect();
+    assert!(
+        volumes
+            .iter()
+            .any(|v| v["name"] == "shotover-tls-0" && v["secret"]["secretName"] == "redis-tls"),
+        "{volumes:?}"
+    );
+    let mounts = &out["spec"]["initContainers"][0]["volumeMounts"];
+    assert!(
+        mounts
+            .as_array()
+            .expect("mounts")
+            .iter()
+            .any(|m| m["name"] == "shotover-tls-0"
+                && m["mountPath"] == "/etc/shotover-tls/redis-tls"
+                && m["readOnly"] == true),
+        "{mounts}"
+    );
+    let status: InjectionStatus = serde_json::from_str(
+        out["metadata"]["annotations"][STATUS_ANNOTATION]
+            .as_str()
+            .expect("status"),
+    )
+    .expect("status JSON");
+    assert_eq!(status.volumes, ["shotover-config", "shotover-tls-0"]);
+
+    let mut taken = app_pod();
+    taken["spec"]["volumes"] = json!([{"name": "shotover-tls-0", "emptyDir": {}}]);
+    let refusal = inject(&pod(taken), &no_ns(), &r, &settings(true)).expect_err("refused");
+    assert_eq!(refusal.reason, Refuse::Conflict);
+    assert_eq!(
+        refusal.message,
+        "the Pod already has a volume named shotover-tls-0, which the shotover sidecar needs"
+    );
+}

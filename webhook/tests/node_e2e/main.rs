@@ -182,6 +182,17 @@ fn install() -> &'static Install {
             &json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": apps}}),
         );
         let chart = concat!(env!("CARGO_MANIFEST_DIR"), "/../charts/shotover");
+        // Helm installs a chart's CRDs only when they are absent: on a node that stayed up,
+        // the CRD of an earlier build would stay. Apply this one, as an upgrade would.
+        run(
+            "kubectl",
+            &[
+                "apply", "--server-side", "--force-conflicts", "-f",
+                &format!("{chart}/crds/shotovertopology.yaml"),
+            ],
+            None,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
         run(
             &helm,
             &[
@@ -1201,4 +1212,191 @@ fn a_proxy_image_the_node_cannot_get_shows_in_the_status_and_an_event() {
             .then_some(())
     });
     k(&["delete", "shotovertopology", "-n", ns, topology]);
+}
+
+/// A self-signed certificate and key for `name`, made with openssl, with the SHA-256 of the
+/// certificate file (what the proxy's `/config` reports for it).
+fn certificate(dir: &std::path::Path, name: &str) -> (String, String, String) {
+    let (cert, key) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
+    let (cert, key) = (cert.display().to_string(), key.display().to_string());
+    run(
+        "openssl",
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name}"),
+            "-keyout",
+            &key,
+            "-out",
+            &cert,
+        ],
+        None,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let sum = run("sha256sum", &[&cert], None).unwrap_or_else(|e| panic!("{e}"));
+    let sha = sum.split_whitespace().next().expect("sum").to_owned();
+    (cert, key, sha)
+}
+
+/// The Secret `name` holding `cert` and `key`, created or replaced (as cert-manager renews).
+fn apply_tls_secret(namespace: &str, name: &str, cert: &str, key: &str) {
+    let manifest = k(&[
+        "create",
+        "secret",
+        "tls",
+        name,
+        "-n",
+        namespace,
+        "--cert",
+        cert,
+        "--key",
+        key,
+        "--dry-run=client",
+        "-o",
+        "yaml",
+    ]);
+    run("kubectl", &["apply", "-f", "-"], Some(&manifest)).unwrap_or_else(|e| panic!("{e}"));
+}
+
+#[test]
+fn a_tls_secret_is_mounted_and_its_renewal_is_served_without_a_restart() {
+    let install = install();
+    let _dump = DumpOnFailure(install);
+    let ns = install.apps.as_str();
+    let (topology, secret) = ("tlsdb", "tlsdb-cert");
+    let dir = std::env::temp_dir().join(format!("shotover-node-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let (cert1, key1, sha1) = certificate(&dir, "one");
+    let (cert2, key2, sha2) = certificate(&dir, "two");
+    let _ = kubectl(&["delete", "secret", secret, "-n", ns, "--ignore-not-found"]);
+
+    // The topology first: its Secret is missing, and the status says so.
+    apply(
+        ns,
+        &json!({
+            "apiVersion": "shotover.io/v1alpha1", "kind": "ShotoverTopology",
+            "metadata": {"name": topology},
+            "spec": {
+                "image": install.proxy_image, "imagePullPolicy": "Never",
+                "tlsSecrets": [{"secretName": secret}],
+                "sources": [{"Redis": {
+                    "name": "redis", "listenAddr": "0.0.0.0:6390",
+                    "tls": {
+                        "certificatePath": format!("/etc/shotover-tls/{secret}/tls.crt"),
+                        "privateKeyPath": format!("/etc/shotover-tls/{secret}/tls.key"),
+                    },
+                    "chain": [{"DebugReturner": {"Redis": "42"}}],
+                }}],
+                "dbSide": {"replicas": 1},
+            },
+        }),
+    );
+    let status = |field: &str| {
+        get_json(&["shotovertopology", topology, "-n", ns])
+            .and_then(|t| {
+                t["status"]["conditions"]
+                    .as_array()?
+                    .iter()
+                    .find(|c| c["type"] == "Degraded")
+                    .map(|c| c[field].clone())
+            })
+            .unwrap_or(Value::Null)
+    };
+    wait_for("Degraded=True SecretMissing", LONG, || {
+        (status("reason") == "SecretMissing").then_some(())
+    });
+    assert_eq!(
+        status("message"),
+        format!(
+            "Secret {ns}/{secret} (spec.tlsSecrets) does not exist: the proxies that mount it do not start until it does"
+        )
+    );
+
+    // The Secret appears: the proxy starts with it.
+    apply_tls_secret(ns, secret, &cert1, &key1);
+    let selector = format!("shotover.io/topology={topology}");
+    let proxy = ready_pods(ns, &selector, 1).remove(0);
+    let before = incarnations(std::slice::from_ref(&proxy));
+    let pod = name(&proxy);
+    let served = || -> Option<String> {
+        let config: Value =
+            serde_json::from_str(&pod_http(ns, &pod, 9001, "/config").ok()?).ok()?;
+        config["tls_files"]
+            .as_array()?
+            .iter()
+            .find(|f| f["at"] == "sources[0].tls.certificatePath")?["sha256"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    assert_eq!(served().as_deref(), Some(sha1.as_str()));
+    wait_for("Degraded=False", LONG, || {
+        (status("status") == "False").then_some(())
+    });
+
+    // A client in the cluster talks TLS to the tier.
+    let client = "tls-client";
+    apply(
+        ns,
+        &json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": client},
+            "spec": {
+                "terminationGracePeriodSeconds": 1,
+                "containers": [{"name": "app", "image": install.tools_image,
+                    "imagePullPolicy": "Never", "command": ["sleep", "100000"]}],
+            },
+        }),
+    );
+    wait_for("the client Pod", LONG, || {
+        get_json(&["pod", client, "-n", ns])
+            .filter(is_ready)
+            .map(|_| ())
+    });
+    let get = || {
+        exec(
+            ns,
+            client,
+            "app",
+            &[
+                "redis-cli",
+                "--tls",
+                "--insecure",
+                "-h",
+                &format!("{topology}-shotover"),
+                "-p",
+                "6390",
+                "GET",
+                "x",
+            ],
+        )
+        .map(|s| s.trim().to_owned())
+    };
+    assert_eq!(get().as_deref(), Ok("42"));
+
+    // Renewed: the kubelet updates the mounted Secret, the proxy reloads it and serves the
+    // new certificate, in the same Pod, its container never restarted.
+    apply_tls_secret(ns, secret, &cert2, &key2);
+    wait_for("the proxy to serve the renewed certificate", LONG, || {
+        (served().as_deref() == Some(sha2.as_str())).then_some(())
+    });
+    assert_eq!(
+        incarnations(&ready_pods(ns, &selector, 1)),
+        before,
+        "the proxy Pod was not replaced or restarted"
+    );
+    assert_eq!(get().as_deref(), Ok("42"));
+
+    let _ = kubectl(&["delete", "pod", client, "-n", ns, "--wait=false"]);
+    k(&["delete", "shotovertopology", "-n", ns, topology]);
+    let _ = kubectl(&["delete", "secret", secret, "-n", ns]);
+    let _ = std::fs::remove_dir_all(&dir);
 }
