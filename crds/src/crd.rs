@@ -84,6 +84,13 @@ pub const CONFIG_FILE: &str = "config.yaml";
     category = "shotover",
     namespaced,
     status = "ShotoverTopologyStatus",
+    // `kubectl scale` and a HorizontalPodAutoscaler set spec.dbSide.replicas; the operator
+    // reconciles the StatefulSet from it, so an autoscaler is never fought.
+    scale(
+        spec_replicas_path = ".spec.dbSide.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
     derive = "PartialEq",
     doc = "A Shotover proxy topology: sources, transform chains, and how to run the proxy.",
     printcolumn(
@@ -395,6 +402,10 @@ pub struct ShotoverTopologyStatus {
     /// DB-side: proxies ready, from the StatefulSet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_replicas: Option<i32>,
+    /// DB-side: the label selector of the proxy Pods, for the `scale` subresource (what a
+    /// HorizontalPodAutoscaler reads to find the Pods whose metrics it averages).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
     /// Application Pods that name this topology, by what the webhook did to them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sidecars: Option<SidecarStatus>,

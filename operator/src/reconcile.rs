@@ -221,6 +221,7 @@ pub async fn reconcile(
                             problems,
                             waiting_for_node,
                             proxies: ask_proxies(&ctx, &namespace, &name, port, &hash).await,
+                            selector: Some(render::selector_query(&name)),
                         })
                     }
                     Err(source) => {
@@ -341,6 +342,7 @@ async fn apply_all(
         problems,
         waiting_for_node,
         proxies: ask_proxies(ctx, namespace, &name, port, &Some(rendered.hash.clone())).await,
+        selector: Some(render::selector_query(&name)),
     }))
 }
 

@@ -382,6 +382,15 @@ pub fn labels(name: &str, component: &str) -> BTreeMap<String, String> {
 }
 
 /// Labels that select the DB-side pods (a StatefulSet's selector never changes).
+/// The proxy Pods' selector as a label query (`k=v,k=v`), for `status.selector`.
+pub fn selector_query(name: &str) -> String {
+    selector(name)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 fn selector(name: &str) -> BTreeMap<String, String> {
     BTreeMap::from([
         ("app.kubernetes.io/name".to_owned(), "shotover".to_owned()),

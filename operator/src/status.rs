@@ -76,6 +76,8 @@ pub struct DbSideObservation {
     pub waiting_for_node: bool,
     /// The live proxy Pods by name, and what each says it runs.
     pub proxies: Vec<(String, Running)>,
+    /// The proxy Pods' label selector (`status.selector`, for the scale subresource).
+    pub selector: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
@@ -296,6 +298,7 @@ pub fn reconciled(
         last_valid_spec,
         replicas: stateful_set.map(|s| s.replicas),
         ready_replicas: stateful_set.map(|s| s.ready_replicas),
+        selector: obs.db_side.as_ref().and_then(|d| d.selector.clone()),
         sidecars,
     };
     let mut wanted = vec![ready, config_valid, progressing, degraded, paused];

@@ -795,3 +795,59 @@ async fn the_service_policy_refuses_what_it_does_not_allow() {
         .await;
     operator.assert_quiet(&[]);
 }
+
+/// The scale subresource: `kubectl scale` (or a HorizontalPodAutoscaler) sets
+/// spec.dbSide.replicas, the StatefulSet follows, and the scale reports the proxies'
+/// selector and count, as an autoscaler reads them.
+#[tokio::test]
+async fn the_scale_subresource_scales_the_tier_and_reports_its_selector() {
+    let cluster = Cluster::new("scale").await;
+    let operator = Operator::start(&cluster.ns, "scale");
+    cluster
+        .create("cache", db_side_spec("cache", 1))
+        .await
+        .expect("created");
+    cluster
+        .status_where("cache", "replicas 1", |s| s.replicas.is_some())
+        .await;
+    let topologies = cluster.api::<ShotoverTopology>();
+    topologies
+        .patch_scale(
+            "cache",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"replicas": 3}})),
+        )
+        .await
+        .expect("scaled");
+    let sts_api = cluster.api::<StatefulSet>();
+    wait_for("the StatefulSet at 3", Duration::from_secs(30), || async {
+        let sts = sts_api.get("cache-shotover").await.ok()?;
+        (sts.spec.as_ref()?.replicas == Some(3)).then_some(())
+    })
+    .await;
+    let topology = topologies.get("cache").await.expect("topology");
+    assert_eq!(
+        topology.spec.db_side.as_ref().map(|d| d.replicas),
+        Some(3),
+        "the scale wrote spec.dbSide.replicas"
+    );
+    let scale = wait_for("the scale's status", Duration::from_secs(30), || async {
+        let scale = topologies.get_scale("cache").await.ok()?;
+        let status = scale.status.clone()?;
+        (status.replicas == 3 && status.selector.is_some()).then_some(scale)
+    })
+    .await;
+    let selector = scale.status.and_then(|s| s.selector).expect("selector");
+    assert_eq!(
+        selector,
+        "app.kubernetes.io/component=db-side-proxy,app.kubernetes.io/instance=cache,app.kubernetes.io/name=shotover"
+    );
+    // The selector finds the tier's Pods.
+    let pods = cluster
+        .api::<Pod>()
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .expect("pods");
+    assert_eq!(pods.items.len(), 3, "{selector}");
+    operator.assert_quiet(&[]);
+}

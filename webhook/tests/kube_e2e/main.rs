@@ -1266,6 +1266,23 @@ subjects: [{{apiGroup: rbac.authorization.k8s.io, kind: User, name: bob}}]
     assert!(can("alice", "delete"), "edit may delete");
     assert!(!can("bob", "create"), "view may not create");
     assert!(!can("bob", "delete"), "view may not delete");
+    let can_scale = |user: &str, verb: &str| {
+        let out = Command::new("kubectl")
+            .args([
+                "auth",
+                "can-i",
+                verb,
+                "shotovertopologies.shotover.io",
+                "--subresource=scale",
+            ])
+            .args(["--as", user, "-n", &ns])
+            .output()
+            .expect("kubectl auth can-i");
+        String::from_utf8_lossy(&out.stdout).trim() == "yes"
+    };
+    assert!(can_scale("alice", "patch"), "edit may kubectl scale");
+    assert!(can_scale("bob", "get"), "view may read the scale");
+    assert!(!can_scale("bob", "patch"), "view may not scale");
 
     let chart = repo().join("charts/shotover");
     let template = |args: &[&str]| {
