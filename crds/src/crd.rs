@@ -486,10 +486,33 @@ pub fn with_default_requests(mut resources: ResourceRequirements) -> ResourceReq
     resources
 }
 
+/// The annotation of the CRD with the version of its schema (see [`schema_version`]).
+pub const SCHEMA_VERSION_ANNOTATION: &str = "shotover.io/schema-version";
+
+/// The CRD, annotated with its [`schema_version`].
 pub fn crd() -> serde_json::Value {
+    let mut value = bare_crd();
+    value["metadata"]["annotations"] =
+        serde_json::json!({ SCHEMA_VERSION_ANNOTATION: schema_version() });
+    value
+}
+
+fn bare_crd() -> serde_json::Value {
     let mut value = serde_json::to_value(ShotoverTopology::crd()).expect("a CRD serializes");
     tidy(&mut value);
     value
+}
+
+/// The first 16 hex digits of the SHA-256 of the CRD's `spec` (its schemas, printer columns
+/// and subresources): the operator compares it with the installed CRD's annotation at start,
+/// since Helm does not upgrade CRDs.
+pub fn schema_version() -> String {
+    use sha2::{Digest, Sha256};
+    let spec = serde_json::to_vec(&bare_crd()["spec"]).expect("JSON");
+    Sha256::digest(&spec)[..8]
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 fn tidy(value: &mut serde_json::Value) {

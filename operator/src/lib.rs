@@ -131,10 +131,12 @@ pub async fn run(opts: RunOpts) -> anyhow::Result<()> {
         .with_context(|| format!("cannot listen on --http-addr {}", opts.http_addr))?;
     info!(addr = %listener.local_addr()?, "serving /metrics, /healthz and /readyz");
     let render_metrics = metrics.clone();
+    let live_metrics = metrics.clone();
     let server = tokio::spawn(server::serve(
         listener,
         Arc::new(move || render_metrics.render()),
         ready.clone(),
+        Arc::new(move || live_metrics.live(metrics::STUCK)),
         shutdown.clone(),
     ));
     ready.store(true, Ordering::Relaxed);
@@ -340,6 +342,75 @@ async fn check_crd(client: &Client, namespace: Option<&str>) -> anyhow::Result<(
             status.message
         ),
         Err(e) => Err(e).context("cannot list ShotoverTopologies"),
+    }?;
+    check_schema_version(client).await
+}
+
+/// The installed CRD must be the schema this operator was built with: Helm installs a
+/// chart's CRDs but never upgrades them, and an operator writing fields the apiserver
+/// prunes (or reading fields it no longer has) would go wrong quietly.
+async fn check_schema_version(client: &Client) -> anyhow::Result<()> {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    use shotover_crds::crd::{SCHEMA_VERSION_ANNOTATION, schema_version};
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    let ours = schema_version();
+    let installed = match crds
+        .get_metadata_opt("shotovertopologies.shotover.io")
+        .await
+    {
+        Ok(Some(meta)) => meta.annotations().get(SCHEMA_VERSION_ANNOTATION).cloned(),
+        Ok(None) => None,
+        Err(kube::Error::Api(status)) if status.code == 403 => {
+            warn!(
+                "cannot read the ShotoverTopology CRD to check its schema version ({}): grant get on customresourcedefinitions/shotovertopologies.shotover.io (the chart does)",
+                status.message
+            );
+            return Ok(());
+        }
+        Err(e) => return Err(e).context("cannot read the ShotoverTopology CRD"),
+    };
+    same_schema(installed.as_deref(), &ours).map_err(|e| anyhow::anyhow!(e))?;
+    info!(schema_version = %ours, "the installed CRD is this operator's schema");
+    Ok(())
+}
+
+/// Whether the installed CRD's schema version (its annotation) is `ours`, else what to do.
+pub fn same_schema(installed: Option<&str>, ours: &str) -> Result<(), String> {
+    use shotover_crds::crd::SCHEMA_VERSION_ANNOTATION;
+    let apply = "apply this version's CRD:\n  kubectl apply --server-side -f crds/shotovertopology.yaml\nor\n  shotover-operator crd | kubectl apply --server-side -f -\n(helm install and upgrade do not upgrade CRDs)";
+    match installed {
+        Some(version) if version == ours => Ok(()),
+        Some(version) => Err(format!(
+            "the installed ShotoverTopology CRD has schema version {version}, this operator's is {ours}: {apply}"
+        )),
+        None => Err(format!(
+            "the installed ShotoverTopology CRD has no schema version (annotation {SCHEMA_VERSION_ANNOTATION}: installed by an older release), this operator's is {ours}: {apply}"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod schema_tests {
+    #[test]
+    fn the_installed_crd_must_be_this_operators_schema() {
+        let ours = shotover_crds::crd::schema_version();
+        assert_eq!(ours.len(), 16);
+        assert_eq!(super::same_schema(Some(&ours), &ours), Ok(()));
+        let older = super::same_schema(Some("0123456789abcdef"), &ours).expect_err("refused");
+        assert!(
+            older.starts_with(&format!(
+                "the installed ShotoverTopology CRD has schema version 0123456789abcdef, this operator's is {ours}: apply this version's CRD"
+            )),
+            "{older}"
+        );
+        let none = super::same_schema(None, &ours).expect_err("refused");
+        assert!(none.contains("has no schema version"), "{none}");
+        // The checked-in CRD carries the version this build computes.
+        let checked_in = include_str!("../../crds/shotovertopology.yaml");
+        assert!(
+            checked_in.contains(&format!("shotover.io/schema-version: {ours}")),
+            "crds/shotovertopology.yaml is stale: cargo run -p shotover-operator -- crd > crds/shotovertopology.yaml"
+        );
     }
 }
 

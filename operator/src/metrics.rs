@@ -62,12 +62,18 @@ impl Histogram {
     }
 }
 
+/// A reconcile running longer than this is stuck (every request it makes is bounded far
+/// below it): `/healthz` fails, and the kubelet restarts the operator.
+pub const STUCK: std::time::Duration = std::time::Duration::from_secs(180);
+
 #[derive(Debug)]
 pub struct Metrics {
     reconciles: AtomicU64,
     errors: Mutex<BTreeMap<&'static str, u64>>,
     duration: Histogram,
     leader: AtomicU64,
+    /// The reconciles in flight, by id, with when each started.
+    in_flight: Mutex<BTreeMap<u64, Instant>>,
 }
 
 impl Default for Metrics {
@@ -77,6 +83,7 @@ impl Default for Metrics {
             errors: Mutex::default(),
             duration: Histogram::new(&BUCKETS),
             leader: AtomicU64::new(0),
+            in_flight: Mutex::default(),
         }
     }
 }
@@ -84,10 +91,37 @@ impl Default for Metrics {
 impl Metrics {
     /// Counts a reconcile and measures it until the returned guard drops.
     pub fn reconcile(&self) -> ReconcileTimer<'_> {
-        self.reconciles.fetch_add(1, Ordering::Relaxed);
+        let id = self.reconciles.fetch_add(1, Ordering::Relaxed);
+        let start = Instant::now();
+        self.in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(id, start);
         ReconcileTimer {
             metrics: self,
-            start: Instant::now(),
+            id,
+            start,
+        }
+    }
+
+    /// `Err(why)` when a reconcile has run for longer than `limit`: the process is alive
+    /// but does not get its work done (a request that never returns), which only a
+    /// restart mends.
+    pub fn live(&self, limit: std::time::Duration) -> Result<(), String> {
+        let oldest = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .min()
+            .copied();
+        match oldest {
+            Some(start) if start.elapsed() > limit => Err(format!(
+                "stuck: a reconcile has run for {} s (more than {} s)",
+                start.elapsed().as_secs(),
+                limit.as_secs()
+            )),
+            _ => Ok(()),
         }
     }
 
@@ -146,6 +180,7 @@ impl Metrics {
 /// Records the reconcile's duration when dropped.
 pub struct ReconcileTimer<'a> {
     metrics: &'a Metrics,
+    id: u64,
     start: Instant,
 }
 
@@ -154,12 +189,35 @@ impl Drop for ReconcileTimer<'_> {
         self.metrics
             .duration
             .observe(self.start.elapsed().as_secs_f64());
+        self.metrics
+            .in_flight
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_reconcile_running_too_long_fails_liveness_until_it_ends() {
+        let metrics = Metrics::default();
+        assert_eq!(metrics.live(STUCK), Ok(()));
+        let timer = metrics.reconcile();
+        assert_eq!(metrics.live(STUCK), Ok(()), "running, not for long");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let why = metrics
+            .live(std::time::Duration::from_millis(10))
+            .expect_err("stuck");
+        assert!(
+            why.starts_with("stuck: a reconcile has run for 0 s"),
+            "{why}"
+        );
+        drop(timer);
+        assert_eq!(metrics.live(std::time::Duration::from_millis(10)), Ok(()));
+    }
 
     #[test]
     fn the_exposition_counts_reconciles_errors_and_durations() {

@@ -306,11 +306,7 @@ async fn apply_all(
     let name = topology.name_any();
     let Some(objects) = &rendered.db_side else {
         // dbSide was removed: the tier it ran goes too (only what this topology owns).
-        if topology
-            .status
-            .as_ref()
-            .is_some_and(|s| s.replicas.is_some())
-        {
+        if may_have_a_tier(topology) {
             let db_side = names::db_side(&name);
             delete_owned::<StatefulSet>(ctx, topology, namespace, &db_side).await?;
             delete_owned::<Service>(ctx, topology, namespace, &db_side).await?;
@@ -422,6 +418,24 @@ async fn ask(ctx: &Context, targets: &[Target], hash: &Option<String>) -> Vec<Ru
         // Nothing valid was ever rendered: no proxy runs anything of this topology.
         None => vec![Running::NotStarted; targets.len()],
     }
+}
+
+/// Whether objects of a DB-side tier may exist for a topology without `dbSide`, so that
+/// they are looked for (by name, deleted if this topology owns them): the last status says
+/// it ran one, or it was written for another generation (the tier may have been applied
+/// since, its status write failing), or the last reconcile failed (a delete among them).
+/// A topology that never had a tier costs no request.
+fn may_have_a_tier(topology: &ShotoverTopology) -> bool {
+    let Some(status) = topology.status.as_ref() else {
+        return false;
+    };
+    let failed = status.conditions.iter().any(|c| {
+        c.type_ == status::DEGRADED && c.status == "True" && c.reason != "InvalidTopology"
+    });
+    status.replicas.is_some()
+        || status.selector.is_some()
+        || status.observed_generation != topology.metadata.generation
+        || failed
 }
 
 /// Why the proxy Pods do not run, and whether one waits for a node within its grace.

@@ -25,6 +25,9 @@ pub const RECHECK: Duration = Duration::from_secs(5);
 pub const TIMEOUT: Duration = Duration::from_secs(2);
 /// Requests in flight at once.
 pub const CONCURRENCY: usize = 32;
+/// The most one reconcile spends asking (proxies not asked by then are asked at the next
+/// one), so that thousands of silent Pods cannot hold a reconcile for minutes.
+pub const BUDGET: Duration = Duration::from_secs(20);
 /// The most bytes of an answer read (a `/config` answer is a few hundred bytes).
 const MAX_ANSWER: u64 = 256 * 1024;
 /// Entries not asked for in this long are dropped (their Pods are gone).
@@ -149,11 +152,16 @@ impl Reports {
         };
         let asks: Vec<(Option<SocketAddr>, Option<Report>)> =
             targets.iter().map(|t| t.address).zip(cached).collect();
+        let deadline = now + BUDGET;
         let answers: Vec<Running> = futures_util::stream::iter(asks)
             .map(|(address, cached)| async move {
                 match (address, cached) {
                     (None, _) => Running::NotStarted,
                     (Some(_), Some(report)) => Running::Reported(report),
+                    (Some(_), None) if Instant::now() > deadline => Running::Unreachable(format!(
+                        "not asked yet: this reconcile's {} s for asking proxies ran out",
+                        BUDGET.as_secs()
+                    )),
                     (Some(address), None) => match get_config(address).await {
                         Ok(report) => Running::Reported(report),
                         Err(why) => Running::Unreachable(why),

@@ -1,5 +1,6 @@
 //! The operator's HTTP listener: `/metrics` (Prometheus text), `/healthz` (the process is
-//! alive) and `/readyz` (it has checked the CRD and serves; a standby replica is ready too).
+//! alive and not stuck: no reconcile has run for longer than [`crate::metrics::STUCK`]) and
+//! `/readyz` (it has checked the CRD and serves; a standby replica is ready too).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,8 +15,16 @@ use tokio_util::sync::CancellationToken;
 /// Renders the Prometheus text exposition.
 pub type RenderMetrics = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// Whether the process does its work (`Err(why)`: `/healthz` answers 500 with it).
+pub type Live = Arc<dyn Fn() -> Result<(), String> + Send + Sync>;
+
+/// Always live (the webhook: a stuck admission fails its own request, nothing else).
+pub fn always_live() -> Live {
+    Arc::new(|| Ok(()))
+}
+
 /// `/metrics`, `/healthz` and `/readyz` (also used by the webhook).
-pub fn router(metrics: RenderMetrics, ready: Arc<AtomicBool>) -> Router {
+pub fn router(metrics: RenderMetrics, ready: Arc<AtomicBool>, live: Live) -> Router {
     Router::new()
         .route(
             "/metrics",
@@ -32,7 +41,21 @@ pub fn router(metrics: RenderMetrics, ready: Arc<AtomicBool>) -> Router {
                 }
             }),
         )
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/healthz",
+            get(move || {
+                let live = live();
+                async move {
+                    match live {
+                        Ok(()) => (StatusCode::OK, "ok\n".to_owned()).into_response(),
+                        Err(why) => {
+                            tracing::error!(%why, "not live");
+                            (StatusCode::INTERNAL_SERVER_ERROR, format!("{why}\n")).into_response()
+                        }
+                    }
+                }
+            }),
+        )
         .route(
             "/readyz",
             get(move || {
@@ -52,9 +75,10 @@ pub async fn serve(
     listener: TcpListener,
     metrics: RenderMetrics,
     ready: Arc<AtomicBool>,
+    live: Live,
     shutdown: CancellationToken,
 ) {
-    let app = router(metrics, ready);
+    let app = router(metrics, ready, live);
     if let Err(e) = axum::serve(listener, app)
         .with_graceful_shutdown(shutdown.cancelled_owned())
         .await

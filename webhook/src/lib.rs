@@ -186,6 +186,7 @@ pub async fn run(opts: Opts) -> anyhow::Result<()> {
         http,
         Arc::new(move || render_metrics.render()),
         ready.clone(),
+        shotover_operator::server::always_live(),
         http_stop.clone(),
     ));
 

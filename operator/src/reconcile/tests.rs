@@ -315,3 +315,48 @@ fn the_backoff_doubles_up_to_five_minutes() {
     assert_eq!(delays, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
     assert_eq!(backoff(u32::MAX), Duration::from_secs(300));
 }
+
+/// dbSide removed after a reconcile whose status write failed (the status never said there
+/// was a tier, and is of an older generation): the tier's objects are still looked for, and
+/// what this topology owns is deleted.
+#[tokio::test]
+async fn a_tier_applied_before_a_failed_status_write_is_deleted_when_db_side_goes() {
+    let (ctx, mut api) = ApiServer::context();
+    let status = json!({"observedGeneration": 3, "configHash": "old", "conditions": []});
+    let task = spawn(topology(redis_spec(), json!({}), Some(status)), ctx);
+    expect_config_map(&mut api).await;
+    let owned = json!({
+        "apiVersion": "apps/v1", "kind": "StatefulSet",
+        "metadata": {"name": "cache-shotover", "namespace": NS,
+            "ownerReferences": [{"apiVersion": "shotover.io/v1alpha1", "kind": "ShotoverTopology",
+                "name": "cache", "uid": "uid-1"}]},
+    });
+    let sts = "/apis/apps/v1/namespaces/apps/statefulsets/cache-shotover";
+    api.expect("GET", sts, 200, Some(owned.clone())).await;
+    api.expect("DELETE", sts, 200, Some(owned)).await;
+    api.expect(
+        "GET",
+        "/api/v1/namespaces/apps/services/cache-shotover",
+        404,
+        None,
+    )
+    .await;
+    api.expect(
+        "GET",
+        "/api/v1/namespaces/apps/services/cache-shotover-headless",
+        404,
+        None,
+    )
+    .await;
+    api.expect(
+        "GET",
+        "/apis/policy/v1/namespaces/apps/poddisruptionbudgets/cache-shotover",
+        404,
+        None,
+    )
+    .await;
+    expect_status_write(&mut api).await;
+    expect_events(&mut api, 2).await;
+    finish(task).await.expect("reconciled");
+    api.expect_nothing_more().await;
+}

@@ -88,6 +88,17 @@ async fn applying_a_topology_deploys_its_tier_and_reports_it_ready() {
         .create("cache", db_side_spec("cache", 2))
         .await
         .expect("created");
+    // At start it checked the installed CRD's schema version against its own.
+    wait_for("the schema check", Duration::from_secs(30), || async {
+        operator
+            .logs()
+            .contains(&format!(
+                "the installed CRD is this operator's schema schema_version={}",
+                shotover_crds::crd::schema_version()
+            ))
+            .then_some(())
+    })
+    .await;
 
     let status = cluster
         .status_where("cache", "ConfigValid and a hash", |s| {
