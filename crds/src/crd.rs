@@ -260,6 +260,40 @@ pub struct DbSideSpec {
     /// Pod itself (image, ports, resources) always roll.
     #[serde(default)]
     pub config_update: ConfigUpdate,
+    /// What the proxy Pods carry besides what the operator sets: labels and annotations
+    /// (added; the operator's own keys cannot be replaced), image pull secrets, scheduling,
+    /// a priority class and a ServiceAccount.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod_template: Option<DbSidePodTemplate>,
+}
+
+/// The part of the DB-side proxy Pods a topology may set.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DbSidePodTemplate {
+    /// Added to the Pods' labels.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub labels: BTreeMap<String, String>,
+    /// Added to the Pods' annotations (for example for a service mesh or a log agent).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: BTreeMap<String, String>,
+    /// Secrets to pull `spec.image` from a private registry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub image_pull_secrets: Vec<k8s_openapi::api::core::v1::LocalObjectReference>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<k8s_openapi::api::core::v1::Toleration>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub affinity: Option<k8s_openapi::api::core::v1::Affinity>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topology_spread_constraints: Vec<k8s_openapi::api::core::v1::TopologySpreadConstraint>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub priority_class_name: Option<String>,
+    /// The Pods' ServiceAccount (its token is not mounted: the proxy never calls the
+    /// Kubernetes API; the name is for Pod security policies and cloud identities).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_account_name: Option<String>,
 }
 
 /// How a configuration change reaches the DB-side proxies.

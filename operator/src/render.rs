@@ -153,6 +153,7 @@ pub fn render_with(
     }
     if let Some(db_side) = &spec.db_side {
         check_db_side(topology, db_side, &sources, &mut errors);
+        check_pod_template(name, db_side, &mut errors);
         check_policy(db_side, policy, &mut errors);
     }
     if !errors.is_empty() {
@@ -296,6 +297,32 @@ fn check_policy(db_side: &DbSideSpec, policy: &Policy, errors: &mut Vec<ConfigEr
                 ),
             ));
         }
+    }
+}
+
+fn non_empty<T>(items: Vec<T>) -> Option<Vec<T>> {
+    (!items.is_empty()).then_some(items)
+}
+
+/// The overlay may add labels and annotations, not replace the operator's.
+fn check_pod_template(name: &str, db_side: &DbSideSpec, errors: &mut Vec<ConfigError>) {
+    let Some(overlay) = &db_side.pod_template else {
+        return;
+    };
+    let mut ours = labels(name, "db-side-proxy");
+    ours.extend(selector(name));
+    ours.insert(INJECT_LABEL.to_owned(), "false".to_owned());
+    for key in overlay.labels.keys().filter(|k| ours.contains_key(*k)) {
+        errors.push(ConfigError::new(
+            format!("spec.dbSide.podTemplate.labels[{key}]"),
+            "set by the operator (it selects and labels the proxy Pods): choose another key",
+        ));
+    }
+    if overlay.annotations.contains_key(CONFIG_HASH_ANNOTATION) {
+        errors.push(ConfigError::new(
+            format!("spec.dbSide.podTemplate.annotations[{CONFIG_HASH_ANNOTATION}]"),
+            "set by the operator (configUpdate: RollingRestart): choose another key",
+        ));
     }
 }
 
@@ -445,9 +472,18 @@ fn render_db_side(
     // the proxies reload them in place.
     let annotations = (db_side.config_update == ConfigUpdate::RollingRestart)
         .then(|| BTreeMap::from([(CONFIG_HASH_ANNOTATION.to_owned(), hash.to_owned())]));
+    let overlay = db_side.pod_template.clone().unwrap_or_default();
+    let mut annotations = annotations;
+    if !overlay.annotations.is_empty() {
+        let mut merged = overlay.annotations.clone();
+        merged.extend(annotations.unwrap_or_default());
+        annotations = Some(merged);
+    }
+    let mut labels_with_overlay = overlay.labels.clone();
+    labels_with_overlay.extend(pod_labels);
     let pod = PodTemplateSpec {
         metadata: Some(ObjectMeta {
-            labels: Some(pod_labels),
+            labels: Some(labels_with_overlay),
             annotations,
             ..ObjectMeta::default()
         }),
@@ -476,6 +512,13 @@ fn render_db_side(
                 seccomp_profile: Some(runtime_default_seccomp()),
                 ..PodSecurityContext::default()
             }),
+            image_pull_secrets: non_empty(overlay.image_pull_secrets),
+            node_selector: (!overlay.node_selector.is_empty()).then_some(overlay.node_selector),
+            tolerations: non_empty(overlay.tolerations),
+            affinity: overlay.affinity,
+            topology_spread_constraints: non_empty(overlay.topology_spread_constraints),
+            priority_class_name: overlay.priority_class_name,
+            service_account_name: overlay.service_account_name,
             ..PodSpec::default()
         }),
     };

@@ -508,3 +508,61 @@ fn tls_secrets_are_mounted_and_every_tls_file_must_be_in_one() {
         assert!(errors.contains(wanted), "{wanted}\nnot in\n{errors}");
     }
 }
+
+#[test]
+fn the_pod_template_overlay_adds_to_the_proxy_pods_and_cannot_replace_the_operators_keys() {
+    let rendered = render(&db_side(
+        r#"    podTemplate:
+      labels: {team: data, app.kubernetes.io/part-of: payments}
+      annotations: {example.com/scrape: "true"}
+      imagePullSecrets: [{name: registry}]
+      nodeSelector: {pool: proxies}
+      tolerations: [{key: dedicated, operator: Equal, value: proxies, effect: NoSchedule}]
+      priorityClassName: high
+      serviceAccountName: shotover-proxy
+      topologySpreadConstraints:
+        - {maxSkew: 1, topologyKey: topology.kubernetes.io/zone, whenUnsatisfiable: ScheduleAnyway}
+"#,
+    ))
+    .expect("valid");
+    let template = rendered
+        .db_side
+        .expect("dbSide")
+        .stateful_set
+        .spec
+        .expect("spec")
+        .template;
+    let meta = template.metadata.expect("meta");
+    let labels = meta.labels.expect("labels");
+    assert_eq!(labels["team"], "data");
+    assert_eq!(labels["app.kubernetes.io/part-of"], "payments");
+    assert_eq!(
+        labels["app.kubernetes.io/instance"], "cache",
+        "still selected"
+    );
+    assert_eq!(
+        meta.annotations.expect("annotations")["example.com/scrape"],
+        "true"
+    );
+    let pod = template.spec.expect("pod");
+    assert_eq!(pod.image_pull_secrets.expect("secrets")[0].name, "registry");
+    assert_eq!(pod.node_selector.expect("nodeSelector")["pool"], "proxies");
+    assert_eq!(pod.tolerations.expect("tolerations").len(), 1);
+    assert_eq!(pod.priority_class_name.as_deref(), Some("high"));
+    assert_eq!(pod.service_account_name.as_deref(), Some("shotover-proxy"));
+    assert_eq!(pod.automount_service_account_token, Some(false), "no token");
+    assert_eq!(pod.topology_spread_constraints.expect("spread").len(), 1);
+
+    let errors = render(&db_side(
+        "    podTemplate:\n      labels: {app.kubernetes.io/instance: other, shotover.io/inject: \"true\"}\n      annotations: {shotover.io/config-hash: x}\n",
+    ))
+    .expect_err("invalid")
+    .to_string();
+    for wanted in [
+        "spec.dbSide.podTemplate.labels[app.kubernetes.io/instance]: set by the operator",
+        "spec.dbSide.podTemplate.labels[shotover.io/inject]: set by the operator",
+        "spec.dbSide.podTemplate.annotations[shotover.io/config-hash]: set by the operator",
+    ] {
+        assert!(errors.contains(wanted), "{wanted}\nnot in\n{errors}");
+    }
+}

@@ -862,3 +862,40 @@ async fn the_scale_subresource_scales_the_tier_and_reports_its_selector() {
     assert_eq!(pods.items.len(), 3, "{selector}");
     operator.assert_quiet(&[]);
 }
+
+/// The apiserver takes a podTemplate overlay (the CRD's schema has the Kubernetes types),
+/// and the StatefulSet's Pods carry it.
+#[tokio::test]
+async fn the_pod_template_overlay_reaches_the_stateful_set() {
+    let cluster = Cluster::new("overlay").await;
+    let operator = Operator::start(&cluster.ns, "overlay");
+    let mut spec = db_side_spec("cache", 1);
+    spec["dbSide"]["podTemplate"] = json!({
+        "labels": {"team": "data"},
+        "imagePullSecrets": [{"name": "registry"}],
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "proxies", "effect": "NoSchedule"}],
+        "affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": [
+                {"key": "pool", "operator": "In", "values": ["proxies"]}]}]}}},
+        "priorityClassName": "system-cluster-critical",
+    });
+    cluster.create("cache", spec).await.expect("created");
+    let sts_api = cluster.api::<StatefulSet>();
+    let sts = wait_for("the StatefulSet", Duration::from_secs(30), || async {
+        sts_api.get("cache-shotover").await.ok()
+    })
+    .await;
+    let template = sts.spec.expect("spec").template;
+    assert_eq!(
+        template.metadata.and_then(|m| m.labels).expect("labels")["team"],
+        "data"
+    );
+    let pod = template.spec.expect("pod");
+    assert_eq!(pod.image_pull_secrets.expect("secrets")[0].name, "registry");
+    assert!(pod.affinity.and_then(|a| a.node_affinity).is_some());
+    assert_eq!(
+        pod.priority_class_name.as_deref(),
+        Some("system-cluster-critical")
+    );
+    operator.assert_quiet(&[]);
+}
