@@ -198,14 +198,21 @@ impl Reports {
 /// `GET /config` from the proxy at `address`, over HTTP/1.0 (the answer ends with the
 /// connection), within [`TIMEOUT`].
 pub async fn get_config(address: SocketAddr) -> Result<Report, String> {
+    let answer = http_get(&address.to_string(), "/config", TIMEOUT).await?;
+    parse_answer(&answer)
+}
+
+/// The whole answer to `GET path` from `authority` (`host:port`) over HTTP/1.0, at most
+/// [`MAX_ANSWER`] bytes, within `timeout`.
+async fn http_get(authority: &str, path: &str, timeout: Duration) -> Result<Vec<u8>, String> {
     let exchange = async {
-        let mut stream = tokio::net::TcpStream::connect(address)
+        let mut stream = tokio::net::TcpStream::connect(authority)
             .await
             .map_err(|e| format!("connecting: {e}"))?;
         stream
             .write_all(
                 format!(
-                    "GET /config HTTP/1.0\r\nHost: {address}\r\nAccept: application/json\r\n\r\n"
+                    "GET {path} HTTP/1.0\r\nHost: {authority}\r\nAccept: application/json\r\n\r\n"
                 )
                 .as_bytes(),
             )
@@ -219,10 +226,29 @@ pub async fn get_config(address: SocketAddr) -> Result<Report, String> {
             .map_err(|e| format!("reading: {e}"))?;
         Ok::<_, String>(answer)
     };
-    let answer = tokio::time::timeout(TIMEOUT, exchange)
+    tokio::time::timeout(timeout, exchange)
         .await
-        .map_err(|_| format!("no answer within {} s", TIMEOUT.as_secs()))??;
-    parse_answer(&answer)
+        .map_err(|_| format!("no answer within {} s", timeout.as_secs()))?
+}
+
+/// `shotover-operator check URL`: GETs `http://host:port/path` over HTTP/1.0 within 5 s;
+/// `Ok(status line)` for a 200, else why not.
+pub async fn check_url(url: &str) -> Result<String, String> {
+    let rest = url
+        .strip_prefix("http://")
+        .ok_or_else(|| "only http:// URLs are checked".to_owned())?;
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let answer = http_get(authority, path, Duration::from_secs(5)).await?;
+    let text = String::from_utf8_lossy(&answer);
+    let status = text.lines().next().unwrap_or_default().trim().to_owned();
+    if status.split_whitespace().nth(1) == Some("200") {
+        Ok(status)
+    } else {
+        Err(format!("answered `{status}`"))
+    }
 }
 
 /// The report in an HTTP answer.

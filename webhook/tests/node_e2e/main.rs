@@ -539,6 +539,34 @@ fn the_chart_runs_the_operator_and_the_webhook_as_ready_pods() {
     let operators = ready_pods(ns, "app.kubernetes.io/component=operator", 2);
     let webhooks = ready_pods(ns, "app.kubernetes.io/component=webhook", 2);
 
+    // `helm test`: a Pod asks both /readyz through their Services (and cluster DNS).
+    let helm = env(
+        "HELM",
+        "build helm with\n  eval \"$(e2e/services up helm)\"",
+    );
+    let tested = run(
+        &helm,
+        &[
+            "test",
+            &install.release,
+            "-n",
+            ns,
+            "--timeout",
+            "3m",
+            "--logs",
+        ],
+        None,
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    // helm exits non-zero when the Pod fails; its log names both answers.
+    for service in ["operator-metrics", "webhook"] {
+        let line = tested
+            .lines()
+            .find(|l| l.contains(&format!("-{service}.")) && l.contains("/readyz: "))
+            .unwrap_or_else(|| panic!("no answer of {service} in\n{tested}"));
+        assert!(line.contains(" 200 "), "{line}");
+    }
+
     // One leader, holding the Lease in the release namespace (where its Role is), although
     // the operator watches another namespace.
     let lease = format!("{}-operator", install.release);
