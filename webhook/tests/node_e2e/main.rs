@@ -864,6 +864,116 @@ fn a_chain_change_reloads_the_tier_and_the_sidecars_without_restarting_a_pod() {
     assert!(local.starts_with("HTTP/1.0 200"), "{local}");
 }
 
+/// Someone else's invalid edit of a topology does not block the app: a Pod created while
+/// the sidecar topology is invalid runs the last valid configuration (a Warning Event on the
+/// topology says so), serves traffic, and follows the topology once it is fixed.
+#[test]
+fn an_invalid_edit_does_not_block_new_pods_they_run_the_last_valid_config() {
+    let install = install();
+    let _dump = DumpOnFailure(install);
+    let story = Story::new(install, "lastvalid", 1);
+    let first = name(&story.app_pod());
+    let valid = wait_for("the sidecar topology to render", LONG, || {
+        let status = story.status(&story.edge);
+        let ready = status["sidecars"]["injected"] == 1
+            && story.condition(&story.edge, "SidecarsUpToDate").as_deref() == Some("True");
+        ready
+            .then_some(status["configHash"].as_str())
+            .flatten()
+            .map(str::to_owned)
+    });
+
+    // Accepted by the CRD, refused by the proxy's validation: the source now listens on the
+    // sidecar's observability port.
+    apply(
+        &story.ns,
+        &json!({
+            "apiVersion": "shotover.io/v1alpha1", "kind": "ShotoverTopology",
+            "metadata": {"name": story.edge},
+            "spec": {
+                "image": install.proxy_image, "imagePullPolicy": "Never",
+                "sources": [{"Redis": {
+                    "name": "redis", "listenAddr": "127.0.0.1:9001",
+                    "chain": [{"RedisSinkSingle": {"remoteAddress": format!("{}-shotover:6380", story.db)}}],
+                }}],
+            },
+        }),
+    );
+    wait_for("ConfigValid=False", LONG, || {
+        (story.condition(&story.edge, "ConfigValid").as_deref() == Some("False")).then_some(())
+    });
+    assert_eq!(
+        story.status(&story.edge)["configHash"].as_str(),
+        Some(valid.as_str()),
+        "the last valid hash stays"
+    );
+
+    // The Deployment replaces its Pod: the webhook admits the new one with the last valid
+    // configuration, and its sidecar runs it on the node.
+    k(&["delete", "pod", "-n", &story.ns, &first, "--wait=false"]);
+    let pod = wait_for("the replacement Pod to be Ready", LONG, || {
+        let pods = pods(&story.ns, &format!("app={}", story.app));
+        pods.into_iter()
+            .find(|p| name(p) != first && p["status"]["phase"] == "Running" && is_ready(p))
+    });
+    assert_eq!(
+        pod["metadata"]["annotations"]["shotover.io/config-hash"].as_str(),
+        Some(valid.as_str()),
+        "injected with the last valid configuration"
+    );
+    let pod = name(&pod);
+    let config = pod_http(&story.ns, &pod, 9001, "/config").unwrap_or_else(|e| panic!("{e}"));
+    assert!(config.contains(&valid), "{pod}: {config}");
+    assert_eq!(
+        story
+            .redis_cli(&pod, &["set", "lastvalid", "1"])
+            .unwrap_or_else(|e| panic!("{e}")),
+        "OK"
+    );
+    let events = get_json(&[
+        "events",
+        "-n",
+        &story.ns,
+        "--field-selector",
+        &format!(
+            "involvedObject.name={},reason=SidecarInjectedLastValidConfig",
+            story.edge
+        ),
+    ])
+    .expect("events");
+    let notes: Vec<&str> = events["items"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["type"] == "Warning")
+        .filter_map(|e| e["message"].as_str().or(e["note"].as_str()))
+        .collect();
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("is invalid") && n.contains(&valid)),
+        "a Warning Event on the topology: {events}"
+    );
+
+    // Fixed, the topology reaches the running sidecar without restarting its Pod.
+    story.apply_edge(install, "fixed");
+    wait_for("SidecarsUpToDate=True after the fix", LONG, || {
+        let status = story.status(&story.edge);
+        (status["configHash"].as_str() != Some(valid.as_str())
+            && story.condition(&story.edge, "ConfigValid").as_deref() == Some("True")
+            && status["sidecars"]["outdated"] == 0
+            && status["sidecars"]["unreported"] == 0
+            && story.condition(&story.edge, "SidecarsUpToDate").as_deref() == Some("True"))
+        .then_some(())
+    });
+    assert_eq!(
+        story
+            .redis_cli(&pod, &["set", "lastvalid", "2"])
+            .unwrap_or_else(|e| panic!("{e}")),
+        "OK"
+    );
+}
+
 #[test]
 fn a_rolling_update_of_the_db_side_tier_under_traffic_loses_no_request() {
     let install = install();
