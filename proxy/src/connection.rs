@@ -94,6 +94,8 @@ struct Handler<S> {
     decoder: Decoder,
     read_buf: BytesMut,
     outbox: Outbox,
+    /// CQL answers waiting to be put in v5 segments (packed together) before the outbox.
+    to_segment: Vec<bytes::Bytes>,
     /// How long a write to the client may wait for it to read (the idle timeout): a client
     /// that stops reading its replies must not hold its connection slot forever.
     write_timeout: Option<Duration>,
@@ -136,6 +138,7 @@ where
         decoder,
         read_buf: BytesMut::new(),
         outbox: Outbox::default(),
+        to_segment: Vec::new(),
         write_timeout: settings.idle_timeout,
         next_id: 1,
         pending,
@@ -207,9 +210,7 @@ where
                         };
                         Message::error_reply(0, &text).into_bytes()
                     }
-                    Decoder::Cql(_) => {
-                        cassandra::RequestDecoder::error_reply(&self.read_buf, &error)
-                    }
+                    Decoder::Cql(decoder) => decoder.error_reply(&self.read_buf, &error),
                 };
                 tracing::debug!(error = %error, "closing the connection after a protocol error");
                 let _ = self.write_all_now(reply).await;
@@ -400,21 +401,43 @@ where
         self.emit(replies);
     }
 
-    /// Queues responses for writing: in request order for Redis, as they come for CQL.
+    /// Queues responses for writing: in request order for Redis, as they come for CQL (in
+    /// v5 segments once the client's handshake is answered).
     fn emit(&mut self, responses: Messages) {
-        let outbox = &mut self.outbox;
+        let Handler {
+            outbox,
+            decoder,
+            to_segment,
+            follow,
+            pending,
+            ..
+        } = self;
+        let mut push = |response: Message| match decoder {
+            Decoder::Redis(_) => outbox.push(response.into_bytes()),
+            Decoder::Cql(cql) => {
+                if cql.segments().is_some() {
+                    to_segment.push(response.into_bytes());
+                    return;
+                }
+                let header = response.cql().map(|meta| meta.header);
+                outbox.push(response.into_bytes());
+                if let Some(header) = header {
+                    cql.answered(&header);
+                }
+            }
+        };
         for response in responses {
-            if let Some(follow) = &mut self.follow
+            if let Some(follow) = follow
                 && follow.session.awaits_answers()
                 && let Some(id) = response.request_id
             {
                 follow.session.answered(id, response.is_error());
             }
-            match (&mut self.pending, response.request_id) {
-                (_, None) => outbox.push(response.into_bytes()),
+            match (&mut *pending, response.request_id) {
+                (_, None) => push(response),
                 (Pending::ById(map), Some(id)) => {
                     if map.remove(&id).is_some() {
-                        outbox.push(response.into_bytes());
+                        push(response);
                     } else {
                         tracing::debug!(
                             request_id = id,
@@ -424,7 +447,7 @@ where
                 }
                 (Pending::InOrder { queue, held }, Some(id)) if queue.front() == Some(&id) => {
                     queue.pop_front();
-                    outbox.push(response.into_bytes());
+                    push(response);
                     while !held.is_empty()
                         && let Some(next) = queue.front()
                     {
@@ -432,7 +455,7 @@ where
                             break;
                         };
                         queue.pop_front();
-                        outbox.push(next.into_bytes());
+                        push(next);
                     }
                 }
                 // `queue` is in id order.
@@ -445,6 +468,15 @@ where
                     tracing::debug!(request_id = id, "dropping a response to no pending request")
                 }
             }
+        }
+        if !to_segment.is_empty()
+            && let Decoder::Cql(cql) = decoder
+            && let Some(codec) = cql.segments()
+        {
+            let mut out = BytesMut::with_capacity(to_segment.iter().map(|b| b.len() + 16).sum());
+            codec.encode(to_segment.iter().map(|b| &b[..]), &mut out);
+            to_segment.clear();
+            outbox.push(out.freeze());
         }
     }
 

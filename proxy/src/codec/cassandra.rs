@@ -10,13 +10,15 @@
 //! where an envelope ends and refuses an envelope larger than the limit as soon as its header
 //! is read, before buffering the body. Which versions a source serves, and the protocol error
 //! a client gets for the others, is the source's decision: the decoder reads any version
-//! whose header has this layout (3 to 5); [`RequestDecoder`] serves v3 and v4 and refuses
-//! the others with the protocol error that makes drivers retry with a lower version.
+//! whose header has this layout (3 to 5); [`RequestDecoder`] serves v3 to v5 and refuses
+//! the others with the protocol error that makes drivers retry with a lower version. After a
+//! v5 handshake, envelopes travel in [`segment`]s.
 //!
 //! Bodies are read only on demand, by [`body`].
 
 pub mod body;
 pub mod rows;
+pub mod segment;
 
 use bytes::{BufMut, Bytes, BytesMut};
 
@@ -44,7 +46,9 @@ pub mod error_code {
 }
 
 /// Protocol versions a Cassandra source serves.
-pub const SERVED_VERSIONS: std::ops::RangeInclusive<u8> = 3..=4;
+pub const SERVED_VERSIONS: std::ops::RangeInclusive<u8> = 3..=5;
+/// The first version whose envelopes travel in segments after the handshake.
+pub const SEGMENTS_FROM: u8 = 5;
 
 /// Body compression, negotiated per connection by the COMPRESSION option of STARTUP.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -280,12 +284,17 @@ pub struct Request {
     pub compression: Compression,
 }
 
-/// Splits requests off a client's read buffer: refuses versions other than v3 and v4 and
-/// responses, and follows the compression the client's STARTUP negotiates.
+/// Splits requests off a client's read buffer: refuses versions other than v3 to v5 and
+/// responses, and follows the compression the client's STARTUP negotiates. After a v5
+/// STARTUP is answered with READY or AUTHENTICATE ([`RequestDecoder::answered`]), the
+/// client's envelopes come in segments, and its answers must go in them too
+/// ([`RequestDecoder::segments`]).
 #[derive(Debug)]
 pub struct RequestDecoder {
-    envelopes: EnvelopeDecoder,
+    frames: segment::FrameDecoder,
     compression: Compression,
+    /// A v5 STARTUP sent and not answered yet: its stream and the compression it asks for.
+    startup: Option<(i16, Compression)>,
     /// Once a frame is bad, the stream cannot be read further: the same error comes back.
     failed: Option<DecodeError>,
 }
@@ -293,9 +302,29 @@ pub struct RequestDecoder {
 impl RequestDecoder {
     pub fn new(max_frame: usize) -> Self {
         RequestDecoder {
-            envelopes: EnvelopeDecoder::new(max_frame),
+            frames: segment::FrameDecoder::new(max_frame),
             compression: Compression::None,
+            startup: None,
             failed: None,
+        }
+    }
+
+    /// The codec of the client's segments, once it uses them: its answers go in segments.
+    pub fn segments(&self) -> Option<segment::SegmentCodec> {
+        self.frames.segments()
+    }
+
+    /// Notes an answer going to the client: READY or AUTHENTICATE to a v5 STARTUP switches
+    /// the connection to segments (after this answer, which goes as it is).
+    pub fn answered(&mut self, header: &Header) {
+        if let Some((stream, compression)) = self.startup
+            && stream == header.stream
+        {
+            self.startup = None;
+            if matches!(header.opcode, Opcode::Ready | Opcode::Authenticate) {
+                self.frames
+                    .switch_to_segments(segment::SegmentCodec::new(compression));
+            }
         }
     }
 
@@ -313,13 +342,35 @@ impl RequestDecoder {
     }
 
     fn decode_next(&mut self, buf: &mut BytesMut) -> Result<Option<Request>, DecodeError> {
+        if self.frames.segments().is_some() {
+            let Some((bytes, header)) = self.frames.next(buf)? else {
+                return Ok(None);
+            };
+            if header.version != SEGMENTS_FROM {
+                return Err(DecodeError::Malformed(format!(
+                    "a v{} envelope in a v{SEGMENTS_FROM} segment",
+                    header.version
+                )));
+            }
+            if header.direction != Direction::Request {
+                return Err(DecodeError::Malformed(
+                    "expected a request frame, got a response".into(),
+                ));
+            }
+            // Segments carry the compression; their envelopes have none of their own.
+            return Ok(Some(Request {
+                bytes,
+                header,
+                compression: Compression::None,
+            }));
+        }
         let Some(&first) = buf.first() else {
             return Ok(None);
         };
         let version = first & 0x7F;
         if !SERVED_VERSIONS.contains(&version) {
             return Err(DecodeError::Malformed(format!(
-                "Invalid or unsupported protocol version ({version}); supported versions are (3/v3, 4/v4)"
+                "Invalid or unsupported protocol version ({version}); supported versions are (3/v3, 4/v4, 5/v5)"
             )));
         }
         if first & 0x80 != 0 {
@@ -327,14 +378,18 @@ impl RequestDecoder {
                 "expected a request frame, got a response".into(),
             ));
         }
-        let Some((bytes, header)) = self.envelopes.next(buf)? else {
+        let Some((bytes, header)) = self.frames.next(buf)? else {
             return Ok(None);
         };
         if header.opcode == Opcode::Startup {
-            // STARTUP itself is never compressed; what it asks for applies from the next frame.
+            // STARTUP itself is never compressed; what it asks for applies from the next frame
+            // (in v5, to the segments that follow its answer).
             self.compression = body::body(&bytes, &header, Compression::None)
                 .and_then(|b| body::startup_compression(&b))
                 .map_err(|e| DecodeError::Malformed(format!("STARTUP: {e}")))?;
+            if header.version >= SEGMENTS_FROM {
+                self.startup = Some((header.stream, self.compression));
+            }
         }
         Ok(Some(Request {
             bytes,
@@ -344,16 +399,19 @@ impl RequestDecoder {
     }
 
     /// The ERROR a client gets for a frame that could not be read (it is at the front of
-    /// `buf`): on that frame's stream, in its version when we serve it, else in v4.
-    pub fn error_reply(buf: &[u8], error: &DecodeError) -> Bytes {
-        let version = buf
-            .first()
-            .map(|b| b & 0x7F)
-            .filter(|v| SERVED_VERSIONS.contains(v))
-            .unwrap_or(4);
-        let stream = match buf.get(2..4) {
-            Some(s) => i16::from_be_bytes([s[0], s[1]]),
-            None => 0,
+    /// `buf`): on that frame's stream, in its version when we serve it, else in v4. After a
+    /// v5 handshake, in a segment, on stream 0 (a bad segment names no stream).
+    pub fn error_reply(&self, buf: &[u8], error: &DecodeError) -> Bytes {
+        let (version, stream) = match self.segments() {
+            Some(_) => (SEGMENTS_FROM, 0),
+            None => (
+                buf.first()
+                    .map(|b| b & 0x7F)
+                    .filter(|v| SERVED_VERSIONS.contains(v))
+                    .unwrap_or(4),
+                buf.get(2..4)
+                    .map_or(0, |s| i16::from_be_bytes([s[0], s[1]])),
+            ),
         };
         let message = match error {
             DecodeError::FrameTooLarge { size, max } => format!(
@@ -361,7 +419,11 @@ impl RequestDecoder {
             ),
             DecodeError::Malformed(m) => m.clone(),
         };
-        error_response(version, stream, error_code::PROTOCOL_ERROR, &message)
+        let reply = error_response(version, stream, error_code::PROTOCOL_ERROR, &message);
+        match self.segments() {
+            Some(codec) => codec.encode_one(&reply),
+            None => reply,
+        }
     }
 }
 
@@ -571,19 +633,19 @@ mod tests {
 
     #[test]
     fn unserved_versions_get_the_error_that_makes_drivers_downgrade() {
-        let bytes = startup(5, 7, None);
+        let mut bytes = startup(5, 7, None);
+        bytes[0] = 6;
         let mut buf = BytesMut::from(&bytes[..]);
-        let error = RequestDecoder::new(1024)
-            .decode(&mut buf)
-            .expect_err("v5 is not served");
+        let mut decoder = RequestDecoder::new(1024);
+        let error = decoder.decode(&mut buf).expect_err("v6 is not served");
         assert_eq!(
             error,
             DecodeError::Malformed(
-                "Invalid or unsupported protocol version (5); supported versions are (3/v3, 4/v4)"
+                "Invalid or unsupported protocol version (6); supported versions are (3/v3, 4/v4, 5/v5)"
                     .into()
             )
         );
-        let reply = RequestDecoder::error_reply(&buf, &error);
+        let reply = decoder.error_reply(&buf, &error);
         let header = Header::parse(&reply).expect("header");
         assert_eq!(
             (header.version, header.stream, header.opcode),
@@ -599,14 +661,73 @@ mod tests {
         ));
     }
 
+    fn answer(stream: i16, opcode: Opcode) -> Header {
+        Header {
+            version: 5,
+            direction: Direction::Response,
+            flags: 0,
+            stream,
+            opcode,
+            body_len: 0,
+        }
+    }
+
+    #[test]
+    fn a_v5_connection_switches_to_segments_once_startup_is_answered() {
+        let mut decoder = RequestDecoder::new(1 << 20);
+        let mut buf = BytesMut::from(&startup(5, 1, Some("lz4"))[..]);
+        let first = decoder.decode(&mut buf).expect("valid").expect("whole");
+        assert_eq!(first.compression, Compression::Lz4);
+        assert_eq!(decoder.segments(), None, "not before the answer");
+        // Another stream's answer changes nothing; READY to the STARTUP switches.
+        decoder.answered(&answer(9, Opcode::Ready));
+        assert_eq!(decoder.segments(), None);
+        decoder.answered(&answer(1, Opcode::Ready));
+        let codec = segment::SegmentCodec::new(Compression::Lz4);
+        assert_eq!(decoder.segments(), Some(codec));
+        let query = envelope(5, 2, Opcode::Query, &[0; 600]);
+        let mut buf = BytesMut::new();
+        codec.encode([&query[..], &query[..]], &mut buf);
+        for _ in 0..2 {
+            let r = decoder.decode(&mut buf).expect("valid").expect("whole");
+            assert_eq!(&r.bytes[..], &query[..]);
+            assert_eq!(r.compression, Compression::None, "segments carry it");
+        }
+        assert!(decoder.decode(&mut buf).expect("valid").is_none());
+        // A v4 envelope inside a segment is a protocol error.
+        let mut buf = BytesMut::new();
+        codec.encode([&envelope(4, 3, Opcode::Query, b"")[..]], &mut buf);
+        assert!(matches!(
+            decoder.decode(&mut buf),
+            Err(DecodeError::Malformed(m)) if m.contains("v4 envelope in a v5 segment")
+        ));
+    }
+
+    #[test]
+    fn a_refused_v5_startup_and_v4_stay_in_envelopes() {
+        let mut decoder = RequestDecoder::new(1 << 20);
+        let mut buf = BytesMut::from(&startup(5, 1, None)[..]);
+        decoder.decode(&mut buf).expect("valid").expect("whole");
+        decoder.answered(&answer(1, Opcode::Error));
+        decoder.answered(&answer(1, Opcode::Ready));
+        assert_eq!(decoder.segments(), None, "the STARTUP was refused");
+        let mut decoder = RequestDecoder::new(1 << 20);
+        let mut buf = BytesMut::from(&startup(4, 1, None)[..]);
+        decoder.decode(&mut buf).expect("valid").expect("whole");
+        decoder.answered(&Header {
+            version: 4,
+            ..answer(1, Opcode::Ready)
+        });
+        assert_eq!(decoder.segments(), None, "v4 has no segments");
+    }
+
     #[test]
     fn an_oversized_request_is_answered_on_its_stream() {
         let bytes = envelope(3, 9, Opcode::Query, &[0; 2000]);
         let mut buf = BytesMut::from(&bytes[..]);
-        let error = RequestDecoder::new(1024)
-            .decode(&mut buf)
-            .expect_err("too large");
-        let reply = RequestDecoder::error_reply(&buf, &error);
+        let mut decoder = RequestDecoder::new(1024);
+        let error = decoder.decode(&mut buf).expect_err("too large");
+        let reply = decoder.error_reply(&buf, &error);
         let header = Header::parse(&reply).expect("header");
         assert_eq!((header.version, header.stream), (3, 9));
         let text = String::from_utf8_lossy(&reply[HEADER_LEN + 6..]).to_string();

@@ -28,7 +28,8 @@ use tokio::io::{AsyncReadExt, ReadHalf, WriteHalf};
 use tokio::time::Instant;
 
 use crate::chain::{ChainError, ChainState, Transform, TransformBuilder, TransformContext};
-use crate::codec::cassandra::{Compression, EnvelopeDecoder, HEADER_LEN, Header};
+use crate::codec::cassandra::segment::{FrameDecoder, SegmentCodec};
+use crate::codec::cassandra::{Compression, Opcode, SEGMENTS_FROM};
 use crate::message::{ErrorKind, Message, MessageId, Messages, ReplyTo};
 use crate::metrics::Counter;
 use crate::outbox::Outbox;
@@ -74,6 +75,7 @@ impl TransformBuilder for CassandraSinkSingleBuilder {
             conn: Conn::NotConnected,
             in_flight: HashMap::new(),
             compression: Compression::None,
+            startup: None,
             outbox: Outbox::default(),
         })
     }
@@ -91,7 +93,8 @@ struct Link {
     reader: ReadHalf<UpstreamStream>,
     writer: WriteHalf<UpstreamStream>,
     read_buf: BytesMut,
-    decoder: EnvelopeDecoder,
+    /// Envelopes, or v5 segments once the node answered the client's STARTUP.
+    decoder: FrameDecoder,
     /// When something was last written or read: the read timeout counts from here.
     last_activity: Instant,
     /// The connection closed or failed while reading; delivered by the next `transform`.
@@ -101,9 +104,7 @@ struct Link {
 impl Link {
     /// Whether a whole frame is waiting in the buffer.
     fn has_frame(&self) -> bool {
-        self.read_buf.len() >= HEADER_LEN
-            && Header::parse(&self.read_buf)
-                .map_or(true, |h| self.read_buf.len() >= HEADER_LEN + h.body_len)
+        self.decoder.has_frame(&self.read_buf)
     }
 
     fn reserve(&mut self) {
@@ -141,6 +142,9 @@ struct CassandraSinkSingle {
     in_flight: HashMap<i16, (MessageId, ReplyTo)>,
     /// The compression the client negotiated, to read the node's answers with.
     compression: Compression,
+    /// A v5 STARTUP sent and not answered yet (its stream, the compression it asks for):
+    /// once the node answers READY or AUTHENTICATE, both directions go in segments.
+    startup: Option<(i16, Compression)>,
     outbox: Outbox,
 }
 
@@ -220,7 +224,7 @@ impl CassandraSinkSingle {
             reader,
             writer,
             read_buf: BytesMut::with_capacity(16 * 1024),
-            decoder: EnvelopeDecoder::new(MAX_RESPONSE),
+            decoder: FrameDecoder::new(MAX_RESPONSE),
             last_activity: Instant::now(),
             failed: None,
         }));
@@ -231,18 +235,37 @@ impl CassandraSinkSingle {
     /// and reads answers meanwhile, so that a node waiting for its answers to be read never
     /// stops a large batch half way.
     async fn write(&mut self, requests: Messages) -> Result<(), ChainError> {
-        for request in requests {
-            if let (Some(meta), ReplyTo::Cql { stream, .. }) = (request.cql(), request.reply_to()) {
-                self.compression = meta.compression;
-                self.in_flight
-                    .insert(stream, (request.id, request.reply_to()));
-            }
-            self.outbox.push(request.into_bytes());
-        }
         let addr = &self.shared.upstream.address;
         let Conn::Connected(link) = &mut self.conn else {
             return Err(ChainError::UpstreamClosed { addr: addr.clone() });
         };
+        let segments = link.decoder.segments();
+        for request in &requests {
+            if let (Some(meta), ReplyTo::Cql { stream, .. }) = (request.cql(), request.reply_to()) {
+                self.compression = meta.compression;
+                self.in_flight
+                    .insert(stream, (request.id, request.reply_to()));
+                if meta.header.opcode == Opcode::Startup
+                    && meta.header.version >= SEGMENTS_FROM
+                    && segments.is_none()
+                {
+                    self.startup = Some((stream, meta.compression));
+                }
+            }
+        }
+        match segments {
+            Some(codec) => {
+                let frames: Vec<_> = requests.into_iter().map(Message::into_bytes).collect();
+                let mut out = BytesMut::with_capacity(frames.iter().map(|f| f.len() + 16).sum());
+                codec.encode(frames.iter().map(|f| &f[..]), &mut out);
+                self.outbox.push(out.freeze());
+            }
+            None => {
+                for request in requests {
+                    self.outbox.push(request.into_bytes());
+                }
+            }
+        }
         link.last_activity = Instant::now();
         let written = {
             let Link {
@@ -310,6 +333,18 @@ impl CassandraSinkSingle {
                     }
                 }
             };
+            if let Some((stream, compression)) = self.startup
+                && stream == header.stream
+            {
+                // The answer to a v5 STARTUP: after READY or AUTHENTICATE, both directions
+                // go in segments, from the next byte on.
+                self.startup = None;
+                if matches!(header.opcode, Opcode::Ready | Opcode::Authenticate) {
+                    link.decoder
+                        .switch_to_segments(SegmentCodec::new(compression));
+                    self.compression = Compression::None;
+                }
+            }
             responses.push(Message::cql_response(
                 request_id,
                 bytes,

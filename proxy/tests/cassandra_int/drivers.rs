@@ -10,17 +10,22 @@ use scylla::value::{CqlValue, Row};
 
 use crate::helpers::*;
 
+/// No protocol version given: the driver ends at v5, Cassandra's highest, and keeps it (the
+/// proxy serves v5 segments), and v4 still works when asked for.
 #[test]
-fn the_python_driver_negotiates_v4_and_runs_a_full_workout() {
+fn the_python_driver_negotiates_v5_and_runs_a_full_workout() {
     let port = free_port();
     let proxy = Shotover::start(&topology(port, &sink()));
-    // No protocol version given: the driver starts above v4 and downgrades on our error.
-    let out = workout(&format!("127.0.0.1:{port}"), "negotiates", &[]);
-    assert!(out.contains("protocol 4"), "{out}");
+    let addr = format!("127.0.0.1:{port}");
+    let out = workout(&addr, "negotiates", &[]);
+    assert!(out.contains("protocol 5"), "{out}");
+    // (It tries DSE's v66 and v65 first, which Cassandra refuses too.)
     assert!(
-        out.contains("Downgrading core protocol version from 5 to 4"),
+        !out.contains("Downgrading core protocol version from 5"),
         "{out}"
     );
+    let out = workout(&addr, "pinned_v4", &["--protocol", "4"]);
+    assert!(out.contains("protocol 4"), "{out}");
     proxy.stop();
 }
 
@@ -37,6 +42,21 @@ fn lz4_and_snappy_sessions_work_and_their_queries_are_read() {
     let lz4_selects = proxy
         .metric(r#"shotover_query_count{name="compressed",query="SELECT",type="cassandra"}"#)
         .expect("SELECTs counted under LZ4");
+    // v5 with LZ4: the segments are decompressed and their queries read.
+    let out = workout(
+        &addr,
+        "lz4_v5",
+        &["--compression", "lz4", "--protocol", "5"],
+    );
+    assert!(out.contains("protocol 5"), "{out}");
+    let v5_selects = proxy
+        .metric(r#"shotover_query_count{name="compressed",query="SELECT",type="cassandra"}"#)
+        .expect("SELECTs counted under LZ4");
+    assert!(
+        v5_selects - lz4_selects >= 5.0,
+        "{v5_selects} SELECTs after v5, {lz4_selects} before"
+    );
+    let lz4_selects = v5_selects;
     workout(
         &addr,
         "snappy",
@@ -84,6 +104,11 @@ fn workouts_pass_with_every_envelope_re_encoded_under_lz4_and_snappy() {
         "encode-snappy",
         &["--compression", "snappy", "--protocol", "3"],
     );
+    workout(
+        &addr,
+        "encode-lz4-v5",
+        &["--compression", "lz4", "--protocol", "5"],
+    );
     assert_eq!(
         proxy.metric(r#"shotover_debug_force_unparsed_count{chain="cql",transform="encode"}"#),
         Some(0.0),
@@ -105,7 +130,9 @@ fn password_auth_and_tls_between_client_proxy_and_node() {
     );
     let proxy = Shotover::start(&topology);
     let addr = format!("127.0.0.1:{port}");
-    workout(
+    // v5 (the driver's default): AUTHENTICATE switches the connection to LZ4 segments,
+    // inside TLS on both sides.
+    let out = workout(
         &addr,
         "auth_tls",
         &[
@@ -119,6 +146,7 @@ fn password_auth_and_tls_between_client_proxy_and_node() {
             "lz4",
         ],
     );
+    assert!(out.contains("protocol 5"), "{out}");
     let wrong = python_in(
         "tests/cassandra_int/py",
         "login.py",

@@ -7,6 +7,9 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::Duration;
 
+use shotover::codec::cassandra::Compression;
+use shotover::codec::cassandra::segment::{SegmentCodec, SegmentDecoder};
+
 /// The plain node. A missing server is a failure, not a skip.
 pub fn cassandra_addr() -> String {
     std::env::var("CASSANDRA_PLAIN_ADDR").expect(
@@ -207,6 +210,99 @@ impl Raw {
     /// Sends a QUERY and returns its answer (events on the way are skipped).
     pub fn query(&mut self, stream: i16, cql: &str) -> Frame {
         self.send(&query(stream, cql));
+        loop {
+            let frame = self.read();
+            if frame.stream == stream {
+                return frame;
+            }
+        }
+    }
+}
+
+// ------------------------------------------------------------------------- protocol v5
+
+/// A v5 QUERY at consistency ONE with no values (v5 query flags are an int).
+pub fn query_v5(stream: i16, cql: &str) -> Vec<u8> {
+    let mut body = (cql.len() as i32).to_be_bytes().to_vec();
+    body.extend(cql.as_bytes());
+    body.extend([0, 1, 0, 0, 0, 0]);
+    frame(5, stream, OPCODE_QUERY, &body)
+}
+
+/// `envelopes` as v5 segments (the proxy's codec; real drivers check it against theirs).
+pub fn v5_segments(envelopes: &[Vec<u8>], lz4: bool) -> Vec<u8> {
+    let codec = SegmentCodec::new(if lz4 {
+        Compression::Lz4
+    } else {
+        Compression::None
+    });
+    let mut out = bytes::BytesMut::new();
+    codec.encode(envelopes.iter().map(Vec::as_slice), &mut out);
+    out.to_vec()
+}
+
+/// A raw v5 connection past its handshake: it speaks in segments.
+pub struct V5 {
+    pub raw: Raw,
+    lz4: bool,
+    decoder: SegmentDecoder,
+    buf: bytes::BytesMut,
+}
+
+impl V5 {
+    /// Connects, sends STARTUP in v5 (asking for `compression`) and waits for READY.
+    pub fn ready(port: u16, compression: Option<&str>) -> V5 {
+        let mut raw = Raw::connect(port);
+        let mut body = vec![0, if compression.is_some() { 2 } else { 1 }];
+        body.extend(string("CQL_VERSION"));
+        body.extend(string("3.0.0"));
+        if let Some(c) = compression {
+            body.extend(string("COMPRESSION"));
+            body.extend(string(c));
+        }
+        raw.send(&frame(5, 0, OPCODE_STARTUP, &body));
+        let ready = raw.read();
+        assert_eq!(
+            (ready.version, ready.opcode),
+            (5, OPCODE_READY),
+            "{ready:?}"
+        );
+        let lz4 = compression == Some("lz4");
+        let codec = SegmentCodec::new(if lz4 {
+            Compression::Lz4
+        } else {
+            Compression::None
+        });
+        V5 {
+            raw,
+            lz4,
+            decoder: SegmentDecoder::new(codec, 1 << 28),
+            buf: bytes::BytesMut::new(),
+        }
+    }
+
+    /// Reads one envelope out of the segments; fails the test on EOF or after 20 s.
+    pub fn read(&mut self) -> Frame {
+        loop {
+            if let Some((bytes, header)) = self.decoder.next(&mut self.buf).expect("valid segments")
+            {
+                return Frame {
+                    version: header.version,
+                    stream: header.stream,
+                    opcode: bytes[4],
+                    body: bytes[9..].to_vec(),
+                };
+            }
+            let mut chunk = [0u8; 16 * 1024];
+            let n = self.raw.stream.read(&mut chunk).expect("reading segments");
+            assert!(n > 0, "the proxy closed the connection");
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    pub fn query(&mut self, stream: i16, cql: &str) -> Frame {
+        self.raw
+            .send(&v5_segments(&[query_v5(stream, cql)], self.lz4));
         loop {
             let frame = self.read();
             if frame.stream == stream {

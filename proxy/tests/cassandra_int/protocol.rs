@@ -10,24 +10,61 @@ const PROTOCOL_ERROR: i32 = 0x000A;
 const SERVER_ERROR: i32 = 0x0000;
 
 #[test]
-fn v5_is_refused_with_the_error_that_makes_drivers_downgrade() {
+fn v6_is_refused_with_the_error_that_makes_drivers_downgrade() {
     let port = free_port();
     let proxy = Shotover::start(&topology(port, &sink()));
     let mut raw = Raw::connect(port);
-    raw.send(&frame(5, 3, OPCODE_OPTIONS, b""));
+    raw.send(&frame(6, 3, OPCODE_OPTIONS, b""));
     let refused = raw.read();
     assert_eq!((refused.version, refused.stream), (4, 3));
     let (code, message) = refused.error();
     assert_eq!(code, PROTOCOL_ERROR);
     assert_eq!(
         message,
-        "Invalid or unsupported protocol version (5); supported versions are (3/v3, 4/v4)"
+        "Invalid or unsupported protocol version (6); supported versions are (3/v3, 4/v4, 5/v5)"
     );
     assert!(is_closed(&mut raw.stream, Duration::from_secs(5)));
 
     let mut v4 = Raw::connect(port);
     v4.send(&frame(4, 1, OPCODE_OPTIONS, b""));
     assert_eq!(v4.read().opcode, OPCODE_SUPPORTED);
+    proxy.stop();
+}
+
+/// v5 by hand: the handshake in envelopes, then segments both ways (plain and LZ4, a
+/// query answered by the node through the proxy); a segment whose CRC is wrong gets a
+/// Protocol error, in a segment, and closes only that client.
+#[test]
+fn v5_segments_are_checked_and_a_corrupt_one_closes_only_its_client() {
+    let port = free_port();
+    let proxy = Shotover::start(&topology(port, &sink()));
+    for compression in [None, Some("lz4")] {
+        let mut v5 = V5::ready(port, compression);
+        let answer = v5.query(1, "SELECT release_version FROM system.local");
+        assert_eq!(
+            (answer.version, answer.opcode),
+            (5, OPCODE_RESULT),
+            "{answer:?}"
+        );
+    }
+
+    let mut bad = V5::ready(port, Some("lz4"));
+    let mut other = V5::ready(port, None);
+    let mut segment = v5_segments(&[query_v5(2, "SELECT now() FROM system.local")], true);
+    let last = segment.len() - 1;
+    segment[last] ^= 0x01;
+    bad.raw.send(&segment);
+    let refused = bad.read();
+    let (code, message) = refused.error();
+    assert_eq!(code, PROTOCOL_ERROR);
+    assert!(message.contains("CRC mismatch"), "{message}");
+    assert!(is_closed(&mut bad.raw.stream, Duration::from_secs(5)));
+    let answer = other.query(3, "SELECT release_version FROM system.local");
+    assert_eq!(answer.opcode, OPCODE_RESULT, "{answer:?}");
+    assert_eq!(
+        proxy.metric(r#"shotover_client_protocol_errors_count{source="cql"}"#),
+        Some(1.0)
+    );
     proxy.stop();
 }
 

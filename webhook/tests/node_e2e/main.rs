@@ -930,30 +930,26 @@ fn an_invalid_edit_does_not_block_new_pods_they_run_the_last_valid_config() {
             .unwrap_or_else(|e| panic!("{e}")),
         "OK"
     );
-    let events = get_json(&[
-        "events",
-        "-n",
-        &story.ns,
-        "--field-selector",
-        &format!(
-            "involvedObject.name={},reason=SidecarInjectedLastValidConfig",
-            story.edge
-        ),
-    ])
-    .expect("events");
-    let notes: Vec<&str> = events["items"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|e| e["type"] == "Warning")
-        .filter_map(|e| e["message"].as_str().or(e["note"].as_str()))
-        .collect();
-    assert!(
-        notes
+    // The webhook records its Events asynchronously.
+    wait_for("a Warning Event on the topology", LONG, || {
+        let events = get_json(&[
+            "events",
+            "-n",
+            &story.ns,
+            "--field-selector",
+            &format!(
+                "involvedObject.name={},reason=SidecarInjectedLastValidConfig",
+                story.edge
+            ),
+        ])?;
+        events["items"]
+            .as_array()?
             .iter()
-            .any(|n| n.contains("is invalid") && n.contains(&valid)),
-        "a Warning Event on the topology: {events}"
-    );
+            .filter(|e| e["type"] == "Warning")
+            .filter_map(|e| e["message"].as_str().or(e["note"].as_str()))
+            .any(|n| n.contains("is invalid") && n.contains(&valid))
+            .then_some(())
+    });
 
     // Fixed, the topology reaches the running sidecar without restarting its Pod.
     story.apply_edge(install, "fixed");

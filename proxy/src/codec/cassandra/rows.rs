@@ -1,4 +1,4 @@
-//! Reading the metadata of a RESULT of kind Rows (protocol v3/v4), far enough to find a
+//! Reading the metadata of a RESULT of kind Rows (protocol v3 to v5), far enough to find a
 //! column and the cells that hold it, so that a fixed-size value can be patched in place.
 
 use super::body::{BodyError, Reader, result_kind};
@@ -7,6 +7,8 @@ mod flags {
     pub const GLOBAL_TABLES_SPEC: i32 = 0x0001;
     pub const HAS_MORE_PAGES: i32 = 0x0002;
     pub const NO_METADATA: i32 = 0x0004;
+    /// v5: a new result metadata id follows the paging state.
+    pub const METADATA_CHANGED: i32 = 0x0008;
 }
 
 /// CQL type id of `int`.
@@ -39,6 +41,9 @@ pub fn find_column(
     let count = usize::try_from(r.int()?).map_err(|_| BodyError("negative column count"))?;
     if flags & flags::HAS_MORE_PAGES != 0 {
         r.bytes()?;
+    }
+    if flags & flags::METADATA_CHANGED != 0 {
+        r.short_bytes()?;
     }
     if flags & flags::NO_METADATA != 0 {
         return Ok(None);
@@ -190,6 +195,22 @@ pub(crate) mod tests {
             assert_eq!(&message[at..at + 4], &9042i32.to_be_bytes());
             assert_eq!(found.cells[1].1, -1);
         }
+    }
+
+    /// v5 Rows may say their metadata changed: the new metadata id sits after the paging
+    /// state.
+    #[test]
+    fn a_v5_new_metadata_id_is_skipped() {
+        let mut message = peers_rows(true, &[Some(9042)]);
+        let flags = i32::from_be_bytes(message[4..8].try_into().expect("4 bytes"));
+        message[4..8].copy_from_slice(&(flags | flags::METADATA_CHANGED).to_be_bytes());
+        // kind(4) flags(4) count(4) paging state(4 + 3)
+        message.splice(19..19, [0, 2, 0xAB, 0xCD]);
+        let found = find_column(&message, "system", "peers_v2", "native_port")
+            .expect("readable")
+            .expect("found");
+        let (at, _) = found.cells[0];
+        assert_eq!(&message[at..at + 4], &9042i32.to_be_bytes());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 
 Creates KEYSPACE and a table, then checks: insert and select, prepared statements, paging
 over 5,000 rows with page size 100, a logged batch, a lightweight transaction, a syntax error
-coming back as SyntaxException, USE keyspace. Prints one `ok NAME` line per check and the
+coming back as SyntaxException, USE keyspace, a 300 KB value written and read. Prints one `ok NAME` line per check and the
 negotiated protocol version; exits non-zero on the first failure. Drops KEYSPACE at the end.
 """
 
@@ -75,6 +75,12 @@ def main():
     row = session.execute(f"SELECT v FROM {ks}.kv WHERE k = 1").one()
     assert row.v == "one", row
     print("ok insert_select")
+
+    # A value larger than a v5 segment's payload (128 KiB): both ways it crosses segments.
+    large = "".join(chr(ord("a") + (i * 7919) % 26) for i in range(300_000))
+    session.execute(f"INSERT INTO {ks}.kv (k, v) VALUES (4, %s)", (large,))
+    assert session.execute(f"SELECT v FROM {ks}.kv WHERE k = 4").one().v == large
+    print("ok large_value")
 
     insert = session.prepare(f"INSERT INTO {ks}.rows (p, c, v) VALUES (?, ?, ?)")
     select = session.prepare(f"SELECT v FROM {ks}.rows WHERE p = ? AND c = ?")
