@@ -114,13 +114,18 @@ fn inject_document(
         .unwrap_or_else(|| "default".to_owned());
     let template = doc
         .pointer_mut(path)
-        .ok_or_else(|| anyhow!("{kind} {name} has no Pod template at {path}"))?;
+        .filter(|t| t.is_object())
+        .ok_or_else(|| anyhow!("{kind} {name} has no Pod template (an object) at {path}"))?;
     // The tool is asked explicitly: the Pod is opted in, for this topology (and the output
     // says so, with the label and the annotation).
     let pod_json = json!({
         "metadata": template.get("metadata").cloned().unwrap_or(json!({})),
         "spec": template.get("spec").cloned().unwrap_or(json!({})),
     });
+    // Read as a Pod before anything is added to it: a template of the wrong shape (labels
+    // that are not a map, say) is an error naming it, not a panic.
+    serde_json::from_value::<Pod>(pod_json.clone())
+        .with_context(|| format!("{kind} {name}: the Pod template does not read as a Pod"))?;
     let named = pod_json["metadata"]["annotations"][TOPOLOGY_ANNOTATION]
         .as_str()
         .map(str::to_owned);
@@ -211,6 +216,24 @@ spec:
                     .expect("json")
             })
             .collect()
+    }
+
+    /// Found by fuzzing: a template whose labels are not a map (or that is not an object)
+    /// was a panic; it is an error naming the workload.
+    #[test]
+    fn templates_of_the_wrong_shape_are_errors() {
+        for manifest in [
+            "kind: Pod\nmetadata: {name: p, labels: \"x\"}\nspec: {containers: [{name: a, image: b}]}",
+            "kind: Pod\nmetadata: \"m\"\nspec: {}",
+            "kind: Deployment\nmetadata: {name: d}\nspec: {template: 5}",
+            "kind: Deployment\nmetadata: {name: d}\nspec: {template: {metadata: {annotations: [1]}}}",
+        ] {
+            let error = inject_manifests(TOPOLOGY, manifest, true).expect_err(manifest);
+            assert!(
+                format!("{error:#}").contains("Pod template"),
+                "{manifest}: {error:#}"
+            );
+        }
     }
 
     #[test]
