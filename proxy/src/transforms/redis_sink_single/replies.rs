@@ -19,6 +19,67 @@ use crate::message::{Message, MessageId, Messages};
 pub(super) struct ReplyTracker {
     pending: VecDeque<Pending>,
     resp: RespState,
+    written: Written,
+}
+
+/// What the requests written so far make of the connection once Redis has run them: its
+/// protocol and its subscriptions. Redis refuses most commands on a RESP2 connection with
+/// subscriptions (with an error), so what they would do to the reply mode or a transaction
+/// never happens; this is known when they are written, before the replies say so.
+#[derive(Default)]
+struct Written {
+    resp3: bool,
+    channels: HashSet<Bytes>,
+    patterns: HashSet<Bytes>,
+    shard_channels: HashSet<Bytes>,
+}
+
+impl Written {
+    fn pubsub_context(&self) -> bool {
+        let subscribed = !self.channels.is_empty()
+            || !self.patterns.is_empty()
+            || !self.shard_channels.is_empty();
+        !self.resp3 && subscribed
+    }
+
+    /// Follows a request that Redis will run (not queue).
+    fn follow(&mut self, kind: CommandKind, hello: Option<u8>, request: &mut Message) {
+        let set = match kind {
+            CommandKind::Hello => {
+                if let Some(version) = hello {
+                    self.resp3 = version == 3;
+                }
+                return;
+            }
+            CommandKind::Reset => {
+                *self = Written::default();
+                return;
+            }
+            CommandKind::Subscribe | CommandKind::Unsubscribe => &mut self.channels,
+            CommandKind::PSubscribe | CommandKind::PUnsubscribe => &mut self.patterns,
+            CommandKind::SSubscribe | CommandKind::SUnsubscribe => &mut self.shard_channels,
+            _ => return,
+        };
+        let args: Vec<Bytes> = match request.frame() {
+            Ok(RedisFrame::Array(items)) => items
+                .iter()
+                .skip(1)
+                .filter_map(|a| a.as_bytes().map(|b| Bytes::copy_from_slice(b)))
+                .collect(),
+            _ => Vec::new(),
+        };
+        match kind {
+            CommandKind::Subscribe | CommandKind::PSubscribe | CommandKind::SSubscribe => {
+                set.extend(args)
+            }
+            _ if args.is_empty() => set.clear(),
+            _ => {
+                for arg in &args {
+                    set.remove(arg);
+                }
+            }
+        }
+    }
 }
 
 impl ReplyTracker {
@@ -29,6 +90,10 @@ impl ReplyTracker {
             resp: RespState {
                 resp3,
                 ..RespState::default()
+            },
+            written: Written {
+                resp3,
+                ..Written::default()
             },
         }
     }
@@ -54,6 +119,14 @@ impl ReplyTracker {
         let id = request.id;
         let command = request.command();
         let (mut kind, argc, hello) = (command.kind, command.argc, command.hello_version());
+        // A RESP2 connection with subscriptions runs only the subscribe family, PING, QUIT
+        // and RESET; anything else gets one error, and changes nothing.
+        if self.written.pubsub_context()
+            && !is_subscribe_family(kind)
+            && !matches!(kind, CommandKind::Reset | CommandKind::Quit)
+        {
+            kind = CommandKind::Other;
+        }
         // Inside a transaction a command is only queued: one reply, whatever it is.
         match kind {
             CommandKind::Multi => self.resp.in_multi = true,
@@ -61,11 +134,33 @@ impl ReplyTracker {
             _ if self.resp.in_multi => kind = CommandKind::Other,
             _ => {}
         }
+        self.written.follow(kind, hello, request);
         if !self.resp.will_reply(kind) {
-            // Redis still sends a RESP3 connection's subscribe confirmations and messages
-            // (they are pushes) while replies are off.
-            if self.resp.resp3 && is_subscribe_family(kind) {
+            // No reply will say that a silenced HELLO switched the protocol: the requests
+            // after it know (`Pending::resp3`), and so does the connection once nothing is
+            // waiting.
+            if let (CommandKind::Hello, Some(version)) = (kind, hello)
+                && self.pending.is_empty()
+            {
+                self.resp.resp3 = version == 3;
+            }
+            // Redis still sends subscribe confirmations and messages while replies are off
+            // (it pushes them, in RESP2 too): they answer nobody, but take their turn. (A
+            // subscribe without a channel is refused, silently: nothing comes.)
+            let subscribing = matches!(
+                kind,
+                CommandKind::Subscribe | CommandKind::PSubscribe | CommandKind::SSubscribe
+            );
+            if is_subscribe_family(kind) && (argc > 0 || !subscribing) {
                 self.resp.silent_pushes = true;
+                self.pending.push_back(Pending {
+                    id: None,
+                    kind,
+                    argc,
+                    left: None,
+                    hello: None,
+                    resp3: self.written.resp3,
+                });
             }
             return false;
         }
@@ -75,6 +170,7 @@ impl ReplyTracker {
             argc,
             left: None,
             hello,
+            resp3: self.written.resp3,
         });
         true
     }
@@ -87,6 +183,7 @@ impl ReplyTracker {
             argc: 0,
             left: None,
             hello: None,
+            resp3: self.written.resp3,
         });
     }
 
@@ -129,11 +226,15 @@ impl ReplyTracker {
     pub fn classify(&mut self, frame: Bytes, out: &mut Messages) {
         let head_kind = self.pending.front().map(|p| p.kind);
         let head_subscribing = head_kind.is_some_and(is_subscribe_family);
+        let resp3 = self.pending.front().map_or(self.resp.resp3, |p| p.resp3);
         let kind_byte = frame.first().copied();
         let aggregate_name = match kind_byte {
             Some(b'>') => aggregate_head(&frame).map(|(name, _, _)| name),
             // RESP2 has no pushes: while subscribed, messages are arrays.
-            Some(b'*') if !self.resp.resp3 && (self.resp.subscribed() || head_subscribing) => {
+            Some(b'*')
+                if !resp3
+                    && (self.resp.subscribed() || head_subscribing || self.resp.silent_pushes) =>
+            {
                 aggregate_head(&frame).map(|(name, _, _)| name)
             }
             _ => None,
@@ -141,15 +242,17 @@ impl ReplyTracker {
         let confirmation = aggregate_name.as_deref().is_some_and(is_confirmation_name);
         let unsolicited = match kind_byte {
             Some(b'>') => !(confirmation && head_subscribing),
+            // A confirmation of a subscribe whose replies were silenced answers nobody.
+            Some(b'*') if confirmation => !head_subscribing,
             Some(b'*') if aggregate_name.is_some() => {
-                !confirmation && matches!(aggregate_name.as_deref(), Some(n) if is_message_name(n))
+                matches!(aggregate_name.as_deref(), Some(n) if is_message_name(n))
             }
             _ => self.pending.is_empty(),
         };
         if unsolicited || self.pending.is_empty() {
-            // A push confirmation nobody waits for (its SUBSCRIBE was silenced by CLIENT
-            // REPLY) still changes the channel sets.
-            if confirmation && kind_byte == Some(b'>') {
+            // A confirmation nobody waits for (its SUBSCRIBE was silenced by CLIENT REPLY)
+            // still changes the channel sets.
+            if confirmation {
                 self.track_confirmation(&frame);
             }
             out.push(Message::response(None, frame));
@@ -179,7 +282,26 @@ impl ReplyTracker {
         let kind = head.kind;
         let hello = head.hello;
         if done {
+            let head_resp3 = head.resp3;
             self.pending.pop_front();
+            if is_error && kind == CommandKind::Hello {
+                // A refused HELLO leaves the protocol as it was, for the requests written
+                // after it too (up to the next HELLO).
+                let actual = self.resp.resp3;
+                let mut later_hello = false;
+                for p in self.pending.iter_mut() {
+                    if p.kind == CommandKind::Hello {
+                        later_hello = true;
+                        break;
+                    }
+                    p.resp3 = actual;
+                }
+                if !later_hello {
+                    self.written.resp3 = actual;
+                }
+            } else {
+                self.resp.resp3 = head_resp3;
+            }
         }
         if confirmation && head_subscribing {
             self.track_confirmation(&frame);
@@ -265,6 +387,9 @@ struct Pending {
     left: Option<usize>,
     /// For HELLO: the protocol version it asks for.
     hello: Option<u8>,
+    /// Whether the connection speaks RESP3 when Redis has run this request (as the requests
+    /// written up to it say: a HELLO whose reply was silenced switches it all the same).
+    resp3: bool,
 }
 
 /// The RESP state of the upstream connection, as far as framing replies depends on it.
@@ -366,6 +491,9 @@ fn is_message_name(name: &[u8]) -> bool {
         .iter()
         .any(|n| name.eq_ignore_ascii_case(n.as_bytes()))
 }
+
+#[cfg(test)]
+mod model;
 
 #[cfg(test)]
 mod tests {
@@ -474,7 +602,7 @@ mod tests {
         let mut tracker = ReplyTracker::with_resp3(true);
         assert!(!tracker.expect(&mut request(1, "CLIENT REPLY OFF")));
         assert!(!tracker.expect(&mut request(2, "SUBSCRIBE c")));
-        assert!(!tracker.waiting());
+        assert!(tracker.waiting(), "its confirmation takes its turn");
         assert!(tracker.unsolicited_possible(), "pushes will come");
         let mut out = Vec::new();
         tracker.classify(
@@ -482,6 +610,7 @@ mod tests {
             &mut out,
         );
         assert_eq!(out[0].request_id, None);
+        assert!(!tracker.waiting());
         assert!(
             tracker.resp.subscribed(),
             "the channel set follows the push"
@@ -501,6 +630,23 @@ mod tests {
         );
         let ids: Vec<Option<MessageId>> = got.iter().map(|(id, _)| *id).collect();
         assert_eq!(ids, vec![Some(1), Some(2), Some(3)]);
+    }
+
+    #[test]
+    fn a_refused_hello_leaves_the_protocol_of_the_requests_after_it() {
+        // HELLO 3 refused (say, a wrong password): a RESP2 connection, whose subscribed
+        // messages are arrays.
+        let got = run(
+            &["HELLO 3 AUTH u wrong", "SUBSCRIBE c", "PING"],
+            &[
+                "-WRONGPASS invalid username-password pair\r\n",
+                "*3\r\n$9\r\nsubscribe\r\n$1\r\nc\r\n:1\r\n",
+                "*3\r\n$7\r\nmessage\r\n$1\r\nc\r\n$2\r\nhi\r\n",
+                "*2\r\n$4\r\npong\r\n$0\r\n\r\n",
+            ],
+        );
+        let ids: Vec<Option<MessageId>> = got.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, vec![Some(1), Some(2), None, Some(3)]);
     }
 
     #[test]
