@@ -171,6 +171,15 @@ impl Transform for CassandraSinkSingle {
                     }
                 }
             }
+            // A v5 STARTUP still unanswered: what follows it goes in envelopes or in segments
+            // depending on the answer, so wait for it. (Drivers wait for READY themselves;
+            // this covers a client, or a chain in front of this sink, that does not.)
+            while self.startup.is_some() && matches!(self.conn, Conn::Connected(_)) {
+                self.ready().await;
+                if let Err(e) = self.drain(&mut responses) {
+                    return Ok(self.broke(e, responses, state));
+                }
+            }
             if let Err(e) = self.write(requests).await {
                 return Ok(self.broke(e, responses, state));
             }

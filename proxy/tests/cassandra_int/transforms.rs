@@ -158,6 +158,35 @@ fn tee_sends_cql_down_its_chain_too_and_coalesce_and_debug_printer_pass_it_on() 
     proxy.stop();
 }
 
+/// A Tee on v5: the tee chain's own connection switches to segments when its node answers
+/// the client's STARTUP, and follows the whole workout, LZ4 included. (It gets the reads
+/// only: it talks to the same node, and the workout's DDL would race.)
+#[test]
+fn a_tee_chain_follows_a_v5_session_in_segments() {
+    let port = free_port();
+    let chain = format!(
+        "        - Tee:\n            chain:\n              - QueryTypeFilter: {{AllowList: [Read]}}\n              - DebugPrinter\n              - QueryCounter: {{counter_name: teed}}\n              - CassandraSinkSingle:\n                  name: tee-sink\n                  remote_address: \"{}\"\n{}",
+        cassandra_addr(),
+        sink()
+    );
+    let proxy = Shotover::start(&topology(port, &chain));
+    let out = workout(
+        &format!("127.0.0.1:{port}"),
+        "tee_v5",
+        &["--compression", "lz4", "--protocol", "5"],
+    );
+    assert!(out.contains("protocol 5"), "{out}");
+    let teed = proxy
+        .metric(r#"shotover_query_count{name="teed",query="SELECT",type="cassandra"}"#)
+        .unwrap_or(0.0);
+    assert!(teed >= 5.0, "{}", proxy.metrics());
+    // The tee chain's node answered its SELECTs (only the tee chain prints): its connection
+    // follows the session in segments.
+    proxy.wait_for_log("RESULT Rows");
+    // (DebugPrinter prints the node's ERROR answers to the workout's bad queries.)
+    proxy.stop_expecting(&["debug_printer"]);
+}
+
 #[test]
 fn null_sink_answers_cql_with_a_server_error() {
     let port = free_port();
