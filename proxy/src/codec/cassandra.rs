@@ -243,7 +243,7 @@ impl EnvelopeDecoder {
             });
         }
         if buf.len() < total {
-            buf.reserve(total - buf.len());
+            super::reserve_for(buf, total);
             return Ok(None);
         }
         Ok(Some((buf.split_to(total).freeze(), header)))
@@ -719,6 +719,24 @@ mod tests {
             ..answer(1, Opcode::Ready)
         });
         assert_eq!(decoder.segments(), None, "v4 has no segments");
+    }
+
+    #[test]
+    fn a_declared_body_reserves_little_before_its_bytes_arrive() {
+        let mut bytes = envelope(4, 1, Opcode::Query, b"");
+        bytes[5..9].copy_from_slice(&200_000_000i32.to_be_bytes());
+        let mut buf = BytesMut::from(&bytes[..]);
+        assert!(
+            EnvelopeDecoder::new(512 * 1024 * 1024)
+                .decode(&mut buf)
+                .expect("valid so far")
+                .is_none()
+        );
+        assert!(
+            buf.capacity() <= 2 * crate::codec::RESERVE_AHEAD,
+            "{}",
+            buf.capacity()
+        );
     }
 
     #[test]

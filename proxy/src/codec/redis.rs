@@ -116,7 +116,7 @@ impl RequestDecoder {
                 return Err(too_large(end, self.max_frame));
             }
             if end > buf.len() {
-                buf.reserve(end - buf.len());
+                super::reserve_for(buf, end);
                 return Ok(None);
             }
             if &buf[end - 2..end] != b"\r\n" {
@@ -213,7 +213,7 @@ impl ResponseDecoder {
                             return Err(too_large(end, self.max_frame));
                         }
                         if end > buf.len() {
-                            buf.reserve(end - buf.len());
+                            super::reserve_for(buf, end);
                             return Ok(None);
                         }
                         self.pos = end;

@@ -976,3 +976,24 @@ fn values_nested_deeper_than_the_cap_are_an_error_not_a_stack_overflow() {
         );
     }
 }
+
+/// A declared length reserves at most `RESERVE_AHEAD` before its bytes arrive.
+#[test]
+fn a_declared_length_reserves_little_before_its_bytes_arrive() {
+    let mut buf = BytesMut::from(&b"*2\r\n$3\r\nSET\r\n$200000000\r\nab"[..]);
+    let mut decoder = RequestDecoder::new(512 * 1024 * 1024);
+    assert!(decoder.decode(&mut buf).expect("valid so far").is_none());
+    assert!(
+        buf.capacity() <= 2 * crate::codec::RESERVE_AHEAD,
+        "{}",
+        buf.capacity()
+    );
+    let mut buf = BytesMut::from(&b"$200000000\r\nab"[..]);
+    let mut decoder = ResponseDecoder::new(512 * 1024 * 1024);
+    assert!(decoder.decode(&mut buf).expect("valid so far").is_none());
+    assert!(
+        buf.capacity() <= 2 * crate::codec::RESERVE_AHEAD,
+        "{}",
+        buf.capacity()
+    );
+}
