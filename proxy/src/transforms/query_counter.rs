@@ -5,8 +5,9 @@
 //! of its statement (`SELECT`, `INSERT`, `CREATE`...); other CQL requests under their opcode
 //! (`EXECUTE`, `PREPARE`, `BATCH`, `STARTUP`...).
 //!
-//! Names come from clients, so the label set is bounded: after [`MAX_COMMANDS`] distinct
-//! names per counter, further new names count as `other`.
+//! Names come from clients, so the label set is bounded in number and in length: after
+//! [`MAX_COMMANDS`] distinct names per counter, and for any name longer than [`MAX_LABEL`]
+//! bytes (no Redis command or CQL keyword is), requests count as `other`.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,8 @@ use crate::metrics::{self, Counter};
 
 /// Most distinct `query` label values per counter.
 pub const MAX_COMMANDS: usize = 512;
+/// Longest `query` label value, in bytes.
+pub const MAX_LABEL: usize = 64;
 /// Most names a connection remembers locally before asking the shared map each time.
 const LOCAL_CACHE: usize = 64;
 
@@ -40,7 +43,7 @@ impl Shared {
         if let Some(c) = map.get(&(command.to_string(), protocol)) {
             return c.clone();
         }
-        let label = if map.len() >= MAX_COMMANDS {
+        let label = if map.len() >= MAX_COMMANDS || command.len() > MAX_LABEL {
             "other"
         } else {
             command
@@ -99,7 +102,7 @@ impl Transform for QueryCounter {
                 }
                 let counter = self.shared.counter(&label, "cassandra");
                 counter.inc();
-                if self.local_cql.len() < LOCAL_CACHE {
+                if self.local_cql.len() < LOCAL_CACHE && label.len() <= MAX_LABEL {
                     self.local_cql.insert(label, counter);
                 }
                 continue;
@@ -109,15 +112,16 @@ impl Transform for QueryCounter {
                 counter.inc();
                 continue;
             }
-            let upper = command.upper_name();
-            let label = if upper.is_empty() {
+            let label = if command.name.is_empty() {
                 "unknown".to_string()
+            } else if command.name.len() > MAX_LABEL {
+                "other".to_string()
             } else {
-                upper
+                command.upper_name()
             };
             let counter = self.shared.counter(&label, "redis");
             counter.inc();
-            if self.local.len() < LOCAL_CACHE {
+            if self.local.len() < LOCAL_CACHE && command.name.len() <= MAX_LABEL {
                 // Copied: a slice would keep the request's whole buffer alive.
                 self.local
                     .insert(Bytes::copy_from_slice(&command.name), counter);

@@ -212,6 +212,22 @@ async fn query_counter_counts_requests_by_command(mode: Mode) {
         shotover.metric("shotover_query_count{name=\"qc-test\",query=\"SET\",type=\"redis\"}"),
         Some(1.0)
     );
+    // A name longer than any command counts as `other`: labels are bounded in length too.
+    let long = "X".repeat(10_000);
+    let error = redis::cmd(&long)
+        .query_async::<()>(&mut con)
+        .await
+        .expect_err("an unknown command");
+    assert!(error.to_string().contains("unknown command"), "{error}");
+    assert_eq!(
+        shotover.metric("shotover_query_count{name=\"qc-test\",query=\"other\",type=\"redis\"}"),
+        Some(1.0)
+    );
+    assert!(
+        !shotover
+            .metrics()
+            .contains("XXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX")
+    );
     shotover.stop();
 }
 
