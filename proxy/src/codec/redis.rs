@@ -37,6 +37,8 @@ pub struct RequestDecoder {
     pos: usize,
     /// Bulk strings still to come in the current multibulk (0 = at a frame start).
     left: u64,
+    /// How much of a partial inline line was already searched for its newline.
+    inline_scanned: usize,
     /// Once a frame is bad, the stream cannot be read further: the same error comes back.
     failed: Option<DecodeError>,
 }
@@ -47,6 +49,7 @@ impl RequestDecoder {
             max_frame,
             pos: 0,
             left: 0,
+            inline_scanned: 0,
             failed: None,
         }
     }
@@ -134,14 +137,18 @@ impl RequestDecoder {
     }
 
     fn decode_inline(&mut self, buf: &mut BytesMut) -> Result<Option<Request>, DecodeError> {
-        let Some(nl) = memchr::memchr(b'\n', buf) else {
+        // A line arriving in pieces is searched once, not from its start at every piece.
+        let from = self.inline_scanned.min(buf.len());
+        let Some(nl) = memchr::memchr(b'\n', &buf[from..]).map(|i| from + i) else {
             if buf.len() > MAX_INLINE {
                 return Err(DecodeError::Malformed(
                     "Protocol error: too big inline request".into(),
                 ));
             }
+            self.inline_scanned = buf.len();
             return Ok(None);
         };
+        self.inline_scanned = 0;
         if nl > MAX_INLINE {
             return Err(DecodeError::Malformed(
                 "Protocol error: too big inline request".into(),
@@ -169,6 +176,11 @@ pub struct ResponseDecoder {
     pos: usize,
     /// Elements left in each open aggregate; `STREAMED` for a `*?` aggregate ended by `.`.
     stack: Vec<u64>,
+    /// Where the search for the end of the line at `pos` resumes (0: at its start): a long
+    /// line arriving in pieces is searched once.
+    line_scanned: usize,
+    /// Where the next chunk of a streamed string at `pos` starts (0: its first chunk).
+    chunk_at: usize,
 }
 
 const STREAMED: u64 = u64::MAX;
@@ -179,6 +191,8 @@ impl ResponseDecoder {
             max_frame,
             pos: 0,
             stack: Vec::new(),
+            line_scanned: 0,
+            chunk_at: 0,
         }
     }
 
@@ -194,17 +208,30 @@ impl ResponseDecoder {
                 return Err(too_large(pos, self.max_frame));
             }
             let kind = buf[pos];
-            let Some(line_end) = find_crlf(buf, pos + 1, self.max_frame)? else {
+            let search = self.line_scanned.max(pos + 1);
+            let Some(line_end) = find_crlf_from(buf, pos + 1, search, self.max_frame)? else {
+                // Resume at the last byte: it may be the `\r` of the `\r\n`.
+                self.line_scanned = buf.len().saturating_sub(1).max(pos + 1);
                 return Ok(None);
             };
+            self.line_scanned = 0;
             let line = &buf[pos + 1..line_end];
             let next = line_end + 2;
             match kind {
                 b'+' | b'-' | b':' | b'_' | b',' | b'#' | b'(' => self.pos = next,
-                b'$' | b'!' | b'=' if line == b"?" => match self.scan_streamed_string(buf, next)? {
-                    Some(end) => self.pos = end,
-                    None => return Ok(None),
-                },
+                b'$' | b'!' | b'=' if line == b"?" => {
+                    let from = self.chunk_at.max(next);
+                    match self.scan_streamed_string(buf, from)? {
+                        Ok(end) => {
+                            self.chunk_at = 0;
+                            self.pos = end;
+                        }
+                        Err(reached) => {
+                            self.chunk_at = reached;
+                            return Ok(None);
+                        }
+                    }
+                }
                 b'$' | b'!' | b'=' => {
                     let len = parse_int(line, "bulk length")?;
                     if len >= 0 {
@@ -286,15 +313,16 @@ impl ResponseDecoder {
         }
     }
 
-    /// `$?` then `;len` chunks until `;0`. Returns the end of the whole string.
+    /// `$?` then `;len` chunks until `;0`, from the chunk at `pos`: `Ok(end)` of the whole
+    /// string, or `Err(at)` where the first chunk not in `buf` yet starts.
     fn scan_streamed_string(
         &self,
         buf: &BytesMut,
         mut pos: usize,
-    ) -> Result<Option<usize>, DecodeError> {
+    ) -> Result<Result<usize, usize>, DecodeError> {
         loop {
             if pos >= buf.len() {
-                return Ok(None);
+                return Ok(Err(pos));
             }
             if buf[pos] != b';' {
                 return Err(DecodeError::Malformed(
@@ -302,17 +330,17 @@ impl ResponseDecoder {
                 ));
             }
             let Some((len, data)) = read_line_int(buf, pos + 1, "chunk length")? else {
-                return Ok(None);
+                return Ok(Err(pos));
             };
             if len == 0 {
-                return Ok(Some(data));
+                return Ok(Ok(data));
             }
             let end = data.saturating_add(len.max(0) as usize).saturating_add(2);
             if end > self.max_frame {
                 return Err(too_large(end, self.max_frame));
             }
             if end > buf.len() {
-                return Ok(None);
+                return Ok(Err(pos));
             }
             pos = end;
         }
@@ -327,11 +355,23 @@ fn too_large(size: usize, max: usize) -> DecodeError {
 /// yet. A line longer than `limit` is refused: requests use Redis's inline limit, responses
 /// the frame limit (MONITOR lines and Lua status replies can be long).
 fn find_crlf(buf: &[u8], from: usize, limit: usize) -> Result<Option<usize>, DecodeError> {
-    let window = &buf[from.min(buf.len())..buf.len().min(from.saturating_add(limit))];
-    match memchr::memchr(b'\r', window) {
-        Some(i) if from + i + 1 < buf.len() => {
-            if buf[from + i + 1] == b'\n' {
-                Ok(Some(from + i))
+    find_crlf_from(buf, from, from, limit)
+}
+
+/// [`find_crlf`] for the line starting at `from`, searching from `search` (the bytes before
+/// it are known to hold no `\r`).
+fn find_crlf_from(
+    buf: &[u8],
+    from: usize,
+    search: usize,
+    limit: usize,
+) -> Result<Option<usize>, DecodeError> {
+    let end = buf.len().min(from.saturating_add(limit));
+    let window = &buf[search.min(end)..end];
+    match memchr::memchr(b'\r', window).map(|i| search + i) {
+        Some(at) if at + 1 < buf.len() => {
+            if buf[at + 1] == b'\n' {
+                Ok(Some(at))
             } else {
                 Err(DecodeError::Malformed(
                     "Protocol error: expected CRLF".into(),

@@ -439,6 +439,8 @@ const STREAMED: &[&[u8]] = &[
     b"~?\r\n+a\r\n.\r\n",
     b"*?\r\n*?\r\n:1\r\n.\r\n$?\r\n;1\r\nx\r\n;0\r\n*1\r\n_\r\n.\r\n",
     b"*2\r\n*?\r\n.\r\n:1\r\n",
+    b"$?\r\n;2\r\nab\r\n;3\r\ncde\r\n;1\r\n\r\r\n;0\r\n",
+    b"+a long status line, resumed where it was searched, with \\r inside words\r\n",
 ];
 
 #[test]
