@@ -69,6 +69,9 @@ pub struct Message {
     is_request: bool,
     command: OnceCell<Command>,
     wire: Wire,
+    /// The message proper of a compressed CQL body, decompressed once for every transform
+    /// that reads it.
+    cql_plain: OnceCell<Result<Bytes, BodyError>>,
 }
 
 impl Message {
@@ -83,6 +86,7 @@ impl Message {
             is_request: true,
             command: OnceCell::new(),
             wire: Wire::Redis,
+            cql_plain: OnceCell::new(),
         }
     }
 
@@ -124,6 +128,7 @@ impl Message {
             is_request: false,
             command: OnceCell::new(),
             wire: Wire::Redis,
+            cql_plain: OnceCell::new(),
         }
     }
 
@@ -198,11 +203,22 @@ impl Message {
     /// starts (after any tracing id, warnings and custom payload). `None` for Redis.
     pub fn cql_body(&self) -> Option<Result<Cow<'_, [u8]>, BodyError>> {
         let meta = self.cql()?;
-        Some(cql::body::message(
-            &self.bytes,
-            &meta.header,
-            meta.compression,
-        ))
+        if meta.header.flags & cql::flags::COMPRESSION == 0 {
+            return Some(cql::body::message(
+                &self.bytes,
+                &meta.header,
+                meta.compression,
+            ));
+        }
+        // Decompressed once, whichever transforms read it.
+        let plain = self.cql_plain.get_or_init(|| {
+            cql::body::message(&self.bytes, &meta.header, meta.compression)
+                .map(|b| Bytes::from(b.into_owned()))
+        });
+        Some(match plain {
+            Ok(b) => Ok(Cow::Borrowed(&b[..])),
+            Err(e) => Err(e.clone()),
+        })
     }
 
     /// Replaces the envelope of a CQL message with `bytes`, whose header is `header`.
@@ -210,6 +226,7 @@ impl Message {
         if let Wire::Cql(meta) = &mut self.wire {
             meta.header = header;
             self.bytes = bytes;
+            self.cql_plain = OnceCell::new();
         }
     }
 

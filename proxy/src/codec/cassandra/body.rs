@@ -14,6 +14,11 @@ use super::{Compression, HEADER_LEN, Header, flags};
 /// Decompressed bodies larger than this are refused (a small frame must not expand into
 /// gigabytes).
 pub const MAX_DECOMPRESSED: usize = 256 * 1024 * 1024;
+/// The most a byte of LZ4 or Snappy data can expand to (LZ4: 255, its longest match per
+/// byte of length code; Snappy: 64 bytes from a 3-byte copy): a body claiming more is
+/// refused before anything is allocated for it.
+const LZ4_RATIO: usize = 255;
+const SNAPPY_RATIO: usize = 22;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("unreadable CQL body: {0}")]
@@ -42,6 +47,9 @@ pub fn body<'a>(
             if len > MAX_DECOMPRESSED {
                 return Err(BodyError("LZ4 body claims more than 256 MiB"));
             }
+            if len > block.len().saturating_mul(LZ4_RATIO).saturating_add(16) {
+                return Err(BodyError("LZ4 body claims more than its data can hold"));
+            }
             lz4_flex::block::decompress(block, len)
                 .map(Cow::Owned)
                 .map_err(|_| BodyError("invalid LZ4 data"))
@@ -51,6 +59,9 @@ pub fn body<'a>(
                 snap::raw::decompress_len(raw).map_err(|_| BodyError("invalid Snappy data"))?;
             if len > MAX_DECOMPRESSED {
                 return Err(BodyError("Snappy body claims more than 256 MiB"));
+            }
+            if len > raw.len().saturating_mul(SNAPPY_RATIO).saturating_add(32) {
+                return Err(BodyError("Snappy body claims more than its data can hold"));
             }
             snap::raw::Decoder::new()
                 .decompress_vec(raw)
@@ -372,6 +383,40 @@ mod tests {
                 "SELECT * FROM ks.t WHERE k = 1"
             );
         }
+    }
+
+    #[test]
+    fn compressed_bodies_are_bounded_by_what_their_data_can_hold() {
+        // The most compressible bodies still decompress...
+        for compression in [Compression::Lz4, Compression::Snappy] {
+            let plain = vec![0u8; 1_000_000];
+            let (bytes, header) = frame(flags::COMPRESSION, &compress(&plain, compression));
+            assert_eq!(
+                body(&bytes, &header, compression).expect("valid").len(),
+                1_000_000
+            );
+        }
+        // ...and a few bytes claiming 200 MB are refused before any allocation.
+        let mut lz4 = 200_000_000u32.to_be_bytes().to_vec();
+        lz4.extend([0x1F, 0x00, 0x01, 0x00]);
+        let (bytes, header) = frame(flags::COMPRESSION, &lz4);
+        assert_eq!(
+            body(&bytes, &header, Compression::Lz4),
+            Err(BodyError("LZ4 body claims more than its data can hold"))
+        );
+        let mut snappy = Vec::new();
+        let mut n = 200_000_000u32;
+        while n >= 0x80 {
+            snappy.push((n as u8) | 0x80);
+            n >>= 7;
+        }
+        snappy.push(n as u8);
+        snappy.extend([0x00, 0x41]);
+        let (bytes, header) = frame(flags::COMPRESSION, &snappy);
+        assert_eq!(
+            body(&bytes, &header, Compression::Snappy),
+            Err(BodyError("Snappy body claims more than its data can hold"))
+        );
     }
 
     #[test]
