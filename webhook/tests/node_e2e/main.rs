@@ -865,8 +865,8 @@ fn a_chain_change_reloads_the_tier_and_the_sidecars_without_restarting_a_pod() {
 }
 
 /// Someone else's invalid edit of a topology does not block the app: a Pod created while
-/// the sidecar topology is invalid runs the last valid configuration (a Warning Event on the
-/// topology says so), serves traffic, and follows the topology once it is fixed.
+/// the sidecar topology is invalid runs the last valid configuration (a Warning Event on
+/// its ReplicaSet says so), serves traffic, and follows the topology once it is fixed.
 #[test]
 fn an_invalid_edit_does_not_block_new_pods_they_run_the_last_valid_config() {
     let install = install();
@@ -930,24 +930,24 @@ fn an_invalid_edit_does_not_block_new_pods_they_run_the_last_valid_config() {
             .unwrap_or_else(|e| panic!("{e}")),
         "OK"
     );
-    // The webhook records its Events asynchronously.
-    wait_for("a Warning Event on the topology", LONG, || {
+    // A Warning Event on the Pod's controller (the ReplicaSet: where `kubectl describe`
+    // shows it), naming the invalid topology and the hash injected instead. The webhook
+    // records its Events asynchronously.
+    let invalid = format!("ShotoverTopology {}/{} is invalid", story.ns, story.edge);
+    wait_for("a Warning Event on the ReplicaSet", LONG, || {
         let events = get_json(&[
             "events",
             "-n",
             &story.ns,
             "--field-selector",
-            &format!(
-                "involvedObject.name={},reason=SidecarInjectedLastValidConfig",
-                story.edge
-            ),
+            "reason=SidecarInjectedLastValidConfig,involvedObject.kind=ReplicaSet",
         ])?;
         events["items"]
             .as_array()?
             .iter()
             .filter(|e| e["type"] == "Warning")
             .filter_map(|e| e["message"].as_str().or(e["note"].as_str()))
-            .any(|n| n.contains("is invalid") && n.contains(&valid))
+            .any(|n| n.contains(&invalid) && n.contains(&valid))
             .then_some(())
     });
 
