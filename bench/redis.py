@@ -10,6 +10,10 @@ free loopback port:
   dedicated  this proxy, a Redis source with one RedisSinkSingle (one upstream connection per
              client connection, upstream Shotover's model), metrics on and never scraped
   shared     the same topology with `connection_count: 2` under the RedisSinkSingle
+  dedicated-tpc, shared-tpc
+             the same two with `--thread-per-core` (one single-threaded runtime per core,
+             each client connection and the shared connections it uses on one thread; in
+             shared-tpc each thread has its own 2 connections)
   upstream   upstream Shotover 0.7.4 from crates.io (bench/upstream-shotover), a Valkey source
              with one ValkeySinkSingle, metrics on and never scraped
   twemproxy  Debian's nutcracker (installed through apt-get when missing), one pool with one
@@ -65,11 +69,14 @@ UPSTREAM_VERSION = "0.7.4"
 # With 1 everywhere, 3 rounds of 200000 took ~22 minutes, three quarters of it in `-c 1`.
 LOADS = [(50, 1, 1), (50, 16, 5), (1, 1, 0.25), (500, 1, 1)]
 TESTS = ("SET", "GET")
-ALL_TARGETS = ("direct", "dedicated", "shared", "upstream", "twemproxy")
+ALL_TARGETS = ("direct", "dedicated", "shared", "dedicated-tpc", "shared-tpc", "upstream", "twemproxy")
+OURS = ("dedicated", "shared", "dedicated-tpc", "shared-tpc")
 LABELS = {
     "direct": "direct Redis",
     "dedicated": "ours, dedicated",
     "shared": "ours, shared (`connection_count: 2`)",
+    "dedicated-tpc": "ours, dedicated, `--thread-per-core`",
+    "shared-tpc": "ours, shared, `--thread-per-core`",
     "upstream": f"upstream Shotover {UPSTREAM_VERSION}",
     "twemproxy": "twemproxy",
 }
@@ -330,13 +337,13 @@ def main():
     if "twemproxy" in wanted:
         ensure_nutcracker()
     if not args.skip_build:
-        if "dedicated" in wanted or "shared" in wanted:
+        if any(k in wanted for k in OURS):
             subprocess.run(["cargo", "build", "--release", "--locked", "-p", "shotover"], cwd=ROOT, check=True)
         if "upstream" in wanted:
             log(f"building upstream Shotover {UPSTREAM_VERSION} in {UPSTREAM_DIR} (minutes the first time)")
             subprocess.run(["cargo", "build", "--release", "--locked",
                             "--target-dir", os.path.join(UPSTREAM_DIR, "target")], cwd=UPSTREAM_DIR, check=True)
-    for key, binary in (("dedicated", args.shotover_bin), ("shared", args.shotover_bin), ("upstream", UPSTREAM_BIN)):
+    for key, binary in [*((k, args.shotover_bin) for k in OURS), ("upstream", UPSTREAM_BIN)]:
         if key in wanted and not os.access(binary, os.X_OK):
             sys.exit(f"{binary} is missing (drop --skip-build, or leave {key} out with --targets)")
 
@@ -350,11 +357,10 @@ def main():
         for key in wanted:
             if key == "direct":
                 continue
-            if key == "dedicated":
-                t = start_ours(key, tmp, redis_port, "", args.proxy_arg, args.shotover_bin)
-            elif key == "shared":
-                t = start_ours(key, tmp, redis_port, "            connection_count: 2\n", args.proxy_arg,
-                               args.shotover_bin)
+            if key in OURS:
+                sink = "            connection_count: 2\n" if key.startswith("shared") else ""
+                extra = ["--thread-per-core"] if key.endswith("-tpc") else []
+                t = start_ours(key, tmp, redis_port, sink, [*args.proxy_arg, *extra], args.shotover_bin)
             elif key == "upstream":
                 t = start_upstream(tmp, redis_port)
             else:
@@ -395,7 +401,7 @@ def main():
             t.rss["peak"] = proc_status_mib(t.pid, "VmHWM")
 
         # Sustained load, metrics on and never scraped: RSS must stay flat.
-        for key in ("dedicated", "shared"):
+        for key in OURS:
             if key not in targets:
                 continue
             t = targets[key]
@@ -473,7 +479,8 @@ def report(args, wanted, targets, proxies, results, soak, redis_port, elapsed):
         load = load_name(clients, pipeline)
         parts = [f"ours {num} / {den} {ratio_medians(results, load, num, den, 'SET'):.2f}x SET, "
                  f"{ratio_medians(results, load, num, den, 'GET'):.2f}x GET"
-                 for num, den in (("shared", "twemproxy"), ("dedicated", "upstream"))
+                 for num, den in (("shared", "twemproxy"), ("shared-tpc", "twemproxy"), ("dedicated", "upstream"),
+                                  ("dedicated-tpc", "upstream"))
                  if num in wanted and den in wanted]
         if parts:
             print(f"- `{load}`: " + "; ".join(parts) + " (throughput)")

@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod observability;
 pub mod outbox;
 pub mod reload;
+pub mod runtime;
 pub mod server;
 pub mod telemetry;
 pub mod tls;
@@ -50,9 +51,15 @@ pub struct Opts {
     /// Process settings: log level and observability address.
     #[arg(short = 'c', long, default_value = "config/config.yaml")]
     pub config_file: PathBuf,
-    /// Worker threads of the runtime (default: one per CPU core).
+    /// Worker threads of the runtime (default: one per CPU core); with
+    /// `--thread-per-core`, the number of those threads.
     #[arg(long)]
     pub core_threads: Option<usize>,
+    /// Run each client connection on one thread for its whole life, with the shared
+    /// upstream connections it uses (one single-threaded runtime per core, connections
+    /// handed to them in turn) instead of on tokio's work-stealing runtime.
+    #[arg(long)]
+    pub thread_per_core: bool,
     /// Stack size of each worker thread, in bytes.
     #[arg(long, default_value_t = 2 * 1024 * 1024)]
     pub stack_size: usize,

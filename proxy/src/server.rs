@@ -297,6 +297,7 @@ impl Source {
             crate::upstream::set_keepalive(&stream);
             // Upstream Shotover's target, so `shotover::connection_span=debug` works here too.
             let span = tracing::debug_span!(target: "shotover::connection_span", "connection", source = %current.name, client = %peer);
+            let name = current.name.clone();
             let parts = ConnectionParts {
                 tracker: tracker.clone(),
                 chain,
@@ -304,11 +305,33 @@ impl Source {
                 follow: self.settings.clone(),
                 drain: self.drain,
             };
-            tracker.spawn(
-                parts
-                    .handle(stream, peer, permit, shutdown.clone())
-                    .instrument(span),
-            );
+            let shutdown = shutdown.clone();
+            match crate::runtime::next_worker() {
+                None => {
+                    tracker.spawn(
+                        parts
+                            .handle(stream, peer, permit, shutdown)
+                            .instrument(span),
+                    );
+                }
+                // `--thread-per-core`: the connection moves to its thread's reactor.
+                Some(worker) => match stream.into_std() {
+                    Ok(stream) => {
+                        let moved = async move {
+                            match TcpStream::from_std(stream) {
+                                Ok(stream) => parts.handle(stream, peer, permit, shutdown).await,
+                                Err(e) => {
+                                    tracing::warn!(error = %e, "could not hand the connection to its thread")
+                                }
+                            }
+                        };
+                        tracker.spawn_on(moved.instrument(span), worker);
+                    }
+                    Err(e) => {
+                        tracing::warn!(source = %name, %peer, error = %e, "could not hand the connection to its thread")
+                    }
+                },
+            }
         }
     }
 }

@@ -11,6 +11,11 @@ use crate::helpers::*;
 /// (its shared connections are `shotover-shared-<sink>` on Redis). Returns the proxy, its
 /// port and the sink's name.
 fn start_shared(test: &str, count: usize) -> (Shotover, u16, String) {
+    start_shared_with(test, count, &[])
+}
+
+/// [`start_shared`] with extra command-line arguments.
+fn start_shared_with(test: &str, count: usize, args: &[&str]) -> (Shotover, u16, String) {
     let port = free_port();
     let sink = prefix(test).replace(':', "-");
     let topology = passthrough(port, &redis_addr(), "")
@@ -19,7 +24,9 @@ fn start_shared(test: &str, count: usize) -> (Shotover, u16, String) {
             "connect_timeout_ms: 3000",
             &format!("connect_timeout_ms: 3000\n            connection_count: {count}"),
         );
-    (Shotover::start(&topology), port, sink)
+    let shotover = Shotover::spawn(&topology, args);
+    shotover.wait_ready();
+    (shotover, port, sink)
 }
 
 /// How many connections Redis lists under `name`.
@@ -55,13 +62,17 @@ fn raw(port: u16) -> TcpStream {
     stream
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn fifty_pipelining_clients_share_two_upstream_connections_and_keep_their_order() {
-    let (shotover, port, sink) = start_shared("fifty", 2);
-    let p = prefix("fifty");
+/// `clients` connections through `port`, each running 20 pipelines of INCR, SET and GET
+/// on its own keys and checking every reply is its own, in order. Returns the connections,
+/// still open.
+async fn pipelining_clients(
+    port: u16,
+    p: &str,
+    clients: usize,
+) -> Vec<redis::aio::MultiplexedConnection> {
     let mut tasks = Vec::new();
-    for client in 0..50 {
-        let p = p.clone();
+    for client in 0..clients {
+        let p = p.to_string();
         tasks.push(tokio::spawn(async move {
             let mut con = connect(port).await;
             for round in 0..20 {
@@ -94,6 +105,13 @@ async fn fifty_pipelining_clients_share_two_upstream_connections_and_keep_their_
     for task in tasks {
         connections.push(task.await.expect("client task"));
     }
+    connections
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fifty_pipelining_clients_share_two_upstream_connections_and_keep_their_order() {
+    let (shotover, port, sink) = start_shared("fifty", 2);
+    let connections = pipelining_clients(port, &prefix("fifty"), 50).await;
     // 50 client connections open, at most 2 upstream connections on Redis.
     let upstream = connections_named(&format!("shotover-shared-{sink}"));
     assert!(
@@ -353,5 +371,68 @@ async fn wait_goes_where_the_writes_went_and_long_waits_are_refused() {
     );
     assert_eq!(roundtrip(&mut a, "PING\r\n", 7), "+PONG\r\n");
     redis_cli(&["-p", &redis_port(), "DEL", &key]);
+    shotover.stop();
+}
+
+/// `--thread-per-core` with two threads: client connections are handed to the threads in
+/// turn, each thread has its own shared connection (`connection_count: 1` per thread), and
+/// every reply still reaches its own client in order; a transaction pins its client on
+/// either thread, and redis-py shares connections there too.
+#[tokio::test(flavor = "multi_thread")]
+async fn thread_per_core_keeps_shared_connections_per_thread_and_every_reply_with_its_client() {
+    let (shotover, port, sink) =
+        start_shared_with("tpc", 1, &["--thread-per-core", "--core-threads", "2"]);
+    let threads: Vec<String> = std::fs::read_dir(format!("/proc/{}/task", shotover.pid()))
+        .expect("the proxy's threads")
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+        .map(|name| name.trim().to_string())
+        .filter(|name| name.starts_with("shotover-core-"))
+        .collect();
+    assert_eq!(threads.len(), 2, "{threads:?}");
+    let p = prefix("tpc");
+    let connections = pipelining_clients(port, &p, 40).await;
+    assert_eq!(connections_named(&format!("shotover-shared-{sink}")), 2);
+    assert_eq!(
+        gauge(&shotover, "shotover_redis_shared_connections", &sink),
+        2.0
+    );
+    // Two more clients, one on each thread, each with a transaction (pinned) between
+    // shared requests.
+    for client in 0..2 {
+        let key = format!("{p}tx{client}");
+        let mut con = connect(port).await;
+        let (a, b): (i64, i64) = redis::pipe()
+            .atomic()
+            .cmd("INCR")
+            .arg(&key)
+            .cmd("INCR")
+            .arg(&key)
+            .query_async(&mut con)
+            .await
+            .expect("MULTI/EXEC");
+        assert_eq!((a, b), (1, 2));
+        let after: i64 = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut con)
+            .await
+            .expect("GET");
+        assert_eq!(after, 2);
+    }
+    assert_eq!(gauge(&shotover, "shotover_redis_pins_count", &sink), 2.0);
+    let out = python(
+        "shared.py",
+        &["127.0.0.1", &port.to_string(), &prefix("py-tpc")],
+    );
+    assert!(out.contains("shared ok"), "{out}");
+    drop(connections);
+    let mut keys = vec!["DEL".to_string()];
+    for client in 0..40 {
+        keys.push(format!("{p}{client}"));
+        keys.extend((0..10).map(|i| format!("{p}{client}:{i}")));
+    }
+    keys.extend((0..2).map(|client| format!("{p}tx{client}")));
+    let mut args = vec!["-p".to_string(), redis_port()];
+    args.extend(keys);
+    redis_cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
     shotover.stop();
 }

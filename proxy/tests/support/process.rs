@@ -61,6 +61,14 @@ pub fn temp_dir(tag: &str) -> PathBuf {
     dir
 }
 
+/// Arguments every proxy a test starts gets, from `SHOTOVER_TEST_ARGS` (split on
+/// whitespace): to run a whole suite with, say, `--thread-per-core --core-threads 1`.
+fn extra_args() -> Vec<String> {
+    std::env::var("SHOTOVER_TEST_ARGS")
+        .map(|args| args.split_whitespace().map(str::to_string).collect())
+        .unwrap_or_default()
+}
+
 /// A running `shotover` process with its own topology and config files.
 pub struct Shotover {
     child: Option<Child>,
@@ -111,6 +119,7 @@ impl Shotover {
             .arg("--config-file")
             .arg(dir.join("config.yaml"))
             .args(args)
+            .args(extra_args())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

@@ -135,7 +135,10 @@ pub struct Pool {
     /// Sent after a lane's handshake on each new shared connection (`READONLY` for a
     /// cluster replica).
     suffix: Vec<Bytes>,
-    lanes: Mutex<HashMap<LaneKey, Arc<Lane>>>,
+    /// By worker thread ([`crate::runtime::worker`]; all 0 without `--thread-per-core`)
+    /// and session: with `--thread-per-core`, each thread has its own connections, so a
+    /// request and its reply never cross threads.
+    lanes: Mutex<HashMap<(usize, LaneKey), Arc<Lane>>>,
     pub metrics: PoolMetrics,
 }
 
@@ -191,26 +194,29 @@ impl Pool {
     /// The lane of `key`, created if `may_create`; `None` when it does not exist and may not
     /// be created, or the pool already has [`MAX_LANES`] lanes.
     pub fn lane(&self, key: &LaneKey, may_create: bool) -> Option<Arc<Lane>> {
+        let worker = crate::runtime::worker();
         let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(lane) = lanes.get(key) {
+        let id = (worker, key.clone());
+        if let Some(lane) = lanes.get(&id) {
             return Some(lane.clone());
         }
-        if !may_create || lanes.len() >= MAX_LANES {
+        if !may_create || lanes.len() >= MAX_LANES * crate::runtime::workers().max(1) {
             return None;
         }
         let lane = Arc::new(Lane {
             key: key.clone(),
             slots: (0..self.per_lane).map(|_| Slot::default()).collect(),
         });
-        lanes.insert(key.clone(), lane.clone());
+        lanes.insert(id, lane.clone());
         Some(lane)
     }
 
     /// Drops `key`'s lane if it has no connection (its handshake was refused).
     pub fn forget_if_unused(&self, key: &LaneKey) {
+        let id = (crate::runtime::worker(), key.clone());
         let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
-        if lanes.get(key).is_some_and(|lane| lane.unused()) {
-            lanes.remove(key);
+        if lanes.get(&id).is_some_and(|lane| lane.unused()) {
+            lanes.remove(&id);
         }
     }
 }
