@@ -94,16 +94,6 @@ fn replies_len(n: usize) -> usize {
     n * (format!("${VALUE}\r\n").len() + VALUE + 2)
 }
 
-/// A kB field of /proc/<pid>/status (`VmRSS`, `VmHWM`).
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
-}
-
 /// Reads until EOF or `want` bytes (whichever first); returns the count and the last bytes.
 fn read_all(stream: &mut TcpStream, want: usize, limit: Duration) -> (usize, Vec<u8>) {
     read_counting(stream, want, limit, &AtomicUsize::new(0))

@@ -228,3 +228,13 @@ pub fn nested_script(levels: usize) -> (String, Vec<u8>) {
     expected.extend_from_slice(b":7\r\n");
     (request, expected)
 }
+
+/// A kB field of /proc/<pid>/status (`VmRSS`, `VmHWM`).
+pub fn status_kib(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:")))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("{field} in /proc/{pid}/status"))
+}

@@ -4,6 +4,9 @@
 mod backpressure;
 mod cluster;
 mod failures;
+#[path = "../support/fault.rs"]
+mod fault;
+mod faults;
 mod helpers;
 mod lifecycle;
 mod passthrough;

@@ -236,7 +236,7 @@ struct Slot {
 impl Slot {
     fn live(&self) -> Option<Arc<ConnHandle>> {
         let conn = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        conn.as_ref().filter(|c| !c.tx.is_closed()).cloned()
+        conn.as_ref().filter(|c| c.is_live()).cloned()
     }
 }
 
@@ -491,11 +491,14 @@ pub struct ConnHandle {
     tx: mpsc::Sender<Batch>,
     /// Requests queued or written and not answered yet.
     in_flight: Arc<AtomicUsize>,
+    /// Cancelled as soon as the connection fails, before its requests get their errors: a
+    /// client that sends again on reading them finds the connection gone, not dying.
+    failed: CancellationToken,
 }
 
 impl ConnHandle {
     pub fn is_live(&self) -> bool {
-        !self.tx.is_closed()
+        !self.tx.is_closed() && !self.failed.is_cancelled()
     }
 
     /// Queues `frames`; their replies arrive in `to`, in order. `Err` when the connection
@@ -564,12 +567,16 @@ where
         decoder,
         slots_rx,
         in_flight.clone(),
-        cancel,
+        cancel.clone(),
         pool.metrics.clone(),
         addr,
         pool.shared.read_timeout,
     ));
-    Arc::new(ConnHandle { tx, in_flight })
+    Arc::new(ConnHandle {
+        tx,
+        in_flight,
+        failed: cancel,
+    })
 }
 
 async fn write_loop<W: AsyncWrite + Unpin>(
