@@ -30,6 +30,17 @@ pub struct ProxyConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub max_buffered_reply_bytes: Option<usize>,
+    /// Process-wide budget, in bytes, for client requests read but not complete yet (large
+    /// values arriving; each frame is also capped by its source's `max_frame_size_bytes`).
+    /// A connection whose incomplete request takes the total over it gets a protocol error
+    /// and is closed; buffers under 64 KiB never count. Default: a quarter of the memory
+    /// limit of the proxy's cgroup, or 512 MiB without one. An extension of this project.
+    #[serde(
+        alias = "max_buffered_request_bytes",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_buffered_request_bytes: Option<usize>,
 }
 
 impl ProxyConfig {

@@ -128,6 +128,7 @@ pub fn render_with(
         observability_interface: Some(format!("0.0.0.0:{}", spec.observability_port)),
         // The default follows the container's memory limit.
         max_buffered_reply_bytes: None,
+        max_buffered_request_bytes: None,
     };
     if let Err(e) = tracing_subscriber::EnvFilter::builder().parse(&spec.log_level) {
         errors.push(ConfigError::new(

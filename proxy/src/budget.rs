@@ -129,3 +129,98 @@ fn cgroup_memory_limit() -> Option<usize> {
     }
     None
 }
+
+/// The process-wide budget for request bytes the proxy holds: requests read from clients
+/// that are not complete yet (a large value arriving), in the connections' read buffers.
+/// Each frame is capped by its source's `max_frame_size_bytes`; this budget caps their sum,
+/// so that many clients sending large frames at once cannot take the process past its
+/// memory limit. A connection whose incomplete request would take the total over the budget
+/// is refused: a protocol error, and that connection is closed (the rest of its frame is
+/// never read). Only buffers of at least 64 KiB count, so small requests cost nothing and
+/// are never refused.
+pub mod requests {
+    use std::sync::OnceLock;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use crate::metrics::{self, Counter, Gauge};
+
+    static BUDGET: AtomicUsize = AtomicUsize::new(DEFAULT_WITHOUT_LIMIT);
+
+    /// The budget when the process has no memory limit.
+    const DEFAULT_WITHOUT_LIMIT: usize = 512 * 1024 * 1024;
+
+    fn gauge() -> &'static Gauge {
+        static HELD: OnceLock<Gauge> = OnceLock::new();
+        HELD.get_or_init(|| {
+            metrics::gauge(
+                "shotover_buffered_request_bytes",
+                "Bytes of incomplete client requests held in read buffers of 64 KiB or more.",
+                &[],
+            )
+        })
+    }
+
+    /// Times a connection was refused for taking the buffered requests over the budget.
+    pub fn refusals() -> &'static Counter {
+        static REFUSED: OnceLock<Counter> = OnceLock::new();
+        REFUSED.get_or_init(|| {
+            metrics::counter(
+                "shotover_buffered_request_budget_refusals_count",
+                "Client connections refused (protocol error, closed) because their incomplete request took the buffered request bytes over max_buffered_request_bytes.",
+                &[],
+            )
+        })
+    }
+
+    /// Sets the budget (`config.yaml`'s `max_buffered_request_bytes`), or the default: a
+    /// quarter of the memory limit of the process's cgroup, or 512 MiB without one.
+    /// Returns the budget in force.
+    pub fn configure(bytes: Option<usize>) -> usize {
+        let budget = bytes.unwrap_or_else(|| {
+            super::cgroup_memory_limit()
+                .map(|limit| limit / 4)
+                .unwrap_or(DEFAULT_WITHOUT_LIMIT)
+        });
+        BUDGET.store(budget, Ordering::Relaxed);
+        metrics::gauge(
+            "shotover_buffered_request_bytes_budget",
+            "The process-wide budget for incomplete request bytes (max_buffered_request_bytes).",
+            &[],
+        )
+        .set(budget as i64);
+        gauge();
+        refusals();
+        budget
+    }
+
+    /// The budget in force.
+    pub fn budget() -> usize {
+        BUDGET.load(Ordering::Relaxed)
+    }
+
+    /// One connection's share of the count: its read buffer, when at least 64 KiB.
+    #[derive(Default)]
+    pub struct Buffered(usize);
+
+    impl Buffered {
+        /// Counts `n` bytes for this connection (nothing under 64 KiB). Returns the total
+        /// held by the process when that is over the budget.
+        pub fn set(&mut self, n: usize) -> Option<usize> {
+            let n = if n < super::STEP { 0 } else { n };
+            if n == self.0 {
+                return None;
+            }
+            let total = gauge().add(n as i64 - self.0 as i64);
+            self.0 = n;
+            (n > 0 && total > budget() as i64).then_some(total as usize)
+        }
+    }
+
+    impl Drop for Buffered {
+        fn drop(&mut self) {
+            if self.0 > 0 {
+                gauge().add(-(self.0 as i64));
+            }
+        }
+    }
+}

@@ -19,7 +19,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::budget::Held;
+use crate::budget::{self, Held};
 use crate::chain::{ChainError, TransformChain};
 use crate::codec::DecodeError;
 use crate::codec::{cassandra, redis};
@@ -107,6 +107,8 @@ struct Handler<S> {
     backlog: bool,
     /// Follows reloads of the source (none in unit tests).
     follow: Option<Follow>,
+    /// This connection's incomplete request bytes, counted against the process budget.
+    requests: budget::requests::Buffered,
 }
 
 /// Serves one client connection until it ends.
@@ -144,6 +146,7 @@ where
         pending,
         backlog: false,
         follow,
+        requests: budget::requests::Buffered::default(),
     };
     let ended = handler.run(settings).await;
     if let Ended::ProtocolError(_) = &ended {
@@ -199,6 +202,16 @@ where
                 // decoder repeats an error, so a bad frame after the batch is answered next).
                 continue;
             }
+            // What is left in the buffer is an incomplete request: it counts against the
+            // process budget, and over it this connection is refused.
+            let decode_error = decode_error.or_else(|| {
+                let total = self.requests.set(self.read_buf.len())?;
+                budget::requests::refusals().inc();
+                Some(DecodeError::Malformed(format!(
+                    "Protocol error: the proxy holds {total} bytes of incomplete requests, over its max_buffered_request_bytes of {}: this request is refused and the connection closed",
+                    budget::requests::budget()
+                )))
+            });
             if let Some(error) = decode_error {
                 let reply = match &self.decoder {
                     Decoder::Redis(_) => {
@@ -473,10 +486,8 @@ where
             && let Decoder::Cql(cql) = decoder
             && let Some(codec) = cql.segments()
         {
-            let mut out = BytesMut::with_capacity(to_segment.iter().map(|b| b.len() + 16).sum());
-            codec.encode(to_segment.iter().map(|b| &b[..]), &mut out);
+            outbox.push(codec.encode_all(to_segment));
             to_segment.clear();
-            outbox.push(out.freeze());
         }
     }
 

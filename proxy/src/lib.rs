@@ -156,9 +156,11 @@ pub async fn run(opts: Opts) -> Result<()> {
     let level = opts.log_level.as_deref().unwrap_or(&config.main_log_level);
     let filter = telemetry::init(level, opts.log_format)?;
     let budget = budget::configure(config.max_buffered_reply_bytes);
+    let requests = budget::requests::configure(config.max_buffered_request_bytes);
     tracing::debug!(
         max_buffered_reply_bytes = budget,
-        "process-wide budget for buffered replies"
+        max_buffered_request_bytes = requests,
+        "process-wide budgets for buffered replies and requests"
     );
 
     // Build every chain and TLS acceptor before binding any source, so that a bad TLS file

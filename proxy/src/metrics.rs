@@ -39,8 +39,9 @@ impl Gauge {
     pub fn set(&self, v: i64) {
         self.0.store(v, Ordering::Relaxed);
     }
-    pub fn add(&self, n: i64) {
-        self.0.fetch_add(n, Ordering::Relaxed);
+    /// Adds `n` (maybe negative); returns the new value.
+    pub fn add(&self, n: i64) -> i64 {
+        self.0.fetch_add(n, Ordering::Relaxed) + n
     }
     pub fn get(&self) -> i64 {
         self.0.load(Ordering::Relaxed)

@@ -20,7 +20,7 @@
 //!   moment in between).
 //!
 //! From the config file, `main_log_level` applies at once (unless `--log-level` overrides
-//! it) and so does `max_buffered_reply_bytes`; `observability_interface` needs a restart
+//! it) and so do `max_buffered_reply_bytes` and `max_buffered_request_bytes`; `observability_interface` needs a restart
 //! (the reload says so in `/config` and the log).
 
 pub mod follow;
@@ -596,6 +596,7 @@ impl Reloader {
             self.filter.set_parsed(filter)?;
         }
         crate::budget::configure(config.max_buffered_reply_bytes);
+        crate::budget::requests::configure(config.max_buffered_request_bytes);
         let mut needs_restart = Vec::new();
         if config.observability_interface != self.observability_interface {
             let text = format!(

@@ -292,9 +292,11 @@ pub struct Request {
 #[derive(Debug)]
 pub struct RequestDecoder {
     frames: segment::FrameDecoder,
+    /// The source's `max_frame_size_bytes`: bounds a compressed request once decompressed too.
+    max_frame: usize,
     compression: Compression,
-    /// A v5 STARTUP sent and not answered yet: its stream and the compression it asks for.
-    startup: Option<(i16, Compression)>,
+    /// The client's v5 STARTUP until it is answered.
+    startup: segment::Handshake,
     /// Once a frame is bad, the stream cannot be read further: the same error comes back.
     failed: Option<DecodeError>,
 }
@@ -303,8 +305,9 @@ impl RequestDecoder {
     pub fn new(max_frame: usize) -> Self {
         RequestDecoder {
             frames: segment::FrameDecoder::new(max_frame),
+            max_frame,
             compression: Compression::None,
-            startup: None,
+            startup: segment::Handshake::default(),
             failed: None,
         }
     }
@@ -317,14 +320,8 @@ impl RequestDecoder {
     /// Notes an answer going to the client: READY or AUTHENTICATE to a v5 STARTUP switches
     /// the connection to segments (after this answer, which goes as it is).
     pub fn answered(&mut self, header: &Header) {
-        if let Some((stream, compression)) = self.startup
-            && stream == header.stream
-        {
-            self.startup = None;
-            if matches!(header.opcode, Opcode::Ready | Opcode::Authenticate) {
-                self.frames
-                    .switch_to_segments(segment::SegmentCodec::new(compression));
-            }
+        if let Some(codec) = self.startup.answered(header) {
+            self.frames.switch_to_segments(codec);
         }
     }
 
@@ -381,15 +378,32 @@ impl RequestDecoder {
         let Some((bytes, header)) = self.frames.next(buf)? else {
             return Ok(None);
         };
+        // A compressed request is bounded by the frame limit once decompressed too: a small
+        // frame must not expand into what a large one may not carry.
+        if header.flags & flags::COMPRESSION != 0
+            && let Some(len) = bytes
+                .get(HEADER_LEN..)
+                .and_then(|raw| body::declared_len(raw, self.compression))
+            && len > self.max_frame
+        {
+            // The refused frame goes back to the front of `buf`, where `error_reply` reads
+            // its stream (rare: one copy, then the connection closes).
+            let mut restored = BytesMut::with_capacity(bytes.len() + buf.len());
+            restored.extend_from_slice(&bytes);
+            restored.extend_from_slice(buf);
+            *buf = restored;
+            return Err(DecodeError::Malformed(format!(
+                "Request is too big: its body decompresses to {len} bytes, over the maximum allowed length {} (the proxy's max_frame_size_bytes)",
+                self.max_frame
+            )));
+        }
         if header.opcode == Opcode::Startup {
             // STARTUP itself is never compressed; what it asks for applies from the next frame
             // (in v5, to the segments that follow its answer).
             self.compression = body::body(&bytes, &header, Compression::None)
                 .and_then(|b| body::startup_compression(&b))
                 .map_err(|e| DecodeError::Malformed(format!("STARTUP: {e}")))?;
-            if header.version >= SEGMENTS_FROM {
-                self.startup = Some((header.stream, self.compression));
-            }
+            self.startup.sent(&header, self.compression);
         }
         Ok(Some(Request {
             bytes,
@@ -464,6 +478,40 @@ mod tests {
         .encode(&mut out);
         out.put_slice(body);
         out.to_vec()
+    }
+
+    #[test]
+    fn a_compressed_request_that_decompresses_past_the_frame_limit_is_refused_on_its_stream() {
+        for compression in [Compression::Lz4, Compression::Snappy] {
+            let option = match compression {
+                Compression::Lz4 => "lz4",
+                _ => "snappy",
+            };
+            // STARTUP with {CQL_VERSION: 3.0.0, COMPRESSION: option}.
+            let mut startup = vec![0, 2];
+            for s in ["CQL_VERSION", "3.0.0", "COMPRESSION", option] {
+                startup.extend_from_slice(&(s.len() as u16).to_be_bytes());
+                startup.extend_from_slice(s.as_bytes());
+            }
+            // 8 KiB of zeros compress to a few bytes, under a 4 KiB frame limit.
+            let body = body::compress(&[0u8; 8192], compression);
+            assert!(body.len() < 1024, "{}", body.len());
+            let mut query = envelope(4, 9, Opcode::Query, &body);
+            query[1] = flags::COMPRESSION;
+            let mut buf = BytesMut::from(&envelope(4, 0, Opcode::Startup, &startup)[..]);
+            buf.extend_from_slice(&query);
+            let mut decoder = RequestDecoder::new(4096);
+            decoder.decode(&mut buf).expect("STARTUP").expect("a frame");
+            let error = decoder.decode(&mut buf).expect_err("refused");
+            assert_eq!(
+                error.to_string(),
+                "Request is too big: its body decompresses to 8192 bytes, over the maximum allowed length 4096 (the proxy's max_frame_size_bytes)"
+            );
+            assert_eq!(&buf[..], &query[..], "the refused frame stays at the front");
+            let reply = decoder.error_reply(&buf, &error);
+            let header = Header::parse(&reply).expect("an envelope");
+            assert_eq!((header.stream, header.opcode), (9, Opcode::Error));
+        }
     }
 
     #[test]

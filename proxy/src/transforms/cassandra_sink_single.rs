@@ -28,8 +28,8 @@ use tokio::io::{AsyncReadExt, ReadHalf, WriteHalf};
 use tokio::time::Instant;
 
 use crate::chain::{ChainError, ChainState, Transform, TransformBuilder, TransformContext};
-use crate::codec::cassandra::segment::{FrameDecoder, SegmentCodec};
-use crate::codec::cassandra::{Compression, Opcode, SEGMENTS_FROM};
+use crate::codec::cassandra::Compression;
+use crate::codec::cassandra::segment::{FrameDecoder, Handshake};
 use crate::message::{ErrorKind, Message, MessageId, Messages, ReplyTo};
 use crate::metrics::Counter;
 use crate::outbox::Outbox;
@@ -75,7 +75,7 @@ impl TransformBuilder for CassandraSinkSingleBuilder {
             conn: Conn::NotConnected,
             in_flight: HashMap::new(),
             compression: Compression::None,
-            startup: None,
+            startup: Handshake::default(),
             outbox: Outbox::default(),
         })
     }
@@ -142,9 +142,8 @@ struct CassandraSinkSingle {
     in_flight: HashMap<i16, (MessageId, ReplyTo)>,
     /// The compression the client negotiated, to read the node's answers with.
     compression: Compression,
-    /// A v5 STARTUP sent and not answered yet (its stream, the compression it asks for):
-    /// once the node answers READY or AUTHENTICATE, both directions go in segments.
-    startup: Option<(i16, Compression)>,
+    /// The client's v5 STARTUP until the node answers it.
+    startup: Handshake,
     outbox: Outbox,
 }
 
@@ -174,7 +173,7 @@ impl Transform for CassandraSinkSingle {
             // A v5 STARTUP still unanswered: what follows it goes in envelopes or in segments
             // depending on the answer, so wait for it. (Drivers wait for READY themselves;
             // this covers a client, or a chain in front of this sink, that does not.)
-            while self.startup.is_some() && matches!(self.conn, Conn::Connected(_)) {
+            while self.startup.pending() && matches!(self.conn, Conn::Connected(_)) {
                 self.ready().await;
                 if let Err(e) = self.drain(&mut responses) {
                     return Ok(self.broke(e, responses, state));
@@ -254,20 +253,15 @@ impl CassandraSinkSingle {
                 self.compression = meta.compression;
                 self.in_flight
                     .insert(stream, (request.id, request.reply_to()));
-                if meta.header.opcode == Opcode::Startup
-                    && meta.header.version >= SEGMENTS_FROM
-                    && segments.is_none()
-                {
-                    self.startup = Some((stream, meta.compression));
+                if segments.is_none() {
+                    self.startup.sent(&meta.header, meta.compression);
                 }
             }
         }
         match segments {
             Some(codec) => {
                 let frames: Vec<_> = requests.into_iter().map(Message::into_bytes).collect();
-                let mut out = BytesMut::with_capacity(frames.iter().map(|f| f.len() + 16).sum());
-                codec.encode(frames.iter().map(|f| &f[..]), &mut out);
-                self.outbox.push(out.freeze());
+                self.outbox.push(codec.encode_all(&frames));
             }
             None => {
                 for request in requests {
@@ -342,17 +336,9 @@ impl CassandraSinkSingle {
                     }
                 }
             };
-            if let Some((stream, compression)) = self.startup
-                && stream == header.stream
-            {
-                // The answer to a v5 STARTUP: after READY or AUTHENTICATE, both directions
-                // go in segments, from the next byte on.
-                self.startup = None;
-                if matches!(header.opcode, Opcode::Ready | Opcode::Authenticate) {
-                    link.decoder
-                        .switch_to_segments(SegmentCodec::new(compression));
-                    self.compression = Compression::None;
-                }
+            if let Some(codec) = self.startup.answered(&header) {
+                link.decoder.switch_to_segments(codec);
+                self.compression = Compression::None;
             }
             responses.push(Message::cql_response(
                 request_id,

@@ -3,6 +3,9 @@
 //! `e2e/services up cassandra cassandra-auth-tls`).
 
 mod drivers;
+#[path = "../support/fault.rs"]
+mod fault;
+mod faults;
 mod helpers;
 #[path = "../support/process.rs"]
 mod process;

@@ -102,6 +102,38 @@ fn an_oversized_frame_gets_a_protocol_error_and_other_clients_go_on() {
 }
 
 #[test]
+fn an_incomplete_frame_over_the_process_request_budget_gets_a_protocol_error_on_its_stream() {
+    let port = free_port();
+    let proxy = Shotover::start_with_config(
+        &topology(port, &sink()),
+        "max_buffered_request_bytes: 1048576\n",
+    );
+    let mut other = Raw::ready(port);
+    let mut big = Raw::ready(port);
+    // A QUERY declaring a 4 MiB body, of which 2 MiB arrive: past the 1 MiB budget.
+    let mut head = frame(4, 11, OPCODE_QUERY, &[]);
+    head[5..9].copy_from_slice(&(4 * 1024 * 1024i32).to_be_bytes());
+    big.send(&head);
+    let _ = std::io::Write::write_all(&mut big.stream, &vec![0u8; 2 * 1024 * 1024]);
+    let refused = big.read();
+    assert_eq!(refused.stream, 11);
+    let (code, message) = refused.error();
+    assert_eq!(code, PROTOCOL_ERROR);
+    assert!(
+        message.contains("over its max_buffered_request_bytes of 1048576"),
+        "{message}"
+    );
+    assert!(is_closed(&mut big.stream, Duration::from_secs(5)));
+    let answer = other.query(1, "SELECT release_version FROM system.local");
+    assert_eq!(answer.opcode, OPCODE_RESULT, "{answer:?}");
+    assert_eq!(
+        proxy.metric("shotover_buffered_request_budget_refusals_count"),
+        Some(1.0)
+    );
+    proxy.stop();
+}
+
+#[test]
 fn stream_ids_are_kept_and_pipelined_answers_find_their_requests() {
     let port = free_port();
     let proxy = Shotover::start(&topology(port, &sink()));

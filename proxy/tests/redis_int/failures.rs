@@ -348,6 +348,74 @@ async fn a_client_that_never_reads_its_replies_is_closed_after_the_idle_timeout(
     shotover.stop();
 }
 
+/// The process budget for incomplete requests (4 MiB here): a client holds 3 MiB of a SET
+/// still arriving; a second client whose large SET takes the total past the budget gets a
+/// protocol error and is closed; a third client's PINGs are served throughout, and the first
+/// client's SET completes.
+fn incomplete_requests_over_the_process_budget_refuse_only_the_connection_that_passes_it(
+    mode: Mode,
+) {
+    let port = free_port();
+    let topology = mode.topology(&passthrough(port, &redis_addr(), ""));
+    let shotover = Shotover::start_with_config(&topology, "max_buffered_request_bytes: 4194304\n");
+    let key = prefix("request-budget");
+    let set_head = |name: &str, len: usize| {
+        let k = format!("{key}:{name}");
+        format!("*3\r\n$3\r\nSET\r\n${}\r\n{k}\r\n${len}\r\n", k.len())
+    };
+    let value = 3 * 1024 * 1024 + 512 * 1024;
+    let mut a = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    a.write_all(set_head("a", value).as_bytes()).expect("write");
+    a.write_all(&vec![b'a'; 3 * 1024 * 1024]).expect("write");
+    shotover.wait_metric("shotover_buffered_request_bytes", |held| {
+        held >= 3.0 * 1024.0 * 1024.0
+    });
+    let mut b = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    b.set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    b.write_all(b"PING\r\n").expect("write");
+    assert_eq!(
+        read_available(&mut b, 7, Duration::from_secs(10)),
+        b"+PONG\r\n"
+    );
+    let mut c = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    c.write_all(set_head("c", 8 * 1024 * 1024).as_bytes())
+        .expect("write");
+    // Refused part way: the rest of the write may fail.
+    let _ = c.write_all(&vec![b'c'; 2 * 1024 * 1024]);
+    let refused =
+        String::from_utf8_lossy(&read_available(&mut c, 60, Duration::from_secs(10))).into_owned();
+    assert!(
+        refused.starts_with("-ERR Protocol error: the proxy holds ")
+            && refused.contains("over its max_buffered_request_bytes of 4194304"),
+        "{refused}"
+    );
+    assert!(
+        is_closed(&mut c, Duration::from_secs(5)),
+        "the refused client stays open"
+    );
+    assert_eq!(
+        shotover.metric("shotover_buffered_request_budget_refusals_count"),
+        Some(1.0)
+    );
+    b.write_all(b"PING\r\n").expect("write");
+    assert_eq!(
+        read_available(&mut b, 7, Duration::from_secs(10)),
+        b"+PONG\r\n"
+    );
+    let mut rest = vec![b'a'; value - 3 * 1024 * 1024];
+    rest.extend_from_slice(b"\r\n");
+    a.write_all(&rest).expect("write");
+    assert_eq!(
+        read_available(&mut a, 5, Duration::from_secs(10)),
+        b"+OK\r\n"
+    );
+    let len = redis_cli(&["-p", &redis_port(), "STRLEN", &format!("{key}:a")]);
+    assert_eq!(len.trim(), value.to_string());
+    redis_cli(&["-p", &redis_port(), "DEL", &format!("{key}:a")]);
+    shotover.stop();
+}
+
 crate::in_both_modes!(
     async: [
         unreachable_upstream_gives_err_promptly_and_other_sources_keep_serving,
@@ -359,5 +427,6 @@ crate::in_both_modes!(
         a_client_that_never_reads_its_replies_is_closed_after_the_idle_timeout,
     ],
     sync: [
+        incomplete_requests_over_the_process_budget_refuse_only_the_connection_that_passes_it,
     ],
 );

@@ -71,6 +71,19 @@ pub fn body<'a>(
     }
 }
 
+/// The uncompressed length a compressed body declares (LZ4's length prefix, Snappy's
+/// varint), read without decompressing anything; `None` without compression or when the
+/// body is too short to say.
+pub fn declared_len(raw: &[u8], compression: Compression) -> Option<usize> {
+    match compression {
+        Compression::None => None,
+        Compression::Lz4 => raw
+            .first_chunk::<4>()
+            .map(|len| u32::from_be_bytes(*len) as usize),
+        Compression::Snappy => snap::raw::decompress_len(raw).ok(),
+    }
+}
+
 /// `body` compressed the way [`body`] decompresses it.
 pub fn compress(body: &[u8], compression: Compression) -> Vec<u8> {
     match compression {

@@ -22,7 +22,7 @@
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 
-use super::{Compression, EnvelopeDecoder, Header};
+use super::{Compression, EnvelopeDecoder, Header, Opcode, SEGMENTS_FROM};
 use crate::codec::DecodeError;
 
 /// Largest payload of one segment.
@@ -70,6 +70,40 @@ fn write_le(out: &mut BytesMut, value: u64, len: usize) {
     }
 }
 
+/// A v5 STARTUP sent and not answered yet (its stream, the compression it asks for): when
+/// it is answered READY or AUTHENTICATE, both directions of the connection go in segments,
+/// from the next byte on (not after an ERROR, never below v5). The source and the sink each
+/// follow their side's handshake with one.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Handshake(Option<(i16, Compression)>);
+
+impl Handshake {
+    /// Notes a request going out: a v5 STARTUP starts the handshake.
+    pub fn sent(&mut self, header: &Header, compression: Compression) {
+        if header.opcode == Opcode::Startup && header.version >= SEGMENTS_FROM {
+            self.0 = Some((header.stream, compression));
+        }
+    }
+
+    /// A STARTUP is waiting for its answer (nothing else may be written before it: what
+    /// follows is framed by what it answers).
+    pub fn pending(&self) -> bool {
+        self.0.is_some()
+    }
+
+    /// Notes an answer: the codec to switch to when it answers the STARTUP with READY or
+    /// AUTHENTICATE.
+    pub fn answered(&mut self, header: &Header) -> Option<SegmentCodec> {
+        let (stream, compression) = self.0?;
+        if stream != header.stream {
+            return None;
+        }
+        self.0 = None;
+        matches!(header.opcode, Opcode::Ready | Opcode::Authenticate)
+            .then(|| SegmentCodec::new(compression))
+    }
+}
+
 /// How a connection's segments are made: with LZ4 or not.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SegmentCodec {
@@ -87,6 +121,13 @@ impl SegmentCodec {
 
     fn header_len(self) -> usize {
         if self.lz4 { 5 } else { 3 }
+    }
+
+    /// `envelopes` packed into segments, as one buffer to write.
+    pub fn encode_all(self, envelopes: &[Bytes]) -> Bytes {
+        let mut out = BytesMut::with_capacity(envelopes.iter().map(|e| e.len() + 16).sum());
+        self.encode(envelopes.iter().map(|e| &e[..]), &mut out);
+        out.freeze()
     }
 
     /// Appends `envelopes` to `out` as segments: whole envelopes packed into self-contained
