@@ -59,8 +59,3 @@ pub fn next_worker() -> Option<&'static Handle> {
 pub fn worker() -> usize {
     WORKER.with(Cell::get)
 }
-
-/// How many thread-per-core threads run (0 without `--thread-per-core`).
-pub fn workers() -> usize {
-    WORKERS.get().map_or(0, Vec::len)
-}

@@ -191,8 +191,8 @@ impl Pool {
         self
     }
 
-    /// The lane of `key`, created if `may_create`; `None` when it does not exist and may not
-    /// be created, or the pool already has [`MAX_LANES`] lanes.
+    /// The lane of `key` on this worker thread, created if `may_create`; `None` when it does
+    /// not exist and may not be created, or the thread already has [`MAX_LANES`] lanes.
     pub fn lane(&self, key: &LaneKey, may_create: bool) -> Option<Arc<Lane>> {
         let worker = crate::runtime::worker();
         let mut lanes = self.lanes.lock().unwrap_or_else(|e| e.into_inner());
@@ -200,7 +200,7 @@ impl Pool {
         if let Some(lane) = lanes.get(&id) {
             return Some(lane.clone());
         }
-        if !may_create || lanes.len() >= MAX_LANES * crate::runtime::workers().max(1) {
+        if !may_create || lanes.keys().filter(|(w, _)| *w == worker).count() >= MAX_LANES {
             return None;
         }
         let lane = Arc::new(Lane {
