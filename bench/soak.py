@@ -95,6 +95,20 @@ def sockets_on(pid, ports):
     return count
 
 
+def cassandra_driver():
+    """The Python driver's Cluster and RoundRobinPolicy. (bench/cassandra/, latte's workload,
+    would shadow the `cassandra` package: this script's folder leaves the path first.)"""
+    here = os.path.dirname(os.path.abspath(__file__))
+    saved = sys.path[:]
+    sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != here]
+    try:
+        from cassandra.cluster import Cluster
+        from cassandra.policies import RoundRobinPolicy
+    finally:
+        sys.path[:] = saved
+    return Cluster, RoundRobinPolicy
+
+
 class Load:
     """Background load; counts the runs and failures it saw."""
 
@@ -103,6 +117,8 @@ class Load:
         self.counts = {"redis runs": 0, "redis failed runs": 0, "cql ok": 0, "cql errors": 0,
                        "cql reconnects": 0}
         self.lock = threading.Lock()
+        # (start, end, first error line) of each redis-benchmark run that saw an error.
+        self.failures = []
 
     def bump(self, key, n=1):
         with self.lock:
@@ -116,14 +132,19 @@ class Load:
         while not self.stop.is_set():
             cmd = ["redis-benchmark", "-p", str(port), "-t", "set,get", "-q", *loads[i % len(loads)]]
             i += 1
+            started = time.time()
             run = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
             self.bump("redis runs")
-            if run.returncode != 0 or "rror" in run.stdout + run.stderr:
+            out = run.stdout + run.stderr
+            if run.returncode != 0 or "rror" in out:
+                # redis-benchmark stops at its first error reply.
                 self.bump("redis failed runs")
+                first = next((l for l in out.replace("\r", "\n").splitlines() if "rror" in l), "")
+                with self.lock:
+                    self.failures.append((started, time.time(), first.strip()[:160]))
 
     def cql(self, port):
-        from cassandra.cluster import Cluster
-        from cassandra.policies import RoundRobinPolicy
+        Cluster, RoundRobinPolicy = cassandra_driver()
         ks = "soak"
         while not self.stop.is_set():
             cluster = Cluster(["127.0.0.1"], port=port, load_balancing_policy=RoundRobinPolicy(),
@@ -169,6 +190,7 @@ def main():
     args = ap.parse_args()
     warmup = args.warmup_minutes if args.warmup_minutes is not None else args.minutes / 6
 
+    cassandra_driver()  # fails here, not in the load thread, when the driver is missing
     env = services_env("redis", "cassandra")
     redis, cassandra = env["REDIS_ADDR"], env["CASSANDRA_PLAIN_ADDR"]
     if not args.skip_build:
@@ -196,6 +218,7 @@ def main():
     end = start + args.minutes * 60
     next_restart, next_reload = start + args.restart_every, start + args.reload_every
     restarts = 0
+    windows = []  # (Redis stopped, Redis up again) of each restart
     samples = []
     print(f"soak: {args.minutes} min, samples every {args.sample_seconds} s, warm-up {warmup:.1f} min, "
           f"proxy pid {proxy.pid}, logs in {tmp}", file=sys.stderr)
@@ -211,9 +234,11 @@ def main():
                     f.write(topology(redis_port, cql_port, redis, cassandra, counted))
                 next_reload = now + args.reload_every
             if now >= next_restart:
+                down = time.time()
                 subprocess.run(["redis-cli", "-p", redis.split(":")[1], "SHUTDOWN", "NOSAVE"],
                                capture_output=True)
                 sh([os.path.join(ROOT, "e2e/services"), "up", "redis"])
+                windows.append((down, time.time()))
                 restarts += 1
                 next_restart = now + args.restart_every
             fds = len(os.listdir(f"/proc/{proxy.pid}/fd"))
@@ -252,6 +277,16 @@ def main():
           f"{load.counts['cql ok']:,} CQL requests answered ({load.counts['cql errors']} errors, "
           f"{load.counts['cql reconnects']} session reconnects), "
           f"{samples[-1]['failed']:.0f} requests failed by the proxy (upstream errors).")
+    # A run that saw an error while Redis was down (or within 5 s after) failed because of
+    # the restart; any other is a failure of the proxy.
+    outside = [f for f in load.failures
+               if not any(f[0] <= up + 5 and f[1] >= down for down, up in windows)]
+    downtime = sum(up - down for down, up in windows)
+    print()
+    print(f"Redis was down {downtime:.1f} s in all; {len(load.failures) - len(outside)} of the runs that saw "
+          f"errors overlapped a restart, {len(outside)} did not"
+          + (f" (first: {outside[0][2]!r})" if outside else "") + ".")
+    verdicts.append(not outside)
     print()
     print("| measure | first quarter after warm-up | last quarter | change | |")
     print("|---|---:|---:|---:|---|")
