@@ -254,17 +254,17 @@ async fn relay(
                     .cut_after
                     .map_or(n, |cut| n.min(cut.saturating_sub(passed)));
                 let chunk = &buf[..allowed];
+                // Counted before they are written: once the proxy has them, a test may
+                // read the count.
                 let passed_on = match faults.trickle {
                     None => {
-                        let ok = client_write.write_all(chunk).await.is_ok();
-                        if ok {
-                            from_upstream.fetch_add(chunk.len(), Ordering::Relaxed);
-                        }
-                        ok
+                        from_upstream.fetch_add(chunk.len(), Ordering::Relaxed);
+                        client_write.write_all(chunk).await.is_ok()
                     }
                     Some(gap) => {
                         let mut ok = true;
                         for byte in chunk {
+                            from_upstream.fetch_add(1, Ordering::Relaxed);
                             if client_write
                                 .write_all(std::slice::from_ref(byte))
                                 .await
@@ -273,7 +273,6 @@ async fn relay(
                                 ok = false;
                                 break;
                             }
-                            from_upstream.fetch_add(1, Ordering::Relaxed);
                             tokio::time::sleep(gap).await;
                         }
                         ok
