@@ -87,6 +87,13 @@ fn retire(relay: &Relay, index: usize, shotover: &Shotover, mode: Mode) {
     }
 }
 
+/// Deletes `keys` on Redis directly.
+fn del(keys: impl IntoIterator<Item = String>) {
+    let mut args = vec!["-p".to_string(), redis_port(), "DEL".to_string()];
+    args.extend(keys);
+    redis_cli(&args.iter().map(String::as_str).collect::<Vec<_>>());
+}
+
 fn is_upstream_error(reply: &str) -> bool {
     reply.starts_with("-ERR shotover: upstream ")
 }
@@ -288,9 +295,7 @@ async fn the_upstream_killed_mid_pipeline_and_back_loses_no_acknowledged_write(m
         .await
         .expect("served again");
     assert_eq!(pong, "PONG");
-    let mut del = vec!["-p".to_string(), redis_port(), "DEL".to_string()];
-    del.extend((0..PAIRS).map(|i| format!("{p}:{i}")));
-    redis_cli(&del.iter().map(String::as_str).collect::<Vec<_>>());
+    del((0..PAIRS).map(|i| format!("{p}:{i}")));
     shotover.stop_expecting(BROKE);
 }
 
@@ -316,13 +321,20 @@ fn an_upstream_that_stops_reading_holds_the_client_back_within_bounded_memory(mo
         read_replies(&mut client, 1, Duration::from_secs(10)).0,
         ["+PONG\r\n"]
     );
+    let before = relay.bytes_to_upstream(0);
     relay.stall(0);
     let mut writer = client.try_clone().expect("clone");
     let write = std::thread::spawn(move || {
         // Ends early once a dedicated client is closed.
         let _ = writer.write_all(&request);
     });
-    std::thread::sleep(Duration::from_millis(500));
+    // The stalled connection carries the SETs (it has requests in flight) before another
+    // client comes.
+    wait_until(
+        "the SETs to reach the stalled connection",
+        Duration::from_secs(10),
+        || relay.bytes_to_upstream(0) > before,
+    );
     // Another client gets its own connection (dedicated) or the second shared one.
     let mut other = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     other.write_all(&command(&["PING"])).expect("write");
@@ -372,9 +384,7 @@ fn an_upstream_that_stops_reading_holds_the_client_back_within_bounded_memory(mo
     other.write_all(&command(&["PING"])).expect("write");
     let (pong, _) = read_replies(&mut other, 1, Duration::from_secs(10));
     assert_eq!(pong, ["+PONG\r\n"]);
-    let mut del = vec!["-p".to_string(), redis_port(), "DEL".to_string()];
-    del.extend((0..64).map(|i| format!("{p}:{i}")));
-    redis_cli(&del.iter().map(String::as_str).collect::<Vec<_>>());
+    del((0..64).map(|i| format!("{p}:{i}")));
     shotover.stop_expecting(BROKE);
 }
 
@@ -452,9 +462,7 @@ async fn packet_loss_and_latency_lose_nothing(mode: Mode) {
     for task in tasks {
         task.await.expect("client");
     }
-    let mut del = vec!["-p".to_string(), redis_port(), "DEL".to_string()];
-    del.extend((0..20).map(|c| format!("{p}:{c}")));
-    redis_cli(&del.iter().map(String::as_str).collect::<Vec<_>>());
+    del((0..20).map(|c| format!("{p}:{c}")));
     shotover.stop();
 }
 

@@ -35,16 +35,17 @@ pub struct Faults {
 
 struct Conn {
     stop: CancellationToken,
-    stalled: Arc<std::sync::atomic::AtomicBool>,
-    reset: Arc<std::sync::atomic::AtomicBool>,
-    from_upstream: Arc<AtomicUsize>,
+    stalled: std::sync::atomic::AtomicBool,
+    reset: std::sync::atomic::AtomicBool,
+    from_upstream: AtomicUsize,
+    to_upstream: AtomicUsize,
 }
 
 #[derive(Default)]
 struct State {
     default: Faults,
     next: VecDeque<Faults>,
-    conns: Vec<Conn>,
+    conns: Vec<Arc<Conn>>,
     down: bool,
 }
 
@@ -68,21 +69,14 @@ fn accept(state: &Mutex<State>, client: TcpStream, upstream: SocketAddr) {
         .next
         .pop_front()
         .unwrap_or_else(|| state.default.clone());
-    let conn = Conn {
+    let conn = Arc::new(Conn {
         stop: CancellationToken::new(),
-        stalled: Arc::new(faults.stop_reading.into()),
-        reset: Arc::new(faults.reset.into()),
-        from_upstream: Arc::new(AtomicUsize::new(0)),
-    };
-    tokio::spawn(relay(
-        client,
-        upstream,
-        faults,
-        conn.stalled.clone(),
-        conn.stop.clone(),
-        conn.reset.clone(),
-        conn.from_upstream.clone(),
-    ));
+        stalled: faults.stop_reading.into(),
+        reset: faults.reset.into(),
+        from_upstream: AtomicUsize::new(0),
+        to_upstream: AtomicUsize::new(0),
+    });
+    tokio::spawn(relay(client, upstream, faults, conn.clone()));
     state.conns.push(conn);
 }
 
@@ -156,6 +150,13 @@ impl Relay {
             .load(Ordering::Relaxed)
     }
 
+    /// Bytes passed on to the upstream on connection `index` (accept order).
+    pub fn bytes_to_upstream(&self, index: usize) -> usize {
+        self.state.lock().expect("relay state").conns[index]
+            .to_upstream
+            .load(Ordering::Relaxed)
+    }
+
     /// Connection `index` reads nothing more from the proxy (after the chunk it may be
     /// reading now), as [`Faults::stop_reading`] from the start.
     pub fn stall(&self, index: usize) {
@@ -204,15 +205,14 @@ fn reset_now(stream: TcpStream) {
     drop(stream);
 }
 
-async fn relay(
-    mut client: TcpStream,
-    upstream: SocketAddr,
-    faults: Faults,
-    stalled: Arc<std::sync::atomic::AtomicBool>,
-    stop: CancellationToken,
-    reset: Arc<std::sync::atomic::AtomicBool>,
-    from_upstream: Arc<AtomicUsize>,
-) {
+async fn relay(mut client: TcpStream, upstream: SocketAddr, faults: Faults, conn: Arc<Conn>) {
+    let Conn {
+        stop,
+        stalled,
+        reset,
+        from_upstream,
+        to_upstream,
+    } = &*conn;
     let mut server = match TcpStream::connect(upstream).await {
         Ok(server) => server,
         Err(_) => return reset_now(client),
@@ -234,6 +234,7 @@ async fn relay(
                 if let Some(latency) = faults.latency {
                     tokio::time::sleep(latency).await;
                 }
+                to_upstream.fetch_add(n, Ordering::Relaxed);
                 if server_write.write_all(&buf[..n]).await.is_err() {
                     return;
                 }
